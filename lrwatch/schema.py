@@ -1,0 +1,242 @@
+"""The contract between lrwatch's stages: tag names, value types and their JSON forms.
+
+Everything that crosses a stage boundary (hook -> events -> reader -> detectors -> policy ->
+control -> hook) is defined here, with the standard library only, so that the hook side never
+imports the daemon side and the README tables can be tested against these constants.
+
+Readers of JSON documents ignore unknown keys and refuse a newer major ``version``.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+# --------------------------------------------------------------------------------------------
+# Tag names written by the hook (see README "What is recorded").
+# TensorBoard groups charts by the tag's first path component, so the global quantities share
+# the "lrwatch" section and each per-tensor quantity gets a section of its own: hundreds of
+# layers then fill three collapsible sections instead of burying the global charts.
+# --------------------------------------------------------------------------------------------
+PREFIX = "lrwatch"
+
+LOSS = "lrwatch/loss"  # every optimizer step: the loss of that step (mean over accumulation)
+NONFINITE = "lrwatch/nonfinite"  # every step: 1.0 if the loss or any gradient was NaN/Inf
+LR = "lrwatch/lr"  # effective LR of param group 0 (after any lrwatch cut)
+GRAD_NORM = "lrwatch/grad_norm"  # global L2 norm of the gradients the optimizer stepped with
+GRAD_NORM_PRECLIP = "lrwatch/grad_norm_preclip"  # before an lrwatch clip (only when clipping)
+UPDATE_RATIO = "lrwatch/update_ratio"  # ||theta_after - theta_before|| / ||theta_before||
+WEIGHT_NORM = "lrwatch/weight_norm"  # global L2 norm of the parameters after the step
+LOSS_SCALE = "lrwatch/loss_scale"  # GradScaler's scale, when a scaler is attached
+SKIPPED = "lrwatch/skipped_step"  # 1.0 when GradScaler skipped the step (inf grads)
+CLIP_MAX_NORM = "lrwatch/clip_max_norm"  # max_norm of an lrwatch clip action in force
+LR_FACTOR = "lrwatch/lr_factor"  # cumulative divisor applied by lrwatch cuts (1.0 = none)
+CONTROL_ACK = "lrwatch/control/ack"  # id of a control action, at the step it was applied
+STOP = "lrwatch/stop"  # 1.0 at the step a stop action was applied
+
+LR_GROUP_FMT = "lrwatch/lr/group{}"  # param groups 1..n-1; group 0 is LR
+PER_TENSOR_PREFIXES = {
+    "grad_norm": "lrwatch.grad_norm",
+    "update_ratio": "lrwatch.update_ratio",
+    "weight_norm": "lrwatch.weight_norm",
+}
+
+# The daemon writes its own findings and decisions into this sub-run of each run, so TensorBoard
+# shows them on the same step axis without touching the trainer's files.
+DAEMON_SUBRUN = "lrwatch_daemon"
+FINDING_TAG_FMT = "lrwatch_daemon/finding/{}"  # scalar marker per finding kind (value: severity)
+DECISION_TAG_FMT = "lrwatch_daemon/decision/{}"  # scalar marker per action
+DECISION_TEXT_TAG = "lrwatch_daemon/decisions"  # text summary with the reason
+
+CONTROL_FILENAME = "lrwatch_control.json"  # written by the daemon / `lrwatch apply`
+APPLIED_FILENAME = "lrwatch_applied.json"  # written by the hook: what it applied, for resumes
+
+
+def lr_group_tag(index: int) -> str:
+    """Tag of param group ``index``'s effective LR (group 0 is :data:`LR`)."""
+    return LR if index == 0 else LR_GROUP_FMT.format(index)
+
+
+def per_tensor_tag(quantity: str, param_name: str) -> str:
+    """Tag of one parameter tensor's ``quantity`` (``grad_norm``, ``update_ratio``, ``weight_norm``)."""
+    try:
+        prefix = PER_TENSOR_PREFIXES[quantity]
+    except KeyError:
+        raise ValueError(
+            f"unknown per-tensor quantity {quantity!r}; one of {sorted(PER_TENSOR_PREFIXES)}"
+        ) from None
+    return f"{prefix}/{param_name}"
+
+
+# --------------------------------------------------------------------------------------------
+# Values
+# --------------------------------------------------------------------------------------------
+class Kind(str, enum.Enum):
+    """What a detector found. The values are the JSON words."""
+
+    NONFINITE = "nonfinite"
+    EXPLOSION = "explosion"
+    PLATEAU = "plateau"
+    OSCILLATION = "oscillation"
+    RATIO_HIGH = "ratio_high"
+    RATIO_LOW = "ratio_low"
+    OVERFIT = "overfit"
+
+
+class Severity(str, enum.Enum):
+    """How urgent a finding is; ``info`` never warrants a warning on a healthy run."""
+
+    INFO = "info"
+    WARNING = "warning"
+    CRITICAL = "critical"
+
+
+class ActionKind(str, enum.Enum):
+    """What a decision or a control action does. The values are the JSON words."""
+
+    LR_CUT = "lr_cut"
+    CLIP = "clip"
+    STOP = "stop"
+    RAISE_LR_ADVICE = "raise_lr_advice"  # decisions only: never written to a control file
+    UNDO = "undo"  # control actions only: undo an earlier cut or clip by id
+
+
+ALLOWED_LR_FACTORS = (2, 5, 10)
+CONTROL_ACTIONS = (ActionKind.LR_CUT, ActionKind.CLIP, ActionKind.STOP, ActionKind.UNDO)
+
+
+@dataclass(frozen=True, slots=True)
+class Scalar:
+    """One scalar value read from an event file."""
+
+    tag: str
+    step: int
+    wall_time: float
+    value: float
+
+
+@dataclass(frozen=True)
+class Finding:
+    """What one detector saw at one step, with the numbers that made it say so."""
+
+    kind: Kind
+    step: int
+    tag: str
+    severity: Severity
+    evidence: Mapping[str, Any]
+    message: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind.value,
+            "step": self.step,
+            "tag": self.tag,
+            "severity": self.severity.value,
+            "evidence": _jsonable(dict(self.evidence)),
+            "message": self.message,
+        }
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the policy decided at one step, and why. ``factor`` for lr_cut, ``max_norm`` for clip."""
+
+    step: int
+    action: ActionKind
+    reason: str
+    factor: int | None = None
+    max_norm: float | None = None
+    findings: tuple[Finding, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"step": self.step, "action": self.action.value}
+        if self.factor is not None:
+            doc["factor"] = self.factor
+        if self.max_norm is not None:
+            doc["max_norm"] = _finite_or_none(self.max_norm)
+        doc["reason"] = self.reason
+        doc["findings"] = [f.to_json() for f in self.findings]
+        return doc
+
+
+@dataclass(frozen=True)
+class Action:
+    """One entry of a control file. Ids increase monotonically within a run."""
+
+    id: int
+    action: ActionKind
+    factor: int | None = None  # lr_cut
+    max_norm: float | None = None  # clip
+    target: int | None = None  # undo: id of the cut or clip to undo
+    reason: str = ""
+    source: str = "human"  # "daemon" or "human"
+    issued_at: float = 0.0  # wall time
+
+    def to_json(self) -> dict[str, Any]:
+        doc = {k: v for k, v in asdict(self).items() if v is not None}
+        doc["action"] = self.action.value
+        return doc
+
+
+CONTROL_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ControlFile:
+    """The whole control file: every action ever issued for the run, oldest first."""
+
+    actions: tuple[Action, ...] = ()
+    version: int = CONTROL_VERSION
+    run: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "run": self.run,
+            "actions": [a.to_json() for a in self.actions],
+        }
+
+
+ANALYSIS_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """The document `lrwatch analyze --json` prints."""
+
+    run: str
+    findings: tuple[Finding, ...] = ()
+    decisions: tuple[Decision, ...] = ()
+    metric: str = ""
+    version: int = ANALYSIS_VERSION
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "run": self.run,
+            "metric": self.metric,
+            "findings": [f.to_json() for f in self.findings],
+            "decisions": [d.to_json() for d in self.decisions],
+            **_jsonable(dict(self.extra)),
+        }
+
+
+def _finite_or_none(x: float) -> float | str:
+    """JSON has no NaN/Inf: spell them as strings so documents stay strict JSON."""
+    return x if math.isfinite(x) else str(x)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return _finite_or_none(obj)
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    return obj
