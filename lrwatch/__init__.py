@@ -9,8 +9,9 @@ Importing lrwatch stays light: scipy, watchdog and click load only with the daem
 
 from __future__ import annotations
 
-from lrwatch.monitor import Monitor, watch
+from lrwatch.lr_finder import LRFinderResult, find_lr
+from lrwatch.monitor import Monitor, StopTraining, watch
 
 __version__ = "0.1.0"
 
-__all__ = ["Monitor", "__version__", "watch"]
+__all__ = ["LRFinderResult", "Monitor", "StopTraining", "__version__", "find_lr", "watch"]

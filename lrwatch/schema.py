@@ -13,7 +13,7 @@ import enum
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 # --------------------------------------------------------------------------------------------
 # Tag names written by the hook (see README "What is recorded").
@@ -108,9 +108,12 @@ ALLOWED_LR_FACTORS = (2, 5, 10)
 CONTROL_ACTIONS = (ActionKind.LR_CUT, ActionKind.CLIP, ActionKind.STOP, ActionKind.UNDO)
 
 
-@dataclass(frozen=True, slots=True)
-class Scalar:
-    """One scalar value read from an event file."""
+class Scalar(NamedTuple):
+    """One scalar value read from an event file.
+
+    A NamedTuple rather than a frozen dataclass: equally immutable, but built about 2.5x faster,
+    and the reader builds one per value (bench/reader_throughput.py).
+    """
 
     tag: str
     step: int

@@ -1,0 +1,166 @@
+"""Reader throughput: lrwatch's reader against TensorBoard's loaders, side by side in one run.
+
+Writes runs of scalars (one event per scalar, and one event per step of 100 values), then times:
+
+- TensorBoard ``EventFileLoader`` (the loader TensorBoard itself uses): iterate and decode every
+  value to a float (the cheapest decode: ``tensor.float_val[0]``);
+- TensorBoard ``EventAccumulator`` (legacy loader, ``Reload()`` then ``Scalars()`` per tag);
+- lrwatch ``EventFileReader.read_all()`` and the ``read()`` generator.
+
+Rates are per second of this process's CPU time (robust on a shared machine). The baselines run
+on a smaller file (they would take minutes on a million values); rates are per
+value, so the ratio is fair. Also times tailing (a poll after 100 appended events) and an empty
+poll. Usage::
+
+    PYTHONPATH=. python bench/reader_throughput.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+from tensorboard.compat.proto import event_pb2
+
+from lrwatch.reader import EventFileReader, RunReader
+from lrwatch.records import frame_record
+
+# CPU time of this process, not wall time: the benchmark machine is shared, and a reader that is
+# descheduled for a while should not look slower than one that was lucky. Everything timed here
+# runs on this one thread.
+clock = time.process_time
+
+
+def event_records(n_values: int, per_event: int, *, first_step: int = 0) -> bytes:
+    """Framed events holding ``n_values`` simple-value scalars, ``per_event`` per event."""
+    tags = [
+        f"lrwatch/grad_norm/layer{j}" if per_event > 1 else "lrwatch/loss" for j in range(per_event)
+    ]
+    out = []
+    for i in range(first_step, first_step + n_values // per_event):
+        ev = event_pb2.Event(wall_time=1.7e9 + i * 0.01, step=i)
+        for j, tag in enumerate(tags):
+            ev.summary.value.add(tag=tag, simple_value=1.0 / (i + j + 1))
+        out.append(frame_record(ev.SerializeToString()))
+    return b"".join(out)
+
+
+def write_run(run_dir: Path, n_values: int, per_event: int) -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "events.out.tfevents.1700000000.bench"
+    header = event_pb2.Event(wall_time=1.7e9, file_version="brain.Event:2")
+    path.write_bytes(frame_record(header.SerializeToString()) + event_records(n_values, per_event))
+    return path
+
+
+def time_reader(path: Path) -> float:
+    """Seconds for lrwatch to read ``path`` whole (reusable for end-to-end benchmarks)."""
+    start = clock()
+    EventFileReader(path).read_all()
+    return clock() - start
+
+
+def time_reader_generator(path: Path) -> float:
+    start = clock()
+    for _ in EventFileReader(path).read():
+        pass
+    return clock() - start
+
+
+def time_event_file_loader(path: Path) -> float:
+    start = clock()
+    for event in EventFileLoader(str(path)).Load():
+        for value in event.summary.value:
+            float(value.tensor.float_val[0])
+    return clock() - start
+
+
+def time_event_accumulator(path: Path) -> float:
+    start = clock()
+    acc = event_accumulator.EventAccumulator(str(path.parent), size_guidance={"scalars": 0})
+    acc.Reload()
+    for tag in acc.Tags()["scalars"]:
+        [s.value for s in acc.Scalars(tag)]
+    return clock() - start
+
+
+def interleaved_rates(
+    timers: dict[str, tuple[Callable[[Path], float], Path, int]], rounds: int
+) -> dict[str, float]:
+    """Best values/s of each timer over ``rounds`` interleaved rounds (fair on a loaded machine)."""
+    best = {name: float("inf") for name in timers}
+    for _ in range(rounds):
+        for name, (fn, path, _n) in timers.items():
+            best[name] = min(best[name], fn(path))
+    return {name: timers[name][2] / best[name] for name in timers}
+
+
+def tailing(path: Path, per_event: int, *, rounds: int = 7) -> tuple[float, float, float]:
+    """Median seconds: lrwatch poll after 100 appended events, EventFileLoader, empty poll."""
+    run = RunReader(path.parent)
+    run.poll()
+    loader = EventFileLoader(str(path))
+    for _ in loader.Load():
+        pass
+    ours, theirs, empties = [], [], []
+    for r in range(rounds):
+        with open(path, "ab") as f:
+            f.write(event_records(100 * per_event, per_event, first_step=10**7 + 1000 * r))
+        start = clock()
+        new = run.poll()
+        ours.append(clock() - start)
+        assert len(new) == 100 * per_event
+        start = clock()
+        for event in loader.Load():
+            for value in event.summary.value:
+                float(value.tensor.float_val[0])
+        theirs.append(clock() - start)
+        start = clock()
+        for _ in range(100):  # one empty poll is too short for the CPU clock
+            run.poll()
+        empties.append((clock() - start) / 100)
+    return statistics.median(ours), statistics.median(theirs), statistics.median(empties)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small files, well under a minute")
+    args = parser.parse_args()
+    n_ours, n_base, rounds = (100_000, 20_000, 2) if args.quick else (1_000_000, 50_000, 2)
+    print(f"values: lrwatch {n_ours:,}, TensorBoard baselines {n_base:,} (rates are per value)")
+    with tempfile.TemporaryDirectory() as tmp:
+        for per_event in (1, 100):
+            big = write_run(Path(tmp, f"big{per_event}"), n_ours, per_event)
+            small = write_run(Path(tmp, f"small{per_event}"), n_base, per_event)
+            rates = interleaved_rates(
+                {
+                    "tensorboard EventFileLoader": (time_event_file_loader, small, n_base),
+                    "tensorboard EventAccumulator": (time_event_accumulator, small, n_base),
+                    "lrwatch read_all(), same file": (time_reader, small, n_base),
+                    "lrwatch read_all()": (time_reader, big, n_ours),
+                    "lrwatch read() generator, same file": (time_reader_generator, small, n_base),
+                },
+                rounds,
+            )
+            efl = rates["tensorboard EventFileLoader"]
+            print(f"\n{per_event} value(s) per event, {big.stat().st_size / 1e6:.1f} MB file")
+            for name, rate in rates.items():
+                print(
+                    f"  {name:36s} {rate / 1e3:10.1f}k values/s"
+                    f"   {rate / efl:6.1f}x EventFileLoader"
+                )
+            ours, theirs, empty = tailing(small, per_event)
+            print(
+                f"  tail 100 appended events: lrwatch {ours * 1e3:.2f} ms, "
+                f"EventFileLoader {theirs * 1e3:.2f} ms; empty poll {empty * 1e6:.1f} us (medians)"
+            )
+
+
+if __name__ == "__main__":
+    main()

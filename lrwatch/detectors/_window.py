@@ -1,0 +1,123 @@
+"""Robust statistics on short windows, shared by the detectors.
+
+Every helper here is total: a window that is too short, constant or holds NaN gives ``None`` (or
+an empty array) instead of an exception or a NaN, so a detector can say "no verdict" in one line.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
+
+import numpy as np
+from numpy.typing import NDArray
+
+Steps = NDArray[np.int64]
+Values = NDArray[np.float64]
+Window = tuple[Steps, Values]
+"""A series as the analyzer keeps it: steps (int64) and values (float64), oldest first."""
+
+MAD_TO_SIGMA = 1.4826  # scales the median absolute deviation to sigma for Gaussian noise
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def quiet_numpy(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Run ``fn`` with numpy's floating-point warnings off.
+
+    Values near 1e308 overflow in a difference or a dot product; the detectors compare the
+    resulting inf/NaN with thresholds (NaN compares False, so no finding) and never warn.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with np.errstate(all="ignore"):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def as_window(steps: Any, values: Any) -> Window:
+    """Coerce to int64 steps and float64 values of equal length (a mismatch is a caller bug)."""
+    s = np.asarray(steps, dtype=np.int64).reshape(-1)
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    if s.shape != v.shape:
+        raise ValueError(f"steps and values differ in length: {s.size} != {v.size}")
+    return s, v
+
+
+def finite_tail(steps: Steps, values: Values, n: int) -> Window:
+    """The last ``n`` finite points: detectors that look at trends skip NaN/Inf holes."""
+    keep = np.isfinite(values)
+    return steps[keep][-n:], values[keep][-n:]
+
+
+def robust_center(x: Values) -> tuple[float, float]:
+    """Median and MAD-based sigma of ``x`` (``x`` non-empty and finite)."""
+    med = float(np.median(x))
+    return med, MAD_TO_SIGMA * float(np.median(np.abs(x - med)))
+
+
+def is_degenerate(x: Values, *, min_points: int = 3) -> bool:
+    """Too short, non-finite or constant: rank and regression statistics are undefined."""
+    return x.size < min_points or not bool(np.all(np.isfinite(x))) or float(np.ptp(x)) == 0.0
+
+
+def kendall(x: Values, y: Values, *, alternative: str = "two-sided") -> tuple[float, float] | None:
+    """Kendall's tau of ``y`` against ``x`` and its p-value, or None on a degenerate window."""
+    if is_degenerate(x) or is_degenerate(y) or x.size != y.size:
+        return None
+    from scipy import stats
+
+    res = stats.kendalltau(x, y, alternative=alternative)
+    tau, p = float(res.statistic), float(res.pvalue)
+    return (tau, p) if math.isfinite(tau) and math.isfinite(p) else None
+
+
+def slope(x: Values, y: Values) -> float | None:
+    """Least-squares slope of ``y`` on ``x``, or None on a degenerate window."""
+    if is_degenerate(x, min_points=2) or y.size != x.size or not np.all(np.isfinite(y)):
+        return None
+    xc = x - x.mean()
+    s = float(np.dot(xc, y - y.mean()) / np.dot(xc, xc))
+    return s if math.isfinite(s) else None
+
+
+def lag1_autocorr(d: Values) -> float | None:
+    """Lag-1 autocorrelation of ``d`` (e.g. successive differences), None if undefined."""
+    if is_degenerate(d, min_points=4):
+        return None
+    dc = d / np.max(np.abs(d))  # scale-free: avoids overflow in the products
+    dc = dc - dc.mean()
+    denom = float(np.dot(dc, dc))
+    r = float(np.dot(dc[:-1], dc[1:])) / denom
+    return r if math.isfinite(r) else None
+
+
+def sign_change_fraction(d: Values) -> float | None:
+    """Fraction of successive differences whose sign flips (zero differences are skipped)."""
+    signs = np.sign(d[d != 0])
+    if signs.size < 3:
+        return None
+    return float(np.mean(signs[1:] != signs[:-1]))
+
+
+def trailing_run(mask: NDArray[np.bool_]) -> int:
+    """How many of the last entries of ``mask`` are True in a row."""
+    if mask.size == 0 or not mask[-1]:
+        return 0
+    false_at = np.flatnonzero(~mask)
+    return int(mask.size - (false_at[-1] + 1 if false_at.size else 0))
+
+
+def num(x: float) -> float:
+    """A plain Python float for evidence dicts (numpy scalars are not JSON types)."""
+    return float(x)
+
+
+def fmt(x: float) -> str:
+    """Compact number for messages: 3 significant digits, exponent when large or tiny."""
+    return f"{x:.3g}"

@@ -1,0 +1,111 @@
+"""TFRecord frames and TensorBoard events as bytes: the decoding half of the reader.
+
+A record is ``uint64 length | uint32 masked_crc32c(length) | data[length] |
+uint32 masked_crc32c(data)``, little-endian, around a serialised ``tensorboard.Event``.
+:func:`decode_event` is the one place where event values become :class:`~lrwatch.schema.Scalar`.
+"""
+
+from __future__ import annotations
+
+import struct
+from sys import intern
+from typing import Any
+
+import crc32c
+
+from lrwatch.schema import Scalar
+
+HEADER = struct.Struct("<QI")  # length, masked CRC of the 8 length bytes
+FOOTER = struct.Struct("<I")  # masked CRC of the data
+MAX_RECORD = 256 << 20  # a longer "valid" length is corruption that survived the header CRC
+MASK_DELTA = 0xA282EAD8
+
+
+def masked_crc(data: bytes) -> int:
+    """TFRecord's masked CRC32C (masking keeps CRCs of CRC-bearing data well distributed)."""
+    c = crc32c.crc32c(data)
+    return (((c >> 15) | (c << 17)) + MASK_DELTA) & 0xFFFFFFFF
+
+
+def frame_record(data: bytes) -> bytes:
+    """One TFRecord frame around ``data`` (used by tests and the benchmark to write files)."""
+    head = struct.pack("<Q", len(data))
+    return head + struct.pack("<I", masked_crc(head)) + data + struct.pack("<I", masked_crc(data))
+
+
+# Tensor dtypes (tensorflow DataType numbers) that hold a number, with the struct format of one
+# element in tensor_content and the repeated field used otherwise.
+_TENSOR_DTYPES: dict[int, tuple[str, str]] = {
+    1: ("<f", "float_val"),  # DT_FLOAT
+    2: ("<d", "double_val"),  # DT_DOUBLE
+    3: ("<i", "int_val"),  # DT_INT32
+    4: ("<B", "int_val"),  # DT_UINT8
+    5: ("<h", "int_val"),  # DT_INT16
+    6: ("<b", "int_val"),  # DT_INT8
+    9: ("<q", "int64_val"),  # DT_INT64
+    14: ("<H", "half_val"),  # DT_BFLOAT16: bit pattern, widened below
+    17: ("<H", "int_val"),  # DT_UINT16
+    19: ("<e", "half_val"),  # DT_HALF: half_val holds the bit pattern
+    22: ("<I", "uint32_val"),  # DT_UINT32
+    23: ("<Q", "uint64_val"),  # DT_UINT64
+}
+_BITS_FROM_FIELD = {14: "<H", 19: "<H"}  # half_val holds 16-bit patterns in an int32 field
+
+
+def _tensor_scalar(value: Any) -> float | None:
+    """The number in a one-element numeric tensor, or None for anything else."""
+    name = value.metadata.plugin_data.plugin_name
+    if name and name != "scalars":  # histograms, images, text... keep their own plugins
+        return None
+    tensor = value.tensor
+    spec = _TENSOR_DTYPES.get(tensor.dtype)
+    if spec is None or any(d.size != 1 for d in tensor.tensor_shape.dim):
+        return None
+    fmt, field = spec
+    if tensor.tensor_content:
+        if len(tensor.tensor_content) != struct.calcsize(fmt):
+            return None
+        raw = tensor.tensor_content
+    else:
+        vals = getattr(tensor, field)
+        if len(vals) != 1:
+            return None
+        if tensor.dtype not in _BITS_FROM_FIELD:
+            return float(vals[0])
+        raw = struct.pack(_BITS_FROM_FIELD[tensor.dtype], vals[0])
+    if tensor.dtype == 14:  # bfloat16 is the top half of a float32
+        return float(struct.unpack("<f", b"\0\0" + raw)[0])
+    return float(struct.unpack(fmt, raw)[0])
+
+
+def decode_event(event: Any, out: list[Scalar]) -> None:
+    """Append the scalars of one ``Event`` to ``out``: the one place values are decoded.
+
+    ``simple_value`` (torch's ``add_scalar``, tensorboardX, Keras TF1) and one-element numeric
+    tensors (``add_scalar(new_style=True)``, ``tf.summary.scalar``) become Scalars; images,
+    histograms, audio and text are skipped, and events without a summary are ignored.
+    """
+    values = event.summary.value  # empty for events without a summary (file_version, ...)
+    if not values:
+        return
+    step = event.step
+    wall_time = event.wall_time
+    # Tags are interned: a million values then share a few hundred tag strings instead of
+    # holding a fresh copy each (about a quarter of a bulk read's memory).
+    for value in values:
+        kind = value.WhichOneof("value")
+        if kind == "simple_value":
+            out.append(Scalar(intern(value.tag), step, wall_time, value.simple_value))
+        elif kind == "tensor":
+            number = _tensor_scalar(value)
+            if number is not None:
+                out.append(Scalar(intern(value.tag), step, wall_time, number))
+
+
+def resync(buf: bytes, pos: int) -> int:
+    """Offset in ``buf`` of the next valid-looking header after a bad one at ``pos``."""
+    for p in range(pos + 1, len(buf) - 11):
+        length, header_crc = HEADER.unpack_from(buf, p)
+        if length <= MAX_RECORD and masked_crc(buf[p : p + 8]) == header_crc:
+            return p
+    return max(pos + 1, len(buf) - 11)  # keep a header that may be split across chunks

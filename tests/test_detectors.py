@@ -1,0 +1,565 @@
+"""Detectors on constructed series: tables of series in, kind/severity (or None) out."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lrwatch import schema
+from lrwatch.detectors.amp import AmpDetector
+from lrwatch.detectors.explosion import ExplosionDetector
+from lrwatch.detectors.nonfinite import NonfiniteDetector
+from lrwatch.detectors.oscillation import OscillationDetector
+from lrwatch.detectors.overfit import OverfitDetector
+from lrwatch.detectors.ratio import RatioDetector, aggregate, weight_matrix_tags
+from lrwatch.detectors.schedule import ScheduleDetector
+from lrwatch.errors import ConfigError
+
+W = schema.Severity.WARNING
+C = schema.Severity.CRITICAL
+I = schema.Severity.INFO  # noqa: E741
+Series = tuple[np.ndarray, np.ndarray]
+
+
+def series(values: Any, *, start: int = 0) -> Series:
+    v = np.asarray(values, dtype=np.float64)
+    return np.arange(start, start + v.size, dtype=np.int64), v
+
+
+def rng(seed: int = 0) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+def healthy_loss(n: int = 1000, seed: int = 0) -> np.ndarray:
+    """A still-falling training loss with 5% multiplicative minibatch noise."""
+    t = np.arange(n)
+    return (2.0 * np.exp(-t / 300) + 0.3) * np.exp(0.05 * rng(seed).standard_normal(n))
+
+
+def healthy_grad_norm(n: int = 1000, seed: int = 1) -> np.ndarray:
+    """Grad norms drifting down with heavy lognormal noise (sigma 0.3 in log space)."""
+    t = np.arange(n)
+    return (3.0 * np.exp(-t / 500) + 0.5) * np.exp(0.3 * rng(seed).standard_normal(n))
+
+
+def flat_noise(n: int = 100, seed: int = 2, level: float = 1.0) -> np.ndarray:
+    return level + 0.05 * rng(seed).standard_normal(n)
+
+
+def no_warning_anywhere(check: Callable[[np.ndarray, np.ndarray], Any], v: np.ndarray) -> None:
+    """Run ``check`` at every step of ``v`` (as the analyzer does) and fail on a warning."""
+    s = np.arange(v.size, dtype=np.int64)
+    for i in range(1, v.size + 1):
+        f = check(s[:i], v[:i])
+        assert f is None or f.severity == I, f"step {i - 1}: {f.message}"
+
+
+# --------------------------------------------------------------------------------- nonfinite
+NONFINITE_CASES = [
+    ("nan_last", schema.LOSS, [2.0, 1.9, math.nan], None, C, 1),
+    ("inf_last", schema.GRAD_NORM, [2.0, math.inf], None, C, 1),
+    ("nan_at_step0", schema.LOSS, [math.nan], None, C, 1),
+    ("nan_three_in_a_row", schema.LOSS, [1.0, math.nan, -math.inf, math.nan], None, C, 3),
+    ("finite_last_after_nan", schema.LOSS, [math.nan, 1.0], None, None, 0),
+    ("finite_huge", schema.LOSS, [1e30, 1e308], None, None, 0),
+    ("negative_finite", schema.LOSS, [-5.0, -7.0], None, None, 0),
+    ("empty", schema.LOSS, [], None, None, 0),
+    ("flag_set", schema.NONFINITE, [0.0, 0.0, 1.0], None, C, 1),
+    ("flag_clear", schema.NONFINITE, [1.0, 0.0], None, None, 0),
+    ("flag_on_skipped_step_is_amp", schema.NONFINITE, [0.0, 1.0], [0.0, 1.0], None, 0),
+    ("gradnorm_inf_on_skipped_step", schema.GRAD_NORM, [1.0, math.inf], [0.0, 1.0], None, 0),
+    ("loss_nan_on_skipped_step_still_counts", schema.LOSS, [1.0, math.nan], [0.0, 1.0], C, 1),
+]
+
+
+@pytest.mark.parametrize(
+    ("tag", "values", "skipped", "severity", "run"),
+    [c[1:] for c in NONFINITE_CASES],
+    ids=[c[0] for c in NONFINITE_CASES],
+)
+def test_nonfinite_flags_the_step_it_occurs(
+    tag: str, values: list[float], skipped: list[float] | None, severity: Any, run: int
+) -> None:
+    s, v = series(values, start=10)
+    f = NonfiniteDetector().check(
+        s, v, tag=tag, skipped=None if skipped is None else series(skipped, start=10)
+    )
+    if severity is None:
+        assert f is None
+        return
+    assert f is not None and f.kind == schema.Kind.NONFINITE and f.severity == severity
+    assert f.step == s[-1] and f.evidence["consecutive"] == run
+    assert f.evidence["first_step"] == s[-run]
+
+
+# --------------------------------------------------------------------------------- explosion
+def _spike_at_end(tail: list[float], n: int = 60, level: float = 1.0, seed: int = 3) -> np.ndarray:
+    base = level * np.exp(0.05 * rng(seed).standard_normal(n))
+    return np.r_[base, tail]
+
+
+EXPLOSION_CASES = [
+    ("constant", np.full(50, 2.0), None),
+    ("constant_zero", np.zeros(50), None),
+    ("very_short", np.array([1.0, 50.0, 5000.0]), None),
+    ("short_history_single_jump", np.r_[np.ones(6), 100.0], None),
+    ("nan_at_step0_then_flat", np.r_[math.nan, np.ones(40)], None),
+    ("nan_last_is_nonfinite_detectors", np.r_[np.ones(40), math.nan], None),
+    ("huge_constant", np.full(40, 1e30), None),
+    ("huge_jump", np.r_[np.ones(40), 1e30], W),
+    ("single_spike", _spike_at_end([10.0]), W),
+    ("single_spike_fell_back", _spike_at_end([10.0, 1.0]), None),
+    ("two_spikes", _spike_at_end([10.0, 30.0]), W),
+    ("sustained_large", _spike_at_end([10.0, 30.0, 100.0]), C),
+    ("sustained_but_small", _spike_at_end([2.5, 2.6, 2.7], seed=4), C),  # z >= 20 at 5% noise
+    ("modest_bump_below_2x", _spike_at_end([1.6, 1.7, 1.8]), None),
+    ("runaway_from_first_steps", np.array([5.6, 4.1, 268.0, 2.9e4, 4.4e6, 4.6e8]), C),
+    ("negative_values_flat", -5.0 + 0.05 * rng(5).standard_normal(60), None),
+    ("negative_values_jump_up", np.r_[-5.0 + 0.05 * rng(5).standard_normal(60), 20.0], W),
+    ("drop_is_not_explosion", _spike_at_end([0.01, 0.001, 0.0001]), None),
+]
+
+
+@pytest.mark.parametrize(
+    ("values", "severity"), [c[1:] for c in EXPLOSION_CASES], ids=[c[0] for c in EXPLOSION_CASES]
+)
+def test_explosion_table(values: np.ndarray, severity: Any) -> None:
+    s, v = series(values)
+    f = ExplosionDetector().check(s, v, tag=schema.GRAD_NORM)
+    if severity is None:
+        assert f is None, f.message
+        return
+    assert f is not None and f.kind == schema.Kind.EXPLOSION and f.severity == severity
+    for key in ("value", "median", "mad", "robust_z", "ratio", "growth_rate", "consecutive"):
+        assert key in f.evidence
+    assert f.evidence["value"] == v[-1]
+    json.dumps(f.to_json(), allow_nan=False)
+
+
+def test_explosion_evidence_matches_an_independent_median_and_mad() -> None:
+    base = _spike_at_end([])
+    v = np.r_[base, 5.0, 6.0, 50.0]
+    f = ExplosionDetector().check(*series(v), tag="x")
+    assert f is not None
+    logs = np.log(base[-100:])  # the baseline: everything before the last `confirm` points
+    med = float(np.median(logs))
+    sigma = 1.4826 * float(np.median(np.abs(logs - med)))
+    assert f.evidence["median"] == pytest.approx(math.exp(med))
+    assert f.evidence["robust_z"] == pytest.approx((math.log(50.0) - med) / sigma)
+    assert f.evidence["ratio"] == pytest.approx(50.0 / math.exp(med))
+    assert f.evidence["consecutive"] == 3
+
+
+@pytest.mark.parametrize(
+    "make", [healthy_loss, healthy_grad_norm], ids=["healthy_loss", "healthy_grad_norm"]
+)
+def test_explosion_stays_quiet_on_healthy_noisy_curves(make: Callable[[], np.ndarray]) -> None:
+    det = ExplosionDetector()
+    no_warning_anywhere(lambda s, v: det.check(s[-103:], v[-103:], tag="x"), make())
+
+
+# ------------------------------------------------------------------------------- oscillation
+def _alternating(n: int = 100, amp: float = 0.05, seed: int = 6) -> np.ndarray:
+    return 1.0 + amp * (-1.0) ** np.arange(n) + 0.01 * rng(seed).standard_normal(n)
+
+
+def _ratio(level: float, n: int = 100) -> Series:
+    return series(np.full(n, level))
+
+
+OSC_CASES: list[tuple[str, np.ndarray, Series | None, str | None]] = [
+    ("alternating_no_ratio", _alternating(), None, "mild"),
+    ("alternating_high_ratio", _alternating(), _ratio(2e-2), "strong"),
+    ("alternating_mid_ratio", _alternating(), _ratio(6e-3), "strong"),
+    ("flat_noise_high_ratio", flat_noise(), _ratio(2e-2), "strong"),
+    ("flat_noise_mid_ratio", flat_noise(), _ratio(6e-3), "mild"),
+    ("flat_noise_healthy_ratio", flat_noise(), _ratio(1e-3), None),
+    ("flat_noise_no_ratio", flat_noise(), None, None),
+    ("falling_noisy_high_ratio", healthy_loss(100), _ratio(2e-2), None),
+    (
+        "random_walk_high_ratio",
+        5 + np.cumsum(0.05 * rng(7).standard_normal(100)),
+        _ratio(2e-2),
+        None,
+    ),
+    ("constant_high_ratio", np.full(100, 1.0), _ratio(2e-2), None),
+    ("too_short", _alternating(20), _ratio(2e-2), None),
+    ("nan_last", np.r_[_alternating(99), math.nan], _ratio(2e-2), None),
+    ("negative_alternating", -3.0 + _alternating(), None, "mild"),
+    ("huge_alternating", 1e30 * _alternating(), None, "mild"),
+    ("ratio_outside_window_ignored", flat_noise(), series(np.full(50, 2e-2), start=-100), None),
+]
+
+
+@pytest.mark.parametrize(
+    ("values", "ratio", "strength"), [c[1:] for c in OSC_CASES], ids=[c[0] for c in OSC_CASES]
+)
+def test_oscillation_table(values: np.ndarray, ratio: Series | None, strength: str | None) -> None:
+    f = OscillationDetector().check(*series(values), tag=schema.LOSS, ratio=ratio)
+    if strength is None:
+        assert f is None, f.message
+        return
+    assert f is not None and f.kind == schema.Kind.OSCILLATION and f.severity == W
+    assert f.evidence["strength"] == strength and f.evidence["mild"] == (strength == "mild")
+    json.dumps(f.to_json(), allow_nan=False)
+
+
+def test_oscillation_plain_white_noise_plateaus_are_rarely_called_oscillating() -> None:
+    """Without ratio corroboration, 200 noisy plateaus must give (almost) no finding."""
+    det = OscillationDetector()
+    hits = sum(det.check(*series(flat_noise(seed=k)), tag="x") is not None for k in range(200))
+    assert hits <= 6  # the turning-point test is one-sided at 1%
+
+
+def test_oscillation_stays_quiet_on_a_healthy_falling_run() -> None:
+    det = OscillationDetector()
+    ratio = _ratio(2e-2, 1000)
+    no_warning_anywhere(
+        lambda s, v: det.check(s[-100:], v[-100:], tag="x", ratio=ratio), healthy_loss()
+    )
+
+
+# ------------------------------------------------------------------------------------- ratio
+RATIO_CASES = [
+    ("healthy", np.full(60, 1e-3), None, None),
+    ("high", np.full(60, 3e-2), schema.Kind.RATIO_HIGH, W),
+    ("very_high", np.full(60, 0.2), schema.Kind.RATIO_HIGH, C),
+    ("low", np.full(60, 1e-5), schema.Kind.RATIO_LOW, I),
+    ("single_high_step_is_not_sustained", np.r_[np.full(59, 1e-3), 1.0], None, None),
+    ("mostly_high", np.r_[np.full(20, 1e-3), np.full(40, 5e-2)], schema.Kind.RATIO_HIGH, W),
+    ("too_short", np.full(5, 1.0), None, None),
+    ("nan_last", np.r_[np.full(59, 1.0), math.nan], None, None),
+    (
+        "nans_inside_ignored",
+        np.r_[np.full(30, 3e-2), np.full(10, math.nan), np.full(20, 3e-2)],
+        schema.Kind.RATIO_HIGH,
+        W,
+    ),
+    ("zeros_frozen", np.zeros(60), schema.Kind.RATIO_LOW, I),
+]
+
+
+@pytest.mark.parametrize(
+    ("values", "kind", "severity"), [c[1:] for c in RATIO_CASES], ids=[c[0] for c in RATIO_CASES]
+)
+def test_ratio_table(values: np.ndarray, kind: Any, severity: Any) -> None:
+    f = RatioDetector().check(*series(values), tag=schema.UPDATE_RATIO)
+    if kind is None:
+        assert f is None, f.message
+        return
+    assert f is not None and (f.kind, f.severity) == (kind, severity)
+    finite = values[np.isfinite(values)][-50:]
+    assert f.evidence["median"] == pytest.approx(float(np.median(finite)))
+
+
+def test_ratio_weight_matrix_tags_keep_matrices_only() -> None:
+    names = {
+        "transformer.h.0.attn.c_attn.weight": True,
+        "transformer.h.0.attn.c_attn.bias": False,
+        "transformer.h.0.ln_1.weight": False,
+        "transformer.wte.weight": False,
+        "model.embed_tokens.weight": False,
+        "model.layers.0.input_layernorm.weight": False,
+        "bn1.weight": False,
+        "conv1.weight": True,
+        "fc.weight": True,
+        "0.weight": True,
+    }
+    tags = [schema.per_tensor_tag("update_ratio", n) for n in names]
+    tags += [schema.UPDATE_RATIO, schema.per_tensor_tag("grad_norm", "fc.weight")]
+    expect = sorted(schema.per_tensor_tag("update_ratio", n) for n, keep in names.items() if keep)
+    assert weight_matrix_tags(tags) == expect
+
+
+def test_ratio_aggregate_is_the_per_step_median_over_tensors() -> None:
+    r = rng(8)
+    parts = {}
+    for k in range(4):
+        steps = np.sort(r.choice(50, size=30, replace=False)).astype(np.int64)
+        parts[f"t{k}"] = (steps, r.lognormal(-7, 1, size=30))
+    s, v = aggregate(parts)
+    for step, value in zip(s.tolist(), v.tolist(), strict=True):
+        present = [float(pv[ps == step][0]) for ps, pv in parts.values() if step in ps]
+        assert value == pytest.approx(float(np.median(present)))
+    assert s.tolist() == sorted({int(x) for ps, _ in parts.values() for x in ps})
+    assert aggregate({})[0].size == 0
+
+
+# ------------------------------------------------------------------------------------ overfit
+def _train(n: int = 1000, falling: bool = True) -> Series:
+    t = np.arange(n)
+    base = 2.0 * np.exp(-t / 300) + 0.1 if falling else np.full(n, 0.5)
+    return series(base * np.exp(0.03 * rng(9).standard_normal(n)))
+
+
+_VAL_STEPS = np.arange(0, 1000, 100, dtype=np.int64)
+OVERFIT_CASES = [
+    ("classic", [2.0, 1.5, 1.2, 1.1, 1.05, 1.1, 1.2, 1.3, 1.4, 1.5], "min", True, True),
+    (
+        "still_improving",
+        [2.0, 1.5, 1.2, 1.1, 1.05, 1.0, 0.98, 0.97, 0.96, 0.95],
+        "min",
+        True,
+        False,
+    ),
+    (
+        "two_bad_evals_only",
+        [2.0, 1.5, 1.2, 1.1, 1.05, 1.0, 0.98, 0.97, 1.2, 1.3],
+        "min",
+        True,
+        False,
+    ),
+    (
+        "within_margin",
+        [2.0, 1.5, 1.2, 1.1, 1.0, 1.005, 1.006, 1.007, 1.008, 1.009],
+        "min",
+        True,
+        False,
+    ),
+    ("train_flat_too", [2.0, 1.5, 1.2, 1.1, 1.05, 1.1, 1.2, 1.3, 1.4, 1.5], "min", False, False),
+    ("accuracy_falling", [0.5, 0.7, 0.8, 0.85, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65], "max", True, True),
+    (
+        "negative_metric",
+        [-1.0, -1.5, -1.8, -2.0, -2.1, -2.0, -1.9, -1.8, -1.7, -1.6],
+        "min",
+        True,
+        True,
+    ),
+    ("constant_val", [1.0] * 10, "min", True, False),
+    ("nan_last", [2.0, 1.5, 1.2, 1.1, 1.05, 1.1, 1.2, 1.3, 1.4, math.nan], "min", True, False),
+]
+
+
+@pytest.mark.parametrize(
+    ("val", "mode", "train_falls", "flag"),
+    [c[1:] for c in OVERFIT_CASES],
+    ids=[c[0] for c in OVERFIT_CASES],
+)
+def test_overfit_table(val: list[float], mode: Any, train_falls: bool, flag: bool) -> None:
+    det = OverfitDetector(mode=mode)
+    f = det.check(_VAL_STEPS, np.array(val), tag="val/loss", train=_train(falling=train_falls))
+    assert (f is not None) == flag, f and f.message
+    if f is not None:
+        signed = np.array(val) * (1 if mode == "min" else -1)
+        assert f.evidence["best_step"] == _VAL_STEPS[int(np.argmin(signed))]
+        assert f.kind == schema.Kind.OVERFIT and f.evidence["train_tau"] < 0
+
+
+def test_overfit_needs_training_points_since_the_best() -> None:
+    val = np.array([2.0, 1.5, 1.2, 1.1, 1.05, 1.1, 1.2, 1.3, 1.4, 1.5])
+    short = series(np.linspace(1.0, 0.5, 5), start=995)
+    assert OverfitDetector().check(_VAL_STEPS, val, tag="v", train=short) is None
+
+
+# ----------------------------------------------------------------------------------- schedule
+_T = np.arange(2000, dtype=np.int64)
+SCHEDULE_CASES = [
+    ("warmup_linear", 1e-3 * np.minimum(1.0, (_T[:50] + 1) / 100), "warmup"),
+    ("warmup_from_zero", 1e-3 * _T[:50] / 100, "warmup"),
+    ("constant", np.full(100, 3e-4), "constant"),
+    ("cosine_decaying", 1e-3 * 0.5 * (1 + np.cos(np.pi * _T[:1200] / 2000)), "decaying"),
+    ("step_cut_recent", np.where(_T[:310] < 300, 1e-2, 1e-3), "cut"),
+    ("step_cut_long_ago", np.where(_T[:400] < 300, 1e-2, 1e-3), "constant"),
+    ("warmup_then_cut_recent", np.r_[np.linspace(1e-4, 1e-3, 10), np.full(5, 1e-4)], "cut"),
+    ("single_point", np.array([1e-3]), "unknown"),
+    ("empty", np.zeros(0), "unknown"),
+    ("nan_last", np.r_[np.full(10, 1e-3), math.nan], "unknown"),
+    (
+        "printed_rounding_is_constant",
+        np.r_[np.full(10, 5.279e-5), np.full(10, 5.278e-5)],
+        "constant",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("lr", "phase"), [c[1:] for c in SCHEDULE_CASES], ids=[c[0] for c in SCHEDULE_CASES]
+)
+def test_schedule_phase_table(lr: np.ndarray, phase: str) -> None:
+    got = ScheduleDetector().check(*series(lr))
+    assert got.phase == phase, got.evidence
+    json.dumps(got.evidence)
+
+
+def test_schedule_phase_follows_torch_schedulers() -> None:
+    """Phases read off the LR that torch's own schedulers produce."""
+    import torch
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    warm = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.01, total_iters=100)
+    step = torch.optim.lr_scheduler.StepLR(opt, step_size=200, gamma=0.1)
+    sched = torch.optim.lr_scheduler.SequentialLR(opt, [warm, step], milestones=[100])
+    lrs = []
+    for _ in range(400):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    lr = np.array(lrs)
+    det = ScheduleDetector()
+    phases = [det.check(*series(lr[: i + 1])).phase for i in range(lr.size)]
+    assert set(phases[5:100]) == {"warmup"}
+    assert phases[150] == "constant"
+    assert phases[301] == "cut" and phases[399] == "constant"
+
+
+# ---------------------------------------------------------------------------------------- amp
+def _scale_run(halvings_at: dict[int, int], n: int = 400, start: float = 65536.0) -> Series:
+    """A loss-scale series that halves ``k`` times at the given steps and otherwise holds."""
+    v, cur = [], start
+    for t in range(n):
+        cur /= 2.0 ** halvings_at.get(t, 0)
+        v.append(cur)
+    return series(v)
+
+
+def _flags(steps: list[int], n: int = 400, dense: bool = True) -> Series:
+    if dense:
+        v = np.zeros(n)
+        v[steps] = 1.0
+        return series(v)
+    return np.array(steps, dtype=np.int64), np.ones(len(steps))
+
+
+_SKIP_30 = list(range(300, 400, 3))  # 34 skips in the last 100 steps
+_SKIP_60 = [t for t in range(300, 400) if t % 5 < 3]
+AMP_CASES: list[tuple[str, dict[str, Any], Any, Any, str | None]] = [
+    (
+        "isolated_backoff",
+        {"scale": _scale_run({350: 1}), "skipped": _flags([350])},
+        None,
+        None,
+        None,
+    ),
+    (
+        "startup_search",
+        {
+            "scale": _scale_run({1: 1, 2: 1, 3: 1, 4: 1, 5: 1, 6: 1}),
+            "skipped": _flags([1, 2, 3, 4, 5, 6]),
+        },
+        None,
+        None,
+        None,
+    ),
+    (
+        "repeated_backoff",
+        {"scale": _scale_run({390: 1, 392: 1, 394: 1, 396: 1})},
+        schema.Kind.EXPLOSION,
+        W,
+        "repeated_backoff",
+    ),
+    (
+        "backoffs_with_growth_between",
+        {"scale": _scale_run({390: 1, 392: 1, 393: -1, 394: 1, 396: 1})},
+        None,
+        None,
+        None,
+    ),
+    (
+        "sparse_logging_one_drop_of_16x",
+        {"scale": _scale_run({399: 4})},
+        schema.Kind.EXPLOSION,
+        W,
+        "repeated_backoff",
+    ),
+    (
+        "scale_collapse",
+        {"scale": _scale_run({399: 17})},
+        schema.Kind.EXPLOSION,
+        C,
+        "scale_collapse",
+    ),
+    ("persistent_skipping", {"skipped": _flags(_SKIP_30)}, schema.Kind.NONFINITE, W, "skipping"),
+    (
+        "persistent_skipping_sparse_flags",
+        {"scale": _scale_run({}), "skipped": _flags(_SKIP_30, dense=False)},
+        schema.Kind.NONFINITE,
+        W,
+        "skipping",
+    ),
+    ("majority_skipping", {"skipped": _flags(_SKIP_60)}, schema.Kind.NONFINITE, C, "skipping"),
+    ("skipping_with_too_little_history", {"skipped": _flags([1, 2, 3], n=10)}, None, None, None),
+    (
+        "nonfinite_loss",
+        {"scale": _scale_run({}), "loss": series(np.r_[np.ones(399), math.nan])},
+        schema.Kind.NONFINITE,
+        C,
+        "nonfinite_loss",
+    ),
+    ("nothing_logged", {"scale": None}, None, None, None),
+    ("bf16_scale_one", {"scale": series(np.ones(400))}, None, None, None),
+]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "kind", "severity", "rule"),
+    [c[1:] for c in AMP_CASES],
+    ids=[c[0] for c in AMP_CASES],
+)
+def test_amp_table(kwargs: dict[str, Any], kind: Any, severity: Any, rule: str | None) -> None:
+    f = AmpDetector().check(**({"scale": None} | kwargs))
+    if kind is None:
+        assert f is None, f.message
+        return
+    assert f is not None and (f.kind, f.severity) == (kind, severity)
+    assert f.evidence["amp"] == rule
+    json.dumps(f.to_json(), allow_nan=False)
+
+
+# ------------------------------------------------------------------------------ construction
+BAD_CONFIGS: list[tuple[str, Callable[[], object]]] = [
+    ("nonfinite_threshold", lambda: NonfiniteDetector(flag_threshold=1.5)),
+    ("explosion_history_over_window", lambda: ExplosionDetector(min_history=200)),
+    ("explosion_z_order", lambda: ExplosionDetector(z_warning=30.0)),
+    ("explosion_ratio_below_one", lambda: ExplosionDetector(min_ratio=0.5)),
+    ("explosion_growth_points", lambda: ExplosionDetector(growth_points=2)),
+    ("oscillation_min_points", lambda: OscillationDetector(min_points=5)),
+    ("oscillation_ratio_order", lambda: OscillationDetector(ratio_mild=0.1)),
+    ("ratio_low_above_high", lambda: RatioDetector(low=0.1)),
+    ("overfit_mode", lambda: OverfitDetector(mode="auto")),  # type: ignore[arg-type]
+    ("overfit_patience", lambda: OverfitDetector(patience=0)),
+    ("amp_backoffs", lambda: AmpDetector(max_backoffs=1)),
+    ("amp_fraction", lambda: AmpDetector(max_skip_fraction=1.5)),
+    ("schedule_tolerances", lambda: ScheduleDetector(rel_tol=0.5)),
+]
+
+
+@pytest.mark.parametrize("build", [c[1] for c in BAD_CONFIGS], ids=[c[0] for c in BAD_CONFIGS])
+def test_detectors_reject_bad_settings_at_construction(build: Callable[[], object]) -> None:
+    with pytest.raises(ConfigError):
+        build()
+
+
+# --------------------------------------------------------------------------- totality (property)
+_floats = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True, width=64),
+    st.sampled_from([0.0, 1.0, -1.0, 1e30, -1e30, 1e-30]),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(_floats, min_size=0, max_size=40))
+def test_detectors_never_raise_and_evidence_is_strict_json(values: list[float]) -> None:
+    s, v = series(values)
+    r = (s, np.abs(v))
+    findings = [
+        NonfiniteDetector().check(s, v, tag=schema.LOSS),
+        ExplosionDetector(min_history=3, window=20).check(s, v, tag=schema.GRAD_NORM),
+        OscillationDetector(min_points=10, jitter_window=20, window=40).check(
+            s, v, tag=schema.LOSS, ratio=r
+        ),
+        RatioDetector(min_points=3).check(s, v, tag=schema.UPDATE_RATIO),
+        OverfitDetector(patience=1, min_train_points=3).check(s, v, tag="val", train=(s, v)),
+        AmpDetector(window=10).check(scale=(s, v), skipped=(s, v), loss=(s, v)),
+    ]
+    for f in findings:
+        if f is not None:
+            json.dumps(f.to_json(), allow_nan=False)
+            assert f.step == s[-1]
+    ScheduleDetector().check(s, v)

@@ -1,0 +1,465 @@
+"""The hook against independent computations, read back with TensorBoard's EventAccumulator."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+
+import lrwatch
+from lrwatch import schema, stats
+from lrwatch.control import append_action
+from lrwatch.monitor import StopTraining
+from lrwatch.schema import ActionKind
+
+
+def read_scalars(path: Path) -> dict[str, dict[int, float]]:
+    """Every scalar of one event file (or the lrwatch file of a directory), tag -> step -> value."""
+    if path.is_dir():
+        (path,) = path.glob("*.lrwatch")
+    acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {t: {e.step: e.value for e in acc.Scalars(t)} for t in acc.Tags()["scalars"]}
+
+
+def small_model() -> nn.Module:
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def batch(n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(n, 6), torch.randint(0, 3, (n,))
+
+
+class Oracle:
+    """What the recorded values must be, computed the obvious way around each real step."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.names = {id(p): n for n, p in model.named_parameters()}
+        self.optimizer = optimizer
+        self.steps: dict[int, dict[str, float]] = {}
+
+    def params(self) -> list[nn.Parameter]:
+        return [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+
+    def before(self, step: int) -> None:
+        ps = self.params()
+        exp: dict[str, float] = {}
+        total = torch.nn.utils.clip_grad_norm_(ps, max_norm=math.inf)
+        exp[schema.GRAD_NORM] = float(total)
+        for p in ps:
+            assert p.grad is not None
+            exp[schema.per_tensor_tag("grad_norm", self.names[id(p)])] = float(
+                torch.linalg.vector_norm(p.grad)
+            )
+        self._copies = [p.detach().clone() for p in ps]
+        self._step, self._exp = step, exp
+
+    def after(self) -> None:
+        ps = self.params()
+        exp = self._exp
+        diffs = [p.detach() - c for p, c in zip(ps, self._copies, strict=True)]
+        before = torch.cat([c.reshape(-1) for c in self._copies])
+        after = torch.cat([p.detach().reshape(-1) for p in ps])
+        diff = torch.cat([d.reshape(-1) for d in diffs])
+        exp[schema.UPDATE_RATIO] = float(diff.norm() / before.norm())
+        exp[schema.WEIGHT_NORM] = float(after.norm())
+        for p, c, d in zip(ps, self._copies, diffs, strict=True):
+            name = self.names[id(p)]
+            exp[schema.per_tensor_tag("weight_norm", name)] = float(p.detach().norm())
+            exp[schema.per_tensor_tag("update_ratio", name)] = float(d.norm() / c.norm())
+        self.steps[self._step] = exp
+
+
+def assert_matches(got: dict[str, dict[int, float]], oracle: Oracle, steps: list[int]) -> None:
+    for step in steps:
+        for tag, value in oracle.steps[step].items():
+            assert got[tag][step] == pytest.approx(value, rel=1e-4, abs=1e-7), (tag, step)
+    for tag in oracle.steps[steps[0]]:
+        assert sorted(got[tag]) == steps, tag
+
+
+OPTIMIZERS: dict[str, Callable[[Any], torch.optim.Optimizer]] = {
+    "sgd_momentum": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=1e-3),
+    "adam": lambda ps: torch.optim.Adam(ps, lr=1e-2),
+    "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
+}
+
+
+@pytest.mark.parametrize("make_opt", list(OPTIMIZERS.values()), ids=list(OPTIMIZERS))
+def test_monitor_records_norms_equal_to_independent_computation(
+    tmp_path: Path, make_opt: Callable[[Any], torch.optim.Optimizer]
+) -> None:
+    model = small_model()
+    model[2].weight.requires_grad_(False)  # frozen: grad stays None
+    groups = [
+        {"params": [model[0].weight, model[0].bias, model[2].weight]},
+        {"params": [model[2].bias, model[4].weight, model[4].bias], "lr": 3e-3},
+    ]
+    opt = make_opt(groups)
+    crit = nn.CrossEntropyLoss()
+    oracle, losses = Oracle(model, opt), {}
+    with lrwatch.watch(model, opt, logdir=tmp_path, criterion=crit, log_every=2) as mon:
+        for step in range(1, 8):
+            x, y = batch()
+            loss = crit(model(x), y)
+            loss.backward()
+            losses[step] = loss.item()
+            oracle.before(step)
+            opt.step()
+            oracle.after()
+            opt.zero_grad()
+            assert mon.step == step
+    got = read_scalars(tmp_path)
+    assert_matches(got, oracle, [1, 2, 4, 6])
+    assert got[schema.LOSS] == pytest.approx(losses)
+    assert got[schema.NONFINITE] == {s: 0.0 for s in range(1, 8)}
+    assert got[schema.LR] == {s: pytest.approx(opt.param_groups[0]["lr"]) for s in range(1, 8)}
+    assert got[schema.lr_group_tag(1)] == {s: pytest.approx(3e-3) for s in range(1, 8)}
+    frozen = schema.per_tensor_tag("grad_norm", "2.weight")
+    assert frozen not in got
+
+
+def test_monitor_averages_loss_over_gradient_accumulation(tmp_path: Path) -> None:
+    model, crit = small_model(), nn.MSELoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    expected = {}
+    oracle = Oracle(model, opt)
+    with lrwatch.watch(model, opt, logdir=tmp_path, criterion=crit, log_every=1):
+        for step in range(1, 4):
+            micro = []
+            for _ in range(3):
+                x = torch.randn(4, 6)
+                loss = crit(model(x), torch.zeros(4, 3))
+                (loss / 3).backward()
+                micro.append(loss.item())
+            with torch.no_grad():  # an evaluation forward must not count
+                crit(model(torch.randn(4, 6)), torch.ones(4, 3))
+            expected[step] = sum(micro) / 3
+            oracle.before(step)
+            opt.step()
+            oracle.after()
+            opt.zero_grad()
+    got = read_scalars(tmp_path)
+    assert got[schema.LOSS] == pytest.approx(expected)
+    assert_matches(got, oracle, [1, 2, 3])
+
+
+def test_monitor_measures_the_grads_of_a_closure_step(tmp_path: Path) -> None:
+    model, crit = small_model(), nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    oracle, losses = Oracle(model, opt), {}
+
+    def make_closure(mon: lrwatch.Monitor) -> Callable[[], torch.Tensor]:
+        x, y = batch()
+        copies = [p.detach().clone() for p in model.parameters()]
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = crit(model(x), y)
+            loss.backward()
+            losses[mon.step] = loss.item()
+            # the oracle sees exactly the grads the optimizer steps with
+            oracle.before(mon.step)
+            oracle._copies = [c.clone() for c in copies]
+            return loss
+
+        return closure
+
+    with lrwatch.watch(model, opt, logdir=tmp_path, criterion=crit, log_every=1) as mon:
+        for _ in range(3):
+            closure = make_closure(mon)
+            opt.step(closure)
+            oracle.after()
+    got = read_scalars(tmp_path)
+    assert got[schema.LOSS] == pytest.approx(losses)
+    assert_matches(got, oracle, [1, 2, 3])
+
+
+def test_monitor_captures_hf_style_loss_and_explicit_log(tmp_path: Path) -> None:
+    class HF(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(6, 3)
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            out = self.lin(x)
+            return {"logits": out, "loss": out.pow(2).mean()}
+
+    model = HF()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    expected = {}
+    with lrwatch.watch(model, opt, logdir=tmp_path, log_every=5) as mon:
+        for step in range(1, 4):
+            loss = model(torch.randn(8, 6))["loss"]
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            expected[step] = loss.item()
+            mon.log(**{"val/loss": torch.tensor(step * 1.5), "epoch": 0.5})
+    got = read_scalars(tmp_path)
+    assert got[schema.LOSS] == pytest.approx(expected)
+    assert got["val/loss"] == pytest.approx({1: 1.5, 2: 3.0, 3: 4.5})
+    assert got["epoch"] == {1: 0.5, 2: 0.5, 3: 0.5}
+
+
+@pytest.mark.parametrize("when", ["before_step", "after_step"])
+def test_monitor_log_loss_belongs_to_its_step_before_or_after(tmp_path: Path, when: str) -> None:
+    model = small_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    expected = {}
+    with lrwatch.watch(model, opt, logdir=tmp_path, log_every=5) as mon:
+        for step in range(1, 5):
+            x, y = batch()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            expected[step] = loss.item()
+            if when == "before_step":
+                mon.log(loss=loss)
+            opt.step()
+            opt.zero_grad()
+            if when == "after_step":
+                mon.log(loss=loss)
+    assert read_scalars(tmp_path)[schema.LOSS] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("mode", ["sentinel", "full"])
+def test_monitor_flags_nonfinite_between_logging_steps(tmp_path: Path, mode: str) -> None:
+    model, crit = small_model(), nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    poisoned = {3: model[0].bias, 6: model[2].weight}  # a bias at 3, a weight matrix at 6
+    with lrwatch.watch(
+        model, opt, logdir=tmp_path, criterion=crit, log_every=100, nonfinite=mode
+    ) as mon:
+        for step in range(1, 9):
+            x, y = batch()
+            crit(model(x), y).backward()
+            if step in poisoned:
+                g = poisoned[step].grad
+                assert g is not None
+                g.view(-1)[0] = math.nan
+            opt.step()
+            opt.zero_grad()
+            if step in poisoned:  # repair, so later steps are finite again
+                with torch.no_grad():
+                    poisoned[step].nan_to_num_(0.0)
+            assert mon.step == step
+    flags = read_scalars(tmp_path)[schema.NONFINITE]
+    bad = {3, 6} if mode == "full" else {3}  # a weight-only NaN is seen by "full" at once
+    assert {s for s, v in flags.items() if v} == bad
+
+
+def test_monitor_flags_nonfinite_loss(tmp_path: Path) -> None:
+    model = small_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with lrwatch.watch(model, opt, logdir=tmp_path, log_every=100) as mon:
+        for step in range(1, 5):
+            loss = model(torch.randn(4, 6)).sum() * (math.inf if step == 2 else 1.0)
+            mon.log(loss=loss.detach())
+            loss.backward() if step != 2 else None
+            opt.step()
+            opt.zero_grad()
+    got = read_scalars(tmp_path)
+    assert got[schema.NONFINITE] == {1: 0.0, 2: 1.0, 3: 0.0, 4: 0.0}
+    assert math.isinf(got[schema.LOSS][2])
+
+
+def test_monitor_records_gradscaler_skips_as_skipped_not_nonfinite(tmp_path: Path) -> None:
+    model, crit = small_model(), nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
+    skip_at = {3, 4, 7}
+    scales, losses, real = {}, {}, []
+    with lrwatch.watch(model, opt, logdir=tmp_path, criterion=crit, scaler=scaler, log_every=1):
+        for it in range(1, 10):
+            x, y = batch()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = crit(model(x), y)
+            scaler.scale(loss).backward()
+            if it in skip_at:
+                g = model[4].bias.grad
+                assert g is not None
+                g[0] = math.inf
+            scales[it] = scaler.get_scale()
+            losses[it] = loss.item()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+            if it not in skip_at:
+                real.append(it)
+    got = read_scalars(tmp_path)
+    assert got[schema.SKIPPED] == {it: float(it in skip_at) for it in range(1, 10)}
+    assert got[schema.NONFINITE] == {it: 0.0 for it in range(1, 10)}
+    assert got[schema.LOSS_SCALE] == pytest.approx(scales)
+    assert got[schema.LOSS] == pytest.approx(losses, rel=1e-2)
+    assert sorted(got[schema.GRAD_NORM]) == real
+
+
+def test_monitor_state_dict_round_trip_continues_the_step_count(tmp_path: Path) -> None:
+    model, crit = small_model(), nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def train(mon: lrwatch.Monitor, n: int) -> None:
+        for _ in range(n):
+            x, y = batch()
+            crit(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+
+    with lrwatch.watch(model, opt, logdir=tmp_path, criterion=crit, log_every=3) as mon:
+        train(mon, 4)
+        state = mon.state_dict()
+    with lrwatch.watch(model, opt, logdir=tmp_path, criterion=crit, log_every=3) as resumed:
+        resumed.load_state_dict(state)
+        assert resumed.state_dict() == state
+        train(resumed, 3)
+        assert resumed.step == 7
+    steps: set[int] = set()
+    for f in tmp_path.glob("*.lrwatch"):
+        steps |= set(read_scalars(f)[schema.LOSS])
+    assert steps == set(range(1, 8))
+
+
+def test_monitor_writes_into_a_summarywriter_run(tmp_path: Path) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    sw = SummaryWriter(log_dir=str(tmp_path / "run"))
+    model = small_model()
+    opt = torch.optim.Adam(model.parameters())
+    crit = nn.CrossEntropyLoss()
+    with lrwatch.watch(model, opt, writer=sw, criterion=crit, log_every=1) as mon:
+        assert mon.run_dir == tmp_path / "run"
+        x, y = batch()
+        loss = crit(model(x), y)
+        loss.backward()
+        opt.step()
+        sw.add_scalar("mine", 1.0, 1)
+    sw.close()
+    assert read_scalars(tmp_path / "run")[schema.LOSS] == pytest.approx({1: loss.item()})
+    assert len(list((tmp_path / "run").iterdir())) == 2  # the user's file and lrwatch's
+
+
+def test_monitor_close_detaches_every_hook(tmp_path: Path) -> None:
+    model, crit = small_model(), nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = lrwatch.watch(model, opt, logdir=tmp_path, criterion=crit)
+    mon.close()
+    mon.close()  # idempotent
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+    assert not model._forward_hooks and not crit._forward_hooks
+    x, y = batch()
+    crit(model(x), y).backward()
+    opt.step()
+    assert mon.step == 0
+
+
+def test_monitor_applies_control_actions_and_acknowledges_them(tmp_path: Path) -> None:
+    model, crit = small_model(), nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = lrwatch.watch(
+        model,
+        opt,
+        logdir=tmp_path,
+        criterion=crit,
+        log_every=1,
+        control_every=1,
+        raise_on_stop=True,
+    )
+    lrs, norms = {}, {}
+    with pytest.raises(StopTraining), mon:
+        for step in range(1, 10):
+            if step == 3:
+                append_action(tmp_path, action=ActionKind.LR_CUT, factor=2)
+            if step == 5:
+                append_action(tmp_path, action=ActionKind.CLIP, max_norm=0.01)
+            if step == 7:
+                append_action(tmp_path, action=ActionKind.STOP)
+            x, y = batch()
+            crit(model(x), y).backward()
+            norms[step] = float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]))
+            lrs[step] = 0.1 / (2 if step >= 3 else 1)
+            opt.step()
+            opt.zero_grad()
+    assert mon.step == 7 and mon.should_stop
+    assert opt.param_groups[0]["lr"] == 0.1  # the scheduler's value is back
+    got = read_scalars(tmp_path)
+    assert got[schema.CONTROL_ACK] == {3: 1.0, 5: 2.0, 7: 3.0}
+    assert got[schema.LR_FACTOR] == {3: 2.0, 5: 2.0, 7: 2.0}
+    assert got[schema.CLIP_MAX_NORM] == pytest.approx({3: 0.0, 5: 0.01, 7: 0.01})
+    assert got[schema.STOP] == {3: 0.0, 5: 0.0, 7: 1.0}
+    assert got[schema.LR] == pytest.approx(lrs)
+    assert got[schema.GRAD_NORM_PRECLIP] == pytest.approx({5: norms[5], 6: norms[6], 7: norms[7]})
+    assert all(got[schema.GRAD_NORM][s] == pytest.approx(0.01, rel=1e-3) for s in (5, 6, 7))
+
+
+def test_monitor_survives_an_unwritable_logdir(tmp_path: Path, caplog: Any) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    model = small_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with (
+        caplog.at_level(logging.WARNING),
+        lrwatch.watch(model, opt, logdir=tmp_path / "file" / "run", log_every=1) as mon,
+    ):
+        for _ in range(3):
+            model(torch.randn(2, 6)).sum().backward()
+            opt.step()
+    assert mon.step == 3
+    assert any("lrwatch" in r.getMessage() for r in caplog.records)
+
+
+def test_monitor_survives_a_dead_writer_and_failing_stats(
+    tmp_path: Path, caplog: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = small_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = lrwatch.watch(model, opt, logdir=tmp_path, log_every=1)
+    mon._writer.close()  # type: ignore[union-attr]  # the writer is gone under the monitor
+
+    def broken(*args: Any, **kwargs: Any) -> torch.Tensor:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(stats, "foreach_norms", broken)
+    with caplog.at_level(logging.WARNING), mon:
+        for _ in range(4):
+            model(torch.randn(2, 6)).sum().backward()
+            opt.step()
+            mon.log(loss="not a number")  # type: ignore[arg-type]
+    assert mon.step == 4
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert 1 <= len(warnings) <= 3  # once per kind, not once per step
+
+
+def test_watch_refuses_bad_settings(tmp_path: Path) -> None:
+    model = small_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for bad in ({"log_every": 0}, {"budget": 2.0}, {"nonfinite": "some"}):
+        with pytest.raises(lrwatch.errors.ConfigError):
+            lrwatch.watch(model, opt, logdir=tmp_path, **bad)
+
+
+def test_nice_cadences_are_readable_and_capped() -> None:
+    from lrwatch.monitor import MAX_EVERY, _nice
+
+    assert [_nice(x) for x in (0.3, 1, 1.5, 3, 7, 11, 40, 51)] == [1, 1, 2, 5, 10, 20, 50, 100]
+    assert _nice(1e9) == MAX_EVERY
+
+
+def test_auto_cadence_logs_the_first_step_and_then_on_its_own_multiples(tmp_path: Path) -> None:
+    model, crit = small_model(), nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with lrwatch.watch(model, opt, logdir=tmp_path, criterion=crit) as mon:
+        for _ in range(25):
+            x, y = batch()
+            crit(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+    logged = sorted(read_scalars(tmp_path)[schema.GRAD_NORM])
+    assert logged[0] == 1 and 10 in logged  # the provisional cadence before any measurement
+    assert mon.log_every in {1, 2, 5, 10, 20, 50, 100, 200, 500, 1000}
+    assert set(read_scalars(tmp_path)[schema.LOSS]) == set(range(1, 26))

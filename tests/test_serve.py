@@ -1,0 +1,392 @@
+"""The daemon: run_once on real event files, restarts, the watch loop, and `lrwatch serve`.
+
+The unit tests use a small stand-in analyzer with :class:`lrwatch.analyze.RunAnalyzer`'s API
+whose decisions are obvious (cut whenever the loss exceeds a bound), so each test can say exactly
+which actions must exist; the subprocess tests run the real analyzer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from watchdog.events import (
+    DirCreatedEvent,
+    FileClosedEvent,
+    FileClosedNoWriteEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileOpenedEvent,
+)
+
+from lrwatch import schema
+from lrwatch.control import read_control
+from lrwatch.daemon import WatchedRun, run_once
+from lrwatch.notify import HookRunner
+from lrwatch.rails import Rails
+from lrwatch.report import read_audit
+from lrwatch.schema import ActionKind, Decision, Finding, Kind, Scalar, Severity
+from lrwatch.serve import Daemon, Shutdown, Waker, watch
+from lrwatch.writer import EventWriter
+
+HOOKS = Path(__file__).resolve().parent.parent / "hooks"
+
+
+class LossAbove:
+    """Stand-in analyzer: one lr_cut by 2 at every step whose loss exceeds ``bound``."""
+
+    advice_only = False
+
+    def __init__(self, bound: float = 1.0) -> None:
+        self.bound = bound
+        self.findings: list[Finding] = []
+        self.fed = 0
+
+    def feed(self, scalars: Iterable[Scalar]) -> list[Decision]:
+        out = []
+        for s in sorted(scalars, key=lambda s: s.step):
+            self.fed += 1
+            if s.tag == schema.LOSS and s.value > self.bound:
+                f = Finding(Kind.EXPLOSION, s.step, s.tag, Severity.WARNING, {"loss": s.value})
+                self.findings.append(f)
+                out.append(Decision(s.step, ActionKind.LR_CUT, f"loss {s.value:g}", 2, None, (f,)))
+            elif s.tag == schema.GRAD_NORM and s.value > 100:  # a finding with no decision
+                self.findings.append(Finding(Kind.RATIO_HIGH, s.step, s.tag, Severity.INFO, {}))
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"fed": self.fed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.fed = int(state["fed"])
+
+
+def write(run_dir: Path, rows: dict[int, dict[str, float]]) -> None:
+    """Append ``{step: {tag: value}}`` as real event files (a new file per call, like a resume)."""
+    with EventWriter(run_dir) as w:
+        for step, values in rows.items():
+            w.add_scalars(step, list(values), list(values.values()))
+
+
+def losses(*pairs: tuple[int, float]) -> dict[int, dict[str, float]]:
+    return {step: {schema.LOSS: loss, schema.LR: 0.1} for step, loss in pairs}
+
+
+def watched(run_dir: Path, mode: str = "apply") -> WatchedRun:
+    return WatchedRun(run_dir, analyzer_factory=LossAbove, mode=mode)  # type: ignore[arg-type]
+
+
+def control_ids(run_dir: Path) -> list[tuple[int, str, int | None]]:
+    path = run_dir / schema.CONTROL_FILENAME
+    if not path.exists():
+        return []
+    return [(a.id, a.action.value, a.factor) for a in read_control(path).actions]
+
+
+def wait_for(condition: Callable[[], bool], *, timeout: float = 30.0) -> None:
+    """Wait on a condition with a bound (not a sleep for synchronisation)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+RAILS = Rails(cooldown=0, budget=10, window=1000)
+
+
+def test_run_once_in_recommend_mode_should_record_decisions_and_touch_no_control_file(
+    tmp_path: Path,
+) -> None:
+    write(tmp_path, losses((1, 0.5), (2, 3.0), (3, 0.4)))
+    run = watched(tmp_path, "recommend")
+    [decision] = run_once(run, rails=RAILS)
+    run.close()
+    assert (decision.step, decision.action, decision.factor) == (2, ActionKind.LR_CUT, 2)
+    [record] = read_audit(tmp_path)
+    assert (record["mode"], record["applied"], record["action_id"]) == ("recommend", False, None)
+    assert record["held_back"] is None
+    assert control_ids(tmp_path) == []
+
+
+def test_run_once_in_apply_mode_should_issue_actions_and_record_their_ids(tmp_path: Path) -> None:
+    write(tmp_path, losses((1, 2.0), (2, 0.5), (3, 5.0)))
+    run = watched(tmp_path)
+    assert [d.step for d in run_once(run, rails=RAILS)] == [1, 3]
+    run.close()
+    assert control_ids(tmp_path) == [(1, "lr_cut", 2), (2, "lr_cut", 2)]
+    actions = read_control(tmp_path / schema.CONTROL_FILENAME).actions
+    assert [a.source for a in actions] == ["daemon", "daemon"]
+    assert actions[1].reason == "loss 5 (lrwatch decision at step 3)"
+    assert [(r["action_id"], r["applied"]) for r in read_audit(tmp_path)] == [(1, True), (2, True)]
+
+
+def test_run_once_should_read_only_what_is_new(tmp_path: Path) -> None:
+    write(tmp_path, losses((1, 2.0)))
+    run = watched(tmp_path)
+    assert len(run_once(run, rails=RAILS)) == 1
+    assert run_once(run, rails=RAILS) == []  # nothing new: nothing decided, nothing rewritten
+    write(tmp_path, losses((2, 3.0)))
+    assert [d.step for d in run_once(run, rails=RAILS)] == [2]
+    run.close()
+    assert run.analyzer.fed == 4  # type: ignore[attr-defined]  # 2 steps x (loss, lr), once each
+
+
+def test_rails_past_the_budget_should_only_recommend_and_say_why(tmp_path: Path) -> None:
+    write(tmp_path, losses((10, 2.0), (20, 2.0), (30, 2.0)))
+    run = watched(tmp_path)
+    run_once(run, rails=Rails(cooldown=0, budget=2, window=1000))
+    run.close()
+    assert control_ids(tmp_path) == [(1, "lr_cut", 2), (2, "lr_cut", 2)]
+    last = read_audit(tmp_path)[-1]
+    assert (last["applied"], last["held_back"]) == (
+        False,
+        "budget: 2 automatic decisions in the last 1000 steps",
+    )
+
+
+def test_acknowledgements_should_be_read_back_into_the_audit_log(tmp_path: Path) -> None:
+    write(tmp_path, losses((1, 2.0)))
+    run = watched(tmp_path)
+    run_once(run, rails=RAILS)
+    # The hook applies action 1 at step 2 and logs the ack with the new effective LR.
+    write(tmp_path, {2: {schema.CONTROL_ACK: 1.0, schema.LR: 0.05, schema.LOSS: 0.5}})
+    run_once(run, rails=RAILS)
+    run.close()
+    ack = read_audit(tmp_path)[-1]
+    f32 = pytest.approx(0.05, rel=1e-6)  # event files hold float32
+    assert (ack["event"], ack["action_id"], ack["step"], ack["lr"]) == ("acknowledged", 1, 2, f32)
+    assert run.ledger.acked == {1} and run.ledger.lr == f32
+
+
+def test_a_restarted_daemon_should_neither_forget_nor_repeat(tmp_path: Path) -> None:
+    write(tmp_path, losses((1, 2.0), (2, 0.5)))
+    first = watched(tmp_path)
+    run_once(first, rails=RAILS)
+    first.close()
+    second = watched(tmp_path)  # a new process: state comes from lrwatch_daemon/state.json
+    assert run_once(second, rails=RAILS) == []
+    assert second.ledger == first.ledger
+    write(tmp_path, losses((3, 4.0)))
+    assert [d.step for d in run_once(second, rails=RAILS)] == [3]
+    second.close()
+    assert control_ids(tmp_path) == [(1, "lr_cut", 2), (2, "lr_cut", 2)]
+
+
+def test_a_daemon_killed_before_saving_its_state_should_not_reissue(tmp_path: Path) -> None:
+    write(tmp_path, losses((1, 2.0)))
+    run = watched(tmp_path)
+    run_once(run, rails=RAILS)
+    run.close()
+    # As if SIGKILLed between writing the control file and saving state.json:
+    (tmp_path / schema.DAEMON_SUBRUN / "state.json").unlink()
+    again = watched(tmp_path)
+    assert len(run_once(again, rails=RAILS)) == 1  # the same decision, re-derived
+    again.close()
+    assert control_ids(tmp_path) == [(1, "lr_cut", 2)]  # ... found in the control file
+    assert [r["action_id"] for r in read_audit(tmp_path)] == [1, 1]
+
+
+def test_a_corrupt_state_file_should_mean_starting_over_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    write(tmp_path, losses((1, 2.0)))
+    state = tmp_path / schema.DAEMON_SUBRUN / "state.json"
+    state.parent.mkdir()
+    state.write_text("{not json")
+    run = watched(tmp_path)
+    assert len(run_once(run, rails=RAILS)) == 1
+    run.close()
+    assert "ignoring daemon state" in caplog.text
+    assert json.loads(state.read_text())["version"] == 1
+
+
+def test_run_once_should_pass_each_decision_to_the_hooks(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    out = tmp_path / "hooked.jsonl"
+    write(run_dir, losses((1, 2.0)))
+    run = watched(run_dir)
+    hook = HOOKS / "append-to-file"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LRWATCH_HOOK_FILE", str(out))
+        with HookRunner([hook]) as hooks:
+            run_once(run, rails=RAILS, hooks=hooks)
+    run.close()
+    [line] = out.read_text().splitlines()
+    assert json.loads(line) == read_audit(run_dir)[0]
+
+
+def test_findings_without_a_decision_should_still_be_marked(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    write(tmp_path, {5: {schema.GRAD_NORM: 500.0}})
+    run = watched(tmp_path)
+    assert run_once(run, rails=RAILS) == []
+    run.close()
+    acc = EventAccumulator(str(tmp_path / schema.DAEMON_SUBRUN))
+    acc.Reload()
+    tag = schema.FINDING_TAG_FMT.format("ratio_high")
+    assert [(e.step, e.value) for e in acc.Scalars(tag)] == [(5, 1.0)]
+
+
+def test_daemon_should_find_new_runs_and_drop_vanished_ones(tmp_path: Path) -> None:
+    daemon = Daemon([tmp_path], mode="apply", analyzer_factory=LossAbove, rails=RAILS)
+    write(tmp_path / "a", losses((1, 2.0)))
+    assert list(daemon.process()) == [tmp_path / "a"]
+    write(tmp_path / "b" / "nested", losses((1, 0.1), (2, 9.0)))
+    taken = daemon.process()
+    assert {run: [d.step for d in ds] for run, ds in taken.items()} == {
+        tmp_path / "b" / "nested": [2]
+    }
+    shutil.rmtree(tmp_path / "a")
+    daemon.process()
+    daemon.close()
+    # ... and its own lrwatch_daemon sub-runs, which hold event files now, are not runs
+    assert sorted(daemon.runs) == [tmp_path / "b" / "nested"]
+
+
+@pytest.mark.parametrize(
+    ("event", "wakes"),
+    [
+        (FileModifiedEvent("/r/run1/events.out.tfevents.1.host.2.0"), True),
+        (FileClosedEvent("/r/run1/events.out.tfevents.1.host.2.0"), True),
+        (FileMovedEvent("/r/run1/x.tmp", "/r/run1/events.out.tfevents.1"), True),
+        (DirCreatedEvent("/r/run2"), True),
+        (FileOpenedEvent("/r/run1/events.out.tfevents.1.host.2.0"), False),  # our own reads
+        (FileClosedNoWriteEvent("/r/run1/events.out.tfevents.1.host.2.0"), False),
+        (FileModifiedEvent("/r/run1/lrwatch_daemon/events.out.tfevents.1.lrwatch_daemon"), False),
+        (DirCreatedEvent("/r/run1/lrwatch_daemon"), False),
+        (FileModifiedEvent("/r/run1/lrwatch_audit.jsonl"), False),
+        (FileMovedEvent("/r/run1/.lrwatch_control.json.x.tmp", "/r/run1/lrwatch_control.json"),
+         False),
+    ],
+    ids=["write", "close-write", "renamed-in", "new-dir", "open", "close-read", "own-markers",
+         "own-subrun", "audit", "control-file"],
+)  # fmt: skip
+def test_waker_should_wake_only_for_writes_to_event_files_and_new_directories(
+    event: Any, wakes: bool
+) -> None:
+    waker = Waker()
+    waker.dispatch(event)
+    assert waker.woken.is_set() is wakes
+
+
+@pytest.mark.parametrize("poll", [None, 0.1], ids=["inotify", "poll"])
+def test_watch_should_pick_up_a_run_created_after_it_started(
+    tmp_path: Path, poll: float | None
+) -> None:
+    daemon = Daemon([tmp_path], mode="apply", analyzer_factory=LossAbove, rails=RAILS)
+    waker = Waker()
+    ended: list[BaseException] = []
+
+    def loop() -> None:
+        try:
+            watch(daemon, waker=waker, poll=poll)
+        except BaseException as err:  # the test inspects how the loop ended
+            ended.append(err)
+
+    thread = threading.Thread(target=loop, name="lrwatch-test-watch")
+    thread.start()
+    try:
+        write(tmp_path / "late", losses((1, 0.5), (2, 7.0)))
+        wait_for(lambda: control_ids(tmp_path / "late") == [(1, "lr_cut", 2)])
+    finally:
+        waker.stop()
+        thread.join(timeout=30)
+        daemon.close()
+    assert not thread.is_alive()
+    assert [type(e) for e in ended] == [Shutdown]
+
+
+# ------------------------------------------------------------------ the real `lrwatch serve`
+def diverging(run_dir: Path, *, first: int = 1, last: int = 80) -> None:
+    """A run whose loss falls, then turns non-finite from step 60 on (the real analyzer acts)."""
+    rows = {}
+    for step in range(first, last + 1):
+        loss = 2.0 / step + 0.3 if step < 60 else float("nan")
+        rows[step] = {
+            schema.LOSS: loss,
+            schema.NONFINITE: float(step >= 60),
+            schema.GRAD_NORM: 1.0 + 0.01 * (step % 5) if step < 60 else float("nan"),
+            schema.LR: 0.1,
+        }
+    write(run_dir, rows)
+
+
+def lrwatch_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "lrwatch", *args]
+
+
+def cli_env(tmp_path: Path) -> dict[str, str]:
+    root = str(Path(__file__).resolve().parent.parent)
+    return {**os.environ, "PYTHONPATH": root, "LRWATCH_HOOK_FILE": str(tmp_path / "hooked.jsonl")}
+
+
+@pytest.mark.slow
+def test_serve_once_should_process_every_run_and_exit(tmp_path: Path) -> None:
+    logdir = tmp_path / "runs"
+    diverging(logdir / "exp1")
+    write(logdir / "healthy", losses(*((s, 1.0 / s) for s in range(1, 30))))
+    result = subprocess.run(
+        lrwatch_cmd("serve", "--once", "--apply", "--hook", str(HOOKS / "append-to-file"),
+                    str(logdir)),
+        env=cli_env(tmp_path), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    records = read_audit(logdir / "exp1")
+    assert records and all(r["step"] >= 60 for r in records)
+    assert result.stdout.strip() == f"2 runs, {len(records)} decisions"
+    assert "applied as action #1" in result.stderr  # the console line, shown without -v
+    assert records[0]["action_id"] == 1 and control_ids(logdir / "exp1")[0][0] == 1
+    assert read_audit(logdir / "healthy") == []
+    hooked = [json.loads(line) for line in (tmp_path / "hooked.jsonl").read_text().splitlines()]
+    assert hooked == records
+
+
+def test_serve_should_refuse_a_hook_that_cannot_run(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from lrwatch.cli import main
+
+    plain = tmp_path / "plain"
+    plain.write_text("echo not executable")
+    for hook, why in [(tmp_path / "missing", "does not exist"), (plain, "not executable")]:
+        result = CliRunner().invoke(main, ["serve", "--once", "--hook", str(hook), str(tmp_path)])
+        assert result.exit_code == 2
+        assert why in result.output
+
+
+@pytest.mark.slow
+def test_serve_should_watch_a_run_created_later_and_stop_cleanly_on_sigterm(
+    tmp_path: Path,
+) -> None:
+    logdir = tmp_path / "runs"
+    write(logdir / "early", losses((1, 0.5)))
+    proc = subprocess.Popen(
+        lrwatch_cmd("-v", "serve", "--apply", str(logdir)),
+        env=cli_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        # The daemon saved the early run's state: it is up and watching.
+        wait_for(lambda: (logdir / "early" / schema.DAEMON_SUBRUN / "state.json").exists())
+        diverging(logdir / "late")
+        wait_for(lambda: bool(control_ids(logdir / "late")))
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    assert "shutting down" in err
+    assert read_audit(logdir / "late")[0]["applied"]
