@@ -1,11 +1,12 @@
 """A deliberately mis-tuned training for lrwatch's whole loop to rescue.
 
 A small MLP learns scikit-learn's handwritten digits (1797 8x8 images that ship with the package,
-no download) with SGD + momentum and a linear warm-up to a peak learning rate about 20x too high.
-Left alone, the loss climbs by orders of magnitude once the warm-up passes the stability limit and
-the run ends far worse than it started (or at NaN). Watched by ``lrwatch serve --apply``, the
-explosion is noticed, the LR is cut (and gradients clipped) inside the running job, and the run
-ends with a good validation loss::
+no download) with SGD + momentum 0.9, a 20-step warm-up and then a peak learning rate of 0.6, about
+ten times what this model trains well with. Left alone, the updates are ~6% of the weights every
+step, the loss bounces and the run ends with a validation loss near 1 (with ``--lr 5`` the loss
+explodes at once and the ReLUs die: stuck at chance). Watched by ``lrwatch serve --apply``, the
+daemon sees it within the first ~50 steps, cuts the LR inside the running job, and the run ends
+near 0.1::
 
     lrwatch serve runs --apply &                                    # the daemon
     python examples/mistuned.py --logdir runs/mistuned --step-delay 0.01
@@ -111,8 +112,8 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--logdir", type=Path, default=Path("runs/mistuned"), help="run directory")
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps")
-    p.add_argument("--lr", type=float, default=1.0, help="peak LR after warm-up (too high)")
-    p.add_argument("--warmup", type=int, default=200, help="warm-up steps to the peak LR")
+    p.add_argument("--lr", type=float, default=0.6, help="peak LR after warm-up (too high)")
+    p.add_argument("--warmup", type=int, default=20, help="warm-up steps to the peak LR")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-every", type=int, default=25, help="steps between validations")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
@@ -154,9 +155,11 @@ def read_back(run: WatchedRun, scalars: Sequence[Scalar]) -> None:
     if lr_at:
         run.ledger.lr = lr_at[max(lr_at)]
     for s in scalars:
-        if s.tag == schema.CONTROL_ACK and int(s.value) not in run.ledger.acked:
-            run.ledger.acked.add(int(s.value))
-            run.sink.acknowledge(int(s.value), step=s.step, lr=lr_at.get(s.step))
+        if s.tag != schema.CONTROL_ACK or not math.isfinite(s.value):
+            continue
+        if (action_id := int(s.value)) not in run.ledger.acked:
+            run.ledger.acked.add(action_id)
+            run.sink.acknowledge(action_id, step=s.step, lr=lr_at.get(s.step))
 
 
 def issue(run: WatchedRun, decision: Decision, rails: Rails) -> tuple[int | None, str | None]:

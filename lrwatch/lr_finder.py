@@ -93,7 +93,7 @@ class LRFinderResult:
 
     def plot(self, path: str | Path) -> Path:
         """Save loss vs LR (log axis) with each rule's suggestion marked; needs matplotlib."""
-        from lrwatch.lr_plot import plot_result
+        from lrwatch._lr_plot import plot_result
 
         return plot_result(self, Path(path))
 

@@ -36,7 +36,9 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAINER = ROOT / "examples" / "mistuned.py"
-PEAK_LR, WARMUP = 1.0, 300
+WARMUP = 20  # steps of linear warm-up to the peak LR (examples/mistuned.py's default)
+MISTUNED_LR = 0.6  # ~10x too high: the loss bounces; a cut by 2 or 4 trains well
+BROKEN_LR = 5.0  # far too high: explodes at once, then decisions keep coming (for restarts)
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 TIMEOUT = 120.0  # seconds, per wait: generous, the machine may be shared
 
@@ -51,10 +53,10 @@ def start_daemon(logdir: Path, log: Path) -> subprocess.Popen[bytes]:
 
 
 def start_trainer(
-    run_dir: Path, *extra: str, steps: int, delay: str = "0"
+    run_dir: Path, *extra: str, steps: int, lr: float, delay: str = "0"
 ) -> subprocess.Popen[bytes]:
     args = [sys.executable, str(TRAINER), "--logdir", str(run_dir), "--steps", str(steps),
-            "--lr", str(PEAK_LR), "--warmup", str(WARMUP), "--seed", "0",
+            "--lr", str(lr), "--warmup", str(WARMUP), "--seed", "0",
             "--step-delay", delay, *extra]  # fmt: skip
     with open(run_dir.parent / f"{run_dir.name}.trainer.log", "ab") as out:
         return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=ENV, cwd=ROOT)
@@ -120,9 +122,9 @@ def acked_ids(run_dir: Path) -> set[int]:
     return {i for i, _ in acks(run_dir)} if run_dir.exists() else set()
 
 
-def scheduler_lrs(steps: int) -> list[float]:
+def scheduler_lrs(steps: int, peak: float) -> list[float]:
     """The LR the optimizer steps with at steps 1..steps under the trainer's scheduler alone."""
-    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=PEAK_LR)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=peak)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / WARMUP))
     lrs = []
     for _ in range(steps):
@@ -217,12 +219,17 @@ def test_e2e_mistuned_run_is_cut_acknowledged_and_ends_better(
     procs.append(daemon := start_daemon(logdir, tmp_path / "serve.log"))
     procs.append(
         baseline := start_trainer(
-            base_dir / "run", "--no-lrwatch", "--result", str(tmp_path / "base.json"), steps=steps
+            base_dir / "run",
+            "--no-lrwatch",
+            "--result",
+            str(tmp_path / "base.json"),
+            steps=steps,
+            lr=MISTUNED_LR,
         )
     )
     procs.append(trainer := start_trainer(
         run_dir, "--wait-for-daemon", "60", "--result", str(tmp_path / "live.json"),
-        steps=steps, delay="0.015"))  # fmt: skip
+        steps=steps, lr=MISTUNED_LR, delay="0.015"))  # fmt: skip
     finish(trainer, "the watched trainer")
     finish(baseline, "the baseline trainer")
     wait_until(lambda: daemon_caught_up(run_dir), "the daemon to audit every ack")
@@ -233,7 +240,7 @@ def test_e2e_mistuned_run_is_cut_acknowledged_and_ends_better(
     ack_step = dict(acks(run_dir))
     assert any(a.action is schema.ActionKind.LR_CUT and a.id in ack_step for a in actions)
     # The effective LR the hook recorded is the scheduler's own LR over the cuts in force.
-    sched = scheduler_lrs(steps)
+    sched = scheduler_lrs(steps, MISTUNED_LR)
     (events,) = event_files(run_dir)
     lrs = scalars(events, schema.LR)
     assert {s for s, _ in lrs} == set(range(1, steps + 1)), "the LR is recorded every step"
@@ -252,7 +259,7 @@ def test_e2e_daemon_killed_and_restarted_loses_and_repeats_nothing(
     logdir.mkdir()
     procs.append(first := start_daemon(logdir, tmp_path / "serve.log"))
     procs.append(trainer := start_trainer(run_dir, "--wait-for-daemon", "60", steps=5000,
-                                            delay="0.02"))  # fmt: skip
+                                            lr=BROKEN_LR, delay="0.01"))  # fmt: skip
     wait_until(lambda: control_actions(run_dir), "the daemon's first action")
     first.kill()  # SIGKILL: no chance to save anything on the way out
     first.wait(timeout=30)
@@ -279,7 +286,7 @@ def test_e2e_trainer_killed_and_resumed_neither_reapplies_nor_loses(
     procs.append(daemon := start_daemon(logdir, tmp_path / "serve.log"))
     extra = ("--ckpt-every", "25")
     procs.append(first := start_trainer(run_dir, "--wait-for-daemon", "60", *extra,
-                                          steps=5000, delay="0.02"))  # fmt: skip
+                                          steps=5000, lr=BROKEN_LR, delay="0.01"))  # fmt: skip
     # Kill once the first action is applied (and a checkpoint exists).
     wait_until(lambda: acked_ids(run_dir) and (run_dir / "checkpoint.pt").exists(),
                "the first action applied and a checkpoint")  # fmt: skip
@@ -290,7 +297,11 @@ def test_e2e_trainer_killed_and_resumed_neither_reapplies_nor_loses(
     before_ids = set(applied_before.ids)
     ckpt_step = torch.load(run_dir / "checkpoint.pt", weights_only=False)["step"]
     files_before = set(event_files(run_dir))
-    procs.append(resumed := start_trainer(run_dir, "--resume", *extra, steps=5000, delay="0.02"))
+    procs.append(
+        resumed := start_trainer(
+            run_dir, "--resume", *extra, steps=5000, lr=BROKEN_LR, delay="0.01"
+        )
+    )
     wait_until(lambda: acked_ids(run_dir) - before_ids, "an action applied after the resume")
     apply_stop(run_dir)
     finish(resumed, "the resumed trainer")
@@ -305,7 +316,7 @@ def test_e2e_trainer_killed_and_resumed_neither_reapplies_nor_loses(
     # later ones from their ack: LR = scheduler LR / cumulative factor, nothing applied twice.
     ack_step = {i: (0 if i in before_ids else s) for i, s in acks(run_dir)}
     lrs = scalars(new_file, schema.LR)
-    sched = scheduler_lrs(max(s for s, _ in lrs))
+    sched = scheduler_lrs(max(s for s, _ in lrs), BROKEN_LR)
     assert min(s for s, _ in lrs) == ckpt_step + 1, (ckpt_step, lrs[:3])
     for step, lr in lrs:
         expected = sched[step - 1] / factor_at(actions, ack_step, step)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Callable
@@ -180,6 +181,47 @@ def test_monitor_measures_the_grads_of_a_closure_step(tmp_path: Path) -> None:
     got = read_scalars(tmp_path)
     assert got[schema.LOSS] == pytest.approx(losses)
     assert_matches(got, oracle, [1, 2, 3])
+
+
+@pytest.mark.parametrize("how", ["positional", "keyword"])
+def test_monitor_clips_the_grads_a_closure_computes(tmp_path: Path, how: str) -> None:
+    """A clip action with ``optimizer.step(closure)`` acts on the closure's gradients.
+
+    The reference clips by hand with ``clip_grad_norm_`` between backward and step; the
+    watched copy must step with exactly the same clipped gradients.
+    """
+    model, crit = small_model(), nn.CrossEntropyLoss()
+    reference = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    append_action(tmp_path, action=ActionKind.CLIP, max_norm=0.05)
+    preclip = {}
+    with lrwatch.watch(
+        model, opt, logdir=tmp_path, criterion=crit, log_every=1, control_every=1
+    ) as mon:
+        for step in range(1, 5):
+            x, y = batch()
+
+            def closure(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
+                opt.zero_grad()
+                loss = crit(model(x), y)
+                loss.backward()
+                return loss
+
+            if how == "positional":
+                opt.step(closure)
+            else:
+                opt.step(closure=closure)
+            ref_opt.zero_grad()
+            crit(reference(x), y).backward()
+            preclip[step] = float(torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.05))
+            ref_opt.step()
+            for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+                torch.testing.assert_close(p, q)
+    assert mon.step == 4
+    got = read_scalars(tmp_path)
+    assert got[schema.GRAD_NORM_PRECLIP] == pytest.approx(preclip, rel=1e-4)
+    assert got[schema.GRAD_NORM] == pytest.approx({s: 0.05 for s in range(1, 5)}, rel=1e-3)
 
 
 def test_monitor_captures_hf_style_loss_and_explicit_log(tmp_path: Path) -> None:

@@ -390,3 +390,63 @@ def test_serve_should_watch_a_run_created_later_and_stop_cleanly_on_sigterm(
     assert "Traceback" not in err
     assert "shutting down" in err
     assert read_audit(logdir / "late")[0]["applied"]
+
+
+@pytest.mark.slow
+def test_a_mis_tuned_trainer_should_be_cut_and_the_ack_read_back(tmp_path: Path) -> None:
+    logdir = tmp_path / "runs"
+    logdir.mkdir()
+    run_dir = logdir / "hot"
+    daemon = subprocess.Popen(
+        lrwatch_cmd("serve", "--apply", str(logdir)),
+        env=cli_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        trainer = subprocess.run(
+            [sys.executable, str(Path(__file__).with_name("serve_trainer.py")), str(run_dir),
+             "30", "600"],
+            env=cli_env(tmp_path), capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert trainer.returncode == 0, trainer.stderr
+        assert "applied_at None" not in trainer.stdout
+        wait_for(lambda: any(r["event"] == "acknowledged" for r in read_audit(run_dir)))
+        daemon.send_signal(signal.SIGTERM)
+        _, err = daemon.communicate(timeout=60)
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.communicate()
+    assert daemon.returncode == 0, err
+    records = read_audit(run_dir)
+    [first] = [r for r in records if r["action_id"] == 1 and r["event"] == "decision"]
+    acks = {r["action_id"]: r for r in records if r["event"] == "acknowledged"}
+    assert acks[1]["step"] > first["step"]
+    if first["action"] == "lr_cut":  # the policy's choice; a cut must show in the acked LR
+        assert acks[1]["lr"] == pytest.approx(30 / first["factor"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_a_sigkilled_daemon_restarted_should_not_repeat_actions(tmp_path: Path) -> None:
+    logdir = tmp_path / "runs"
+    diverging(logdir / "exp1")
+    proc = subprocess.Popen(
+        lrwatch_cmd("serve", "--apply", str(logdir)), env=cli_env(tmp_path),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: (logdir / "exp1" / schema.DAEMON_SUBRUN / "state.json").exists())
+    finally:
+        proc.kill()  # SIGKILL: no clean shutdown
+        proc.wait(timeout=60)
+    issued = control_ids(logdir / "exp1")
+    assert issued
+    diverging(logdir / "exp1", first=81, last=90)  # the run went on while the daemon was down
+    again = subprocess.run(
+        lrwatch_cmd("serve", "--once", "--apply", "--cooldown", "0", str(logdir)),
+        env=cli_env(tmp_path), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    after = control_ids(logdir / "exp1")
+    assert after[: len(issued)] == issued  # nothing lost, nothing issued twice
+    steps = [r["step"] for r in read_audit(logdir / "exp1") if r["applied"]]
+    assert len(steps) == len(after) and all(s >= 81 for s in steps[len(issued) :])

@@ -43,8 +43,9 @@ def plot_result(result: LRFinderResult, path: Path) -> Path:
             s = result.suggest(rule)
             if s.lr is None:
                 continue
-            style = "-" if rule == lr_suggest.DEFAULT_RULE else "--"
-            ax.axvline(s.lr, color=COLORS[rule], ls=style, lw=1.2, label=f"{rule}: {s.lr:.2e}")
+            chosen = rule == lr_suggest.DEFAULT_RULE
+            label = f"{rule}{' (suggestion)' if chosen else ''}: {s.lr:.2e}"
+            ax.axvline(s.lr, color=COLORS[rule], ls="-" if chosen else "--", lw=1.2, label=label)
         ax.set_xscale("log")
         ax.set_xlabel("learning rate")
         ax.set_ylabel("loss")

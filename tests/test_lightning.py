@@ -1,0 +1,168 @@
+"""The Lightning callback with the real Trainer on CPU: tags in the logger's run, loss, stop."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+pl = pytest.importorskip("lightning.pytorch")
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger  # noqa: E402
+
+from lrwatch import schema  # noqa: E402
+from lrwatch.control import append_action  # noqa: E402
+from lrwatch.lightning import LRWatch  # noqa: E402
+from lrwatch.schema import ActionKind  # noqa: E402
+
+pytestmark = [
+    # Lightning's advice for real runs (more dataloader workers, ...), not failures here.
+    pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
+    pytest.mark.filterwarnings("ignore:.*number of training batches.*"),
+    pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning"),
+    pytest.mark.filterwarnings("ignore:.*no `val_dataloader`.*"),
+]
+
+
+class Tiny(pl.LightningModule):
+    """A linear classifier that records every training loss it returns, for comparison."""
+
+    def __init__(self, lr: float = 0.1) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+        self.lr = lr
+        self.train_losses: list[float] = []
+        self.val_losses: list[float] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = nn.functional.cross_entropy(self.net(x), y)
+        self.train_losses.append(loss.item())
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        loss = nn.functional.cross_entropy(self.net(x), y)
+        self.log("val_loss", loss)
+        if not self.trainer.sanity_checking:
+            self.val_losses.append(loss.item())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def loaders(
+    n: int = 64, batch_size: int = 8, nan_row: int | None = None
+) -> tuple[DataLoader[Any], DataLoader[Any]]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 8, generator=g)
+    if nan_row is not None:
+        x[nan_row, 0] = math.nan
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+    train = DataLoader(TensorDataset(x, y), batch_size=batch_size)
+    val = DataLoader(TensorDataset(x[:16], y[:16]), batch_size=16)
+    return train, val
+
+
+def trainer(tmp_path: Path, callbacks: list[Any], **kwargs: Any) -> Any:
+    torch.manual_seed(0)
+    options: dict[str, Any] = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+        "default_root_dir": str(tmp_path),
+        "logger": TensorBoardLogger(str(tmp_path / "tb")),
+        "callbacks": callbacks,
+    }
+    options.update(kwargs)
+    return pl.Trainer(**options)
+
+
+def scalars(run_dir: Path) -> EventAccumulator:
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return acc
+
+
+def test_lightning_callback_writes_the_steps_losses_into_the_loggers_run(tmp_path: Path) -> None:
+    model = Tiny()
+    t = trainer(tmp_path, [LRWatch(log_every=1)], max_steps=12, val_check_interval=4)
+    train, val = loaders()
+    t.fit(model, train, val)
+    run = Path(t.logger.log_dir)
+    assert run == tmp_path / "tb" / "lightning_logs" / "version_0"
+    acc = scalars(run)
+    tags = set(acc.Tags()["scalars"])
+    assert {schema.LOSS, schema.LR, schema.GRAD_NORM, schema.UPDATE_RATIO} <= tags
+    assert "val_loss" in tags  # Lightning's own logger, same run directory
+    loss = acc.Scalars(schema.LOSS)
+    assert [e.step for e in loss] == list(range(1, 13))
+    assert [e.value for e in loss] == pytest.approx(model.train_losses, rel=1e-6)
+    assert all(e.value == pytest.approx(0.1) for e in acc.Scalars(schema.LR))
+
+
+def test_lightning_callback_averages_accumulated_batches_per_step(tmp_path: Path) -> None:
+    model = Tiny()
+    cb = LRWatch(log_every=1)
+    t = trainer(tmp_path, [cb], max_steps=4, accumulate_grad_batches=2, limit_val_batches=0)
+    t.fit(model, loaders()[0])
+    loss = scalars(Path(t.logger.log_dir)).Scalars(schema.LOSS)
+    pairs = [model.train_losses[i : i + 2] for i in range(0, 8, 2)]
+    assert [e.step for e in loss] == [1, 2, 3, 4]
+    assert [e.value for e in loss] == pytest.approx([sum(p) / 2 for p in pairs], rel=1e-6)
+
+
+def test_lightning_callback_writes_val_metrics_when_no_tensorboard_logger(tmp_path: Path) -> None:
+    model = Tiny()
+    t = trainer(
+        tmp_path, [LRWatch()], max_steps=8, val_check_interval=4, logger=CSVLogger(tmp_path)
+    )
+    train, val = loaders()
+    t.fit(model, train, val)
+    acc = scalars(tmp_path / "lrwatch")
+    val_loss = acc.Scalars("val_loss")
+    assert [e.step for e in val_loss] == [4, 8]
+    assert [e.value for e in val_loss] == pytest.approx(model.val_losses, rel=1e-6)
+    assert len(acc.Scalars(schema.LOSS)) == 8
+
+
+class StopAfter(pl.Callback):
+    """Plays the daemon: appends a stop action to the run's control file after ``batches``."""
+
+    def __init__(self, watcher: LRWatch, batches: int) -> None:
+        self.watcher, self.batches = watcher, batches
+
+    def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+        if trainer.global_step == self.batches:
+            assert self.watcher.monitor is not None
+            append_action(self.watcher.monitor.run_dir, action=ActionKind.STOP, reason="test")
+
+
+def test_lightning_callback_turns_a_stop_action_into_trainer_should_stop(tmp_path: Path) -> None:
+    watcher = LRWatch(log_every=1, control_every=1)
+    t = trainer(tmp_path, [watcher, StopAfter(watcher, 5)], max_steps=50, limit_val_batches=0)
+    t.fit(Tiny(), loaders()[0])
+    assert t.should_stop
+    assert t.global_step == 6  # the action lands at the next step boundary
+    acc = scalars(Path(t.logger.log_dir))
+    assert [(e.step, e.value) for e in acc.Scalars(schema.STOP)] == [(6, 1.0)]
+    assert [e.step for e in acc.Scalars(schema.LOSS)] == list(range(1, 7))
+    assert watcher.monitor is None  # closed at fit end
+
+
+def test_lightning_callback_records_a_nan_loss(tmp_path: Path) -> None:
+    model = Tiny()
+    t = trainer(tmp_path, [LRWatch(log_every=1)], max_steps=6, limit_val_batches=0)
+    t.fit(model, loaders(nan_row=4 * 8)[0])  # batch 5: NaN loss, NaN weights from then on
+    acc = scalars(Path(t.logger.log_dir))
+    values = [e.value for e in acc.Scalars(schema.LOSS)]
+    assert [math.isfinite(v) for v in values] == [True] * 4 + [False] * 2
+    assert [math.isfinite(v) for v in model.train_losses] == [True] * 4 + [False] * 2
+    assert max(e.value for e in acc.Scalars(schema.NONFINITE)) == 1.0
