@@ -131,7 +131,7 @@ class Case:
         self.opt.step()
         self.after()
         dt = time.process_time() - t0
-        self.region[self.mon is not None and self.mon._logged_last].append(dt)
+        self.region[self.mon is not None and self.mon._cadence.logged_last].append(dt)
         self.opt.zero_grad()
 
     def hook_time(self, bare_region: float) -> float:
@@ -231,9 +231,9 @@ def self_cost(case: Case) -> str:
     """The hooks' cost as lrwatch's adaptive cadence sees it: free of the subtraction noise."""
     mon = case.mon
     assert mon is not None
-    per_step = statistics.median(mon._overheads) if mon._overheads else 0.0
-    logging_step = statistics.median(mon._costs)
-    period = statistics.median(mon._intervals) if mon._intervals else float("nan")
+    per_step = statistics.median(mon._cadence.overheads) if mon._cadence.overheads else 0.0
+    logging_step = statistics.median(mon._cadence.costs)
+    period = statistics.median(mon._cadence.intervals) if mon._cadence.intervals else float("nan")
     total = per_step + logging_step / mon.log_every
     return (
         f"{per_step * 1e6:.0f} us every step + {logging_step * 1e3:.2f} ms per logging step "

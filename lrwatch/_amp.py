@@ -14,8 +14,11 @@ so the read waits for no queued work.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 
 class SkipCounter:
@@ -70,3 +73,14 @@ class SkipCounter:
         scale = s._scale if s._scale is not None else s._init_scale
         tracker = s._growth_tracker if s._growth_tracker is not None else s._init_growth_tracker
         return float(scale), int(tracker)
+
+
+def skip_counter(scaler: Any) -> SkipCounter | None:
+    """A counter for an enabled ``scaler``; None without one, or (with a warning) if unreadable."""
+    if scaler is None or not scaler.is_enabled():
+        return None
+    try:
+        return SkipCounter(scaler)
+    except Exception as exc:  # a scaler we cannot read: log the rest, not the skips
+        logger.warning("lrwatch cannot read this GradScaler (%r): skipped steps not recorded", exc)
+        return None

@@ -5,12 +5,16 @@ non-finite flag, and host-side floats (LR per group, loss scale, skipped). Build
 no host transfer; :meth:`RowBuffer.submit` resolves the flags of all waiting rows in four kernels
 and hands a few stacked blocks (with the logging steps' events) to the writer thread, which
 moves them to the host.
+
+The host-side columns (:class:`HostColumns`) and the acknowledgement of control actions
+(:func:`write_acks`) are here too: they are what a step writes besides the device values.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -28,6 +32,59 @@ class Row:
     grad_checks: list[torch.Tensor]
     host_tags: tuple[str, ...]
     host: list[float]
+
+
+class HostColumns:
+    """Tags and values of a row's host-side floats: LR per group, then loss scale and skipped.
+
+    The tags tuple is rebuilt only when the number of param groups changes, so rows of the
+    same shape share it and :meth:`RowBuffer.submit` writes them as one block.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, skips: Any) -> None:
+        self._optimizer = optimizer
+        self._skips = skips  # an _amp.SkipCounter, or None without a GradScaler
+        self._amp = (schema.LOSS_SCALE, schema.SKIPPED) if skips is not None else ()
+        self._tags: tuple[str, ...] = ()
+
+    def values(self, *, skipped_scale: float | None = None) -> tuple[tuple[str, ...], list[float]]:
+        """This step's LR per group (as the optimizer steps with it) and scale.
+
+        ``skipped_scale``: a GradScaler-skipped iteration, which ran with that scale.
+        """
+        groups = self._optimizer.param_groups
+        values = [float(g["lr"]) for g in groups]
+        if len(groups) != len(self._tags) - len(self._amp):
+            self._tags = tuple(schema.lr_group_tag(i) for i in range(len(groups))) + self._amp
+        if self._skips is not None:
+            if skipped_scale is None:
+                values += [self._skips.scale, 0.0]
+            else:
+                values += [skipped_scale, 1.0]
+        return self._tags, values
+
+
+def write_acks(
+    writer: EventWriter,
+    step: int,
+    actions: list[Any],
+    *,
+    controller: Any,
+    optimizer: torch.optim.Optimizer,
+) -> None:
+    """One event per control action applied at ``step``, on disk before training goes on.
+
+    The caller submits the rows before ``step`` first, so every tag's steps stay in order.
+    """
+    c = controller
+    groups = optimizer.param_groups
+    tags = [schema.CONTROL_ACK, schema.LR_FACTOR, schema.CLIP_MAX_NORM, schema.STOP]
+    tags += [schema.lr_group_tag(i) for i in range(len(groups))]
+    for action in actions:
+        values = [float(action.id), c.lr_factor, c.max_norm or 0.0, float(c.should_stop)]
+        values += [float(g["lr"]) for g in groups]
+        writer.add_scalars(step, tags, values)
+    writer.flush(timeout=2.0)
 
 
 class RowBuffer:

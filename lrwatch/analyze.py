@@ -33,13 +33,21 @@ logger = logging.getLogger(__name__)
 
 _RANK = {Severity.INFO: 0, Severity.WARNING: 1, Severity.CRITICAL: 2}
 # The rank-based loss detectors (oscillation, plateau trend) rank a whole window per check
-# (Kendall's tau through scipy costs ~1-4 ms), so they run every half (oscillation) or quarter
-# (trend) of their window: a condition is still seen well within one window of arising, at a
-# small fraction of the cost of checking every step.
-_OSCILLATION_STRIDE = 2  # checks per oscillation window
+# (~0.1-0.3 ms each), so they run every half of the oscillation's jitter window (its verdict
+# is about those points) or every quarter of the trend window: a condition is still seen well
+# within one window of arising, at a small fraction of the cost of checking every step.
+_OSCILLATION_STRIDE = 2  # checks per oscillation jitter window
 _TREND_STRIDE = 4  # checks per plateau-trend window
 _REBASE_EVERY = 16  # points between two refreshes of an explosion gate's baseline
 _STEP = operator.attrgetter("step")
+# Conditions that say "this LR is wrong": judged anew on points logged after a cut. While the
+# logged LR shows that the last cut was never applied (a replay, or a daemon giving advice
+# only), they and new explosion episodes lead to no further cut: the data still shows the old
+# LR, so it is no evidence about the new one, and cutting again every cooldown would only burn
+# the budget (the cut already decided is the answer to them). Non-finite values still count:
+# they persisting after cuts is what stops a run, and overfitting is not about the LR.
+_LR_KINDS = frozenset({Kind.RATIO_HIGH, Kind.OSCILLATION, Kind.PLATEAU})
+_HELD_WHEN_UNAPPLIED = _LR_KINDS | {Kind.EXPLOSION}
 
 
 class NoUsableTags(LrwatchError):
@@ -100,6 +108,18 @@ class _Gate:
         return [_out(self.bar), _out(self.prev), self.rises, self.since]
 
 
+@dataclass
+class _Cut:
+    """The last LR cut this analyzer decided: when, at which logged LR, by how much."""
+
+    step: int
+    lr: float | None
+    factor: int
+
+    def state(self) -> list[Any]:
+        return [self.step, None if self.lr is None else _out(self.lr), self.factor]
+
+
 def _out(x: float) -> float | str:
     return x if math.isfinite(x) else str(x)
 
@@ -124,6 +144,7 @@ class RunAnalyzer:
         self._seen = _Seen()
         self._active: dict[tuple[Kind, str], _Condition] = {}
         self._gates: dict[str, _Gate] = {}
+        self._cut: _Cut | None = None
 
     # ---------------------------------------------------------------- public surface
     @property
@@ -215,13 +236,13 @@ class RunAnalyzer:
             out.append(self._nonfinite(tag, point.value))
         if role in ("loss", "grad_norm"):
             out.append(self._explosion(tag, point.value))
-        if role == "loss" and n % max(c.oscillation.window // _OSCILLATION_STRIDE, 1) == 0:
+        if role == "loss" and n % max(c.oscillation.jitter_window // _OSCILLATION_STRIDE, 1) == 0:
             ratio = self._window_of("update_ratio", c.oscillation.window)
-            f = c.oscillation.check(*self._win(tag, c.oscillation.window), tag=tag, ratio=ratio)
+            f = c.oscillation.check(*self._fresh(tag, c.oscillation.window), tag=tag, ratio=ratio)
             out.append(self._note(Kind.OSCILLATION, tag, f))
         trend_every = max(c.plateau_trend.window // _TREND_STRIDE, 1)
         if role == "loss" and self.metric == tag and n % trend_every == 0:
-            f = c.plateau_trend.check(*self._win(tag, c.plateau_trend.window), tag=tag)
+            f = c.plateau_trend.check(*self._fresh(tag, c.plateau_trend.window), tag=tag)
             out.append(self._note(Kind.PLATEAU, tag, f))
         if role == "metric" and tag != self._seen.roles.get("loss"):
             out.extend(self._metric_checks(point))
@@ -243,7 +264,8 @@ class RunAnalyzer:
         return out
 
     def _ratio(self, tag: str) -> Finding | None:
-        f = self.config.ratio.check(*self._win(tag, 512), tag=tag)
+        loss = self._window_of("loss", 4096)  # the ratio window's steps; read only if high
+        f = self.config.ratio.check(*self._fresh(tag, 512), tag=tag, loss=loss)
         key_kind = f.kind if f is not None else None
         for kind in (Kind.RATIO_HIGH, Kind.RATIO_LOW):
             if kind != key_kind:
@@ -256,6 +278,10 @@ class RunAnalyzer:
         loss = self._window_of("loss", 8)
         tag = self._seen.roles.get("loss_scale", schema.LOSS_SCALE)
         f = self.config.amp.check(scale=scale, skipped=skipped, loss=loss, tag=tag)
+        loss_tag = self._seen.roles.get("loss")
+        if f is not None and f.evidence.get("amp") == "nonfinite_loss":
+            if (Kind.NONFINITE, loss_tag) in self._active:
+                f = None  # the non-finite detector already reported this loss, at this step
         # Its findings are non-finite or explosion kinds; one AMP condition at a time per tag.
         for kind in (Kind.NONFINITE, Kind.EXPLOSION):
             if f is None or f.kind is not kind:
@@ -299,14 +325,40 @@ class RunAnalyzer:
         return f
 
     def _decide(self, step: int, found: list[Finding]) -> list[Decision]:
-        lr = self.history.last(self._seen.roles["lr"]) if "lr" in self._seen.roles else None
-        return self.policy.decide(
+        point = self.history.last(self._seen.roles["lr"]) if "lr" in self._seen.roles else None
+        lr = None if point is None else point.value
+        if self._cut_unapplied():
+            found = [f for f in found if f.kind not in _HELD_WHEN_UNAPPLIED]
+        out = self.policy.decide(
             step,
             found,
-            lr=None if lr is None else lr.value,
+            lr=lr,
             warmup=self._holds_back(),
             grad_norms=self._window_of("grad_norm", 512),
         )
+        for d in out:
+            if d.action is schema.ActionKind.LR_CUT and d.factor is not None:
+                self._cut = _Cut(
+                    step, lr if lr is not None and math.isfinite(lr) else None, d.factor
+                )
+        return out
+
+    def _cut_unapplied(self) -> bool:
+        """Whether the run's own data shows that the last cut never took effect.
+
+        A run no hook of lrwatch writes cannot apply anything. Otherwise the logged LR must have
+        fallen by at least the square root of the factor (midway, in log terms) once a point
+        after the cut exists; without an LR tag, or before that point, assume it was applied.
+        """
+        cut = self._cut
+        if cut is None:
+            return False
+        if self.advice_only:
+            return True
+        last = self.history.last(self._seen.roles["lr"]) if "lr" in self._seen.roles else None
+        if cut.lr is None or last is None or last.step <= cut.step:
+            return False
+        return last.value > cut.lr / math.sqrt(cut.factor)
 
     def _holds_back(self) -> bool:
         """Whether the LR schedule is itself moving (warm-up, a recent cut, a decay): the
@@ -320,6 +372,14 @@ class RunAnalyzer:
     # ---------------------------------------------------------------- helpers
     def _win(self, tag: str, n: int | None = None) -> tuple[Any, Any]:
         return self.history.window(tag, n)
+
+    def _fresh(self, tag: str, n: int) -> tuple[Any, Any]:
+        """The window of an LR-judging detector: only points logged after an applied cut."""
+        steps, values = self._win(tag, n)
+        if self._cut is not None and not self._cut_unapplied():
+            keep = steps > self._cut.step
+            steps, values = steps[keep], values[keep]
+        return steps, values
 
     def _window_of(self, role: Role, n: int) -> tuple[Any, Any] | None:
         tag = self._seen.roles.get(role)
@@ -339,6 +399,7 @@ class RunAnalyzer:
                 [k.value, t, c.severity.value, c.since] for (k, t), c in self._active.items()
             ],
             "gates": {tag: g.state() for tag, g in self._gates.items()},
+            "cut": None if self._cut is None else self._cut.state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -357,6 +418,12 @@ class RunAnalyzer:
             tag: _Gate(float(bar), float(prev), int(rises), int(since))
             for tag, (bar, prev, rises, since) in state["gates"].items()
         }
+        cut = state.get("cut")  # absent from states saved before it existed
+        self._cut = (
+            None
+            if cut is None
+            else _Cut(int(cut[0]), None if cut[1] is None else float(cut[1]), int(cut[2]))
+        )
 
 
 def analyze_run(run_dir: Path, config: AnalyzerConfig | None = None) -> Analysis:

@@ -300,3 +300,58 @@ def serve(
     finally:
         daemon.close()
         runner.close()
+
+
+# ------------------------------------------------------------------------- status, report (H12)
+@main.command()
+@click.argument("logdir", type=click.Path(exists=True, file_okay=False, path_type=pathlib.Path))
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one object per run.")
+@click.option(
+    "--stale-after",
+    default=300.0,
+    show_default=True,
+    type=click.FloatRange(min=0.0),
+    metavar="SECONDS",
+    help="A run with no new event for this long is 'stale'.",
+)
+def status(logdir: pathlib.Path, as_json: bool, stale_after: float) -> None:
+    """One line per run under LOGDIR: health, LR, cut, last finding and decision, last step."""
+    from lrwatch.status import collect_status, format_status
+
+    try:
+        statuses = collect_status(logdir, stale_after=stale_after)
+    except LrwatchError as err:
+        fail(err)
+    if as_json:
+        click.echo(json.dumps([s.to_json() for s in statuses], indent=2))
+    else:
+        click.echo(format_status(statuses, logdir=logdir))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=pathlib.Path))
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=pathlib.Path),
+    default=pathlib.Path("report.png"),
+    show_default=True,
+    help="Picture (.png, .svg, .pdf) or self-contained page (.html).",
+)
+def report(run_dir: pathlib.Path, output: pathlib.Path) -> None:
+    """Draw RUN_DIR: loss, LR, grad norm, update ratio, with every finding and decision marked."""
+    from lrwatch.errors import ConfigError
+    from lrwatch.report_page import PICTURE_SUFFIXES
+
+    if output.suffix.lower() not in (*PICTURE_SUFFIXES, ".html", ".htm"):
+        raise click.BadParameter("use a .png, .svg, .pdf or .html file name", param_hint="-o")
+    try:
+        from lrwatch.report_page import write_report
+
+        data = write_report(run_dir, output)
+    except ConfigError as err:  # matplotlib missing: say how to install it
+        raise click.UsageError(str(err)) from err
+    except LrwatchError as err:
+        fail(err)
+    n_d = sum(m.kind == "decision" for m in data.markers)
+    click.echo(f"{output}: {len(data.markers) - n_d} findings, {n_d} decisions")

@@ -6,6 +6,15 @@ group's lr just before the step and putting the scheduler's value back just afte
 scheduler therefore never sees lrwatch's cut: chainable schedulers that read ``group["lr"]``
 (StepLR, LinearLR, ReduceLROnPlateau, ...) keep their own sequence, and the LR the optimizer
 steps with is always "the scheduler's value divided by the cumulative factor".
+
+A clip acts on the gradients the optimizer steps with. Without a closure they exist before
+``step()``, so the pre-hook clips them. With ``optimizer.step(closure)`` they are computed inside
+``step()``: clipping in the pre-hook would touch the previous step's gradients, which the closure
+then overwrites. The pre-hook instead hands the optimizer :meth:`Controller.clipping_closure`,
+the user's closure followed by the clip, through the step pre-hook's documented way of replacing
+``step``'s arguments (``optimizer.step`` itself is never patched). An optimizer that calls its
+closure several times per step (LBFGS) sees clipped gradients after each call, as if the user
+clipped inside the closure.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +48,7 @@ class Controller:
 
         ctl = Controller(Path("runs/exp1"))
         ctl.before_step(optimizer, step)   # in the step pre-hook
-        optimizer.step()
+        optimizer.step()                   # step(closure): see clipping_closure
         ctl.after_step(optimizer)          # in the step post-hook
     """
 
@@ -82,19 +92,48 @@ class Controller:
         return list(self._applied.ids)
 
     # ------------------------------------------------------------------ the hook
-    def before_step(self, optimizer: torch.optim.Optimizer, step: int) -> list[Action]:
-        """Apply new actions (on check steps), then set this step's LR and clip the gradients."""
+    def before_step(
+        self, optimizer: torch.optim.Optimizer, step: int, *, closure: bool = False
+    ) -> list[Action]:
+        """Apply new actions (on check steps), then set this step's LR and clip the gradients.
+
+        With ``closure=True`` the step's gradients do not exist yet: nothing is clipped here,
+        the step must run :meth:`clipping_closure` instead of its closure.
+        """
         new: list[Action] = []
+        self.preclip_norm = None
         try:
             self._restore_unfinished(optimizer)
             if not self._synced or step % self.check_every == 0:
                 self._synced = True
                 new = self._check(step)
             self._set_lr(optimizer)
-            self._clip(optimizer)
+            if not closure:
+                self._clip(optimizer)
         except Exception as err:  # noqa: BLE001 - the user's training must never break
             self._warn_once(f"control step failed: {err!r}")
         return new
+
+    def clipping_closure(
+        self, optimizer: torch.optim.Optimizer, closure: Callable[[], Any]
+    ) -> Callable[[], Any]:
+        """``closure`` followed by the clip in force (``closure`` itself when there is none).
+
+        The closure's own exceptions reach the optimizer as before; a failing clip is one
+        warning and unclipped gradients.
+        """
+        if self.max_norm is None:
+            return closure
+
+        def clipped() -> Any:
+            loss = closure()
+            try:
+                self._clip(optimizer)
+            except Exception as err:  # noqa: BLE001 - the user's training must never break
+                self._warn_once(f"clipping the closure's gradients failed: {err!r}")
+            return loss
+
+        return clipped
 
     def after_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Put back the scheduler's LR values, so the scheduler never sees lrwatch's cut."""

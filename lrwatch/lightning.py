@@ -34,8 +34,8 @@ try:  # the unified package first: its Trainer only accepts its own Callback sub
     import lightning.pytorch as pl
     from lightning.pytorch.loggers import TensorBoardLogger
 except ImportError:  # pragma: no cover - only the standalone package installed
-    import pytorch_lightning as pl  # type: ignore[no-redef]
-    from pytorch_lightning.loggers import TensorBoardLogger  # type: ignore[no-redef,assignment]
+    import pytorch_lightning as pl  # type: ignore[no-redef,unused-ignore]
+    from pytorch_lightning.loggers import TensorBoardLogger  # type: ignore[assignment]
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +132,9 @@ class LRWatch(pl.Callback):
             mean = losses[0] if len(losses) == 1 else torch.stack(losses).float().mean()
             mon.log(step=mon.step, loss=mean)
         if mon.should_stop and not trainer.should_stop:
-            logger.warning("lrwatch: stop action applied at step %d; stopping the trainer", mon.step)
+            logger.warning(
+                "lrwatch: stop action applied at step %d; stopping the trainer", mon.step
+            )
             trainer.should_stop = True
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -173,10 +175,5 @@ class LRWatch(pl.Callback):
 
 def _loss_of(outputs: Any) -> torch.Tensor | None:
     """The loss tensor in what ``training_step`` returned (a tensor or a dict with ``loss``)."""
-    if isinstance(outputs, torch.Tensor):
-        loss = outputs
-    elif isinstance(outputs, dict):
-        loss = outputs.get("loss")
-    else:
-        return None
+    loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
     return loss if isinstance(loss, torch.Tensor) and loss.numel() == 1 else None

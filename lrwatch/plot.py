@@ -17,7 +17,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 from lrwatch import schema
 from lrwatch.errors import ConfigError
@@ -100,7 +100,7 @@ def _finding_markers(snap: Snapshot) -> list[Marker]:
                 kind="finding",
                 label=f"F{i}",
                 what=f"{f.kind.value} ({f.severity.value}) on {tag}",
-                reason=_short(f.message or f.kind.value),
+                reason=_short(f.message.removeprefix(f"{f.tag}: ") or f.kind.value),
                 detail=f.message,
                 severity=f.severity.value,
             )
@@ -163,6 +163,7 @@ def pyplot() -> Any:
     return plt
 
 
+_WHITE = {"facecolor": "white", "edgecolor": "none", "pad": 0.4}  # labels over the lines
 MAX_KEY = 40  # lines of the key under the plot; the HTML table lists everything
 
 
@@ -197,24 +198,38 @@ def _groups(markers: Sequence[Marker], span: float) -> list[tuple[float, str]]:
 
 
 def _log_if_wide(ax: Any, values: Sequence[float]) -> None:
-    finite = [v for v in values if math.isfinite(v)]
-    if finite and min(finite) > 0 and max(finite) / min(finite) > 30:
+    """Log scale for a series spanning decades; a blow-up leaves the chart past 1e4x its median,
+    so the healthy part of the run stays readable."""
+    finite = sorted(v for v in values if math.isfinite(v))
+    if finite and finite[0] > 0 and finite[-1] / finite[0] > 30:
         ax.set_yscale("log")
+        median = finite[len(finite) // 2]
+        if finite[-1] > 1e4 * median:
+            ax.set_ylim(finite[0] / 2, 1e4 * median)
 
 
-def _line(ax: Any, data: ReportData, name: str, **style: Any) -> None:
+def _line(
+    ax: Any, data: ReportData, name: str, *, hold_to: int | None = None, **style: Any
+) -> None:
+    """Plot one series; ``hold_to`` extends a value logged only when it changes (the clip
+    threshold) to that step, since it stays in force until the next change."""
     if name in data.series:
         steps, values = thin(*data.series[name])
+        if hold_to is not None and steps and steps[-1] < hold_to:
+            steps, values = [*steps, hold_to], [*values, values[-1]]
         ax.plot(steps, values, label=f"{style.pop('label', name)} ({data.tags[name]})", **style)
 
 
 def _panels(axes: Sequence[Any], data: ReportData) -> None:
     loss, lr, grad, ratio = axes
+    end = max((steps[-1] for steps, _ in data.series.values() if steps), default=0)
     _line(loss, data, "loss", color="tab:blue", lw=0.8, label="train loss")
     _line(loss, data, "val_loss", color="tab:green", lw=1.4, marker="o", ms=3, label="validation")
-    if "loss" in data.series:
-        bad = [s for s, v in zip(*data.series["loss"], strict=True) if not math.isfinite(v)]
-        loss.plot(
+    bad = [
+        s for s, v in zip(*data.series.get("loss", ([], [])), strict=True) if not math.isfinite(v)
+    ]
+    if bad:
+        loss.plot(  # at the top edge: a non-finite value has no place on the axis
             bad,
             [0.97] * len(bad),
             "x",
@@ -222,7 +237,7 @@ def _panels(axes: Sequence[Any], data: ReportData) -> None:
             transform=loss.get_xaxis_transform(),
             label="non-finite loss",
         )
-        _log_if_wide(loss, data.series["loss"][1])
+    _log_if_wide(loss, data.series.get("loss", ([], []))[1])
     _line(lr, data, "lr", color="tab:purple", lw=1.2, drawstyle="steps-post", label="effective LR")
     _line(grad, data, "grad_norm_preclip", color="0.6", lw=0.8, ls="--", label="before clipping")
     _line(grad, data, "grad_norm", color="tab:blue", lw=0.8, label="grad norm")
@@ -230,6 +245,7 @@ def _panels(axes: Sequence[Any], data: ReportData) -> None:
         grad,
         data,
         "clip_max_norm",
+        hold_to=end,
         color="tab:red",
         lw=1.2,
         drawstyle="steps-post",
@@ -247,7 +263,7 @@ def _panels(axes: Sequence[Any], data: ReportData) -> None:
         ax.set_ylabel(title)
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(loc="upper right", fontsize=7, framealpha=0.8)
+            ax.legend(loc="best", fontsize=7, framealpha=0.8)
         else:
             ax.text(0.5, 0.5, "not logged", transform=ax.transAxes, ha="center", color="0.5")
     ratio.set_xlabel("step")
@@ -262,25 +278,27 @@ def _timeline(strip: Any, axes: Sequence[Any], data: ReportData, span: float) ->
     decisions = [m for m in data.markers if m.kind == "decision"]
     for m in findings:
         color = SEVERITY_COLOR.get(m.severity, "0.4")
-        strip.plot([m.step], [0.25], "v", color=color, ms=7)
+        strip.plot([m.step], [0.12], "v", color=color, ms=7)
         for ax in axes:
             ax.axvline(m.step, color=color, lw=0.6, alpha=0.35)
     for m in decisions:
         for ax in (strip, *axes):
             ax.axvline(m.step, color="black", lw=1.1, ls=(0, (4, 2)), alpha=0.8)
     for x, text in _groups(findings, span):
-        strip.text(x, 0.5, text, ha="center", va="bottom", fontsize=7, color="0.25")
+        strip.text(x, 0.3, text, ha="center", va="bottom", fontsize=7, color="0.25", bbox=_WHITE)
     for x, text in _groups(decisions, span):
-        strip.text(x, 0.78, text, ha="center", va="bottom", fontsize=8, weight="bold")
+        strip.text(x, 0.62, text, ha="center", va="bottom", fontsize=8, weight="bold", bbox=_WHITE)
 
 
-def draw(data: ReportData, path: Path, *, dpi: int = 110) -> Path:
-    """Draw the report into ``path`` (PNG, or any format matplotlib knows from the suffix)."""
+def draw(
+    data: ReportData, out: Path | IO[bytes], *, fmt: str | None = None, dpi: int = 110
+) -> None:
+    """Draw the report into ``out``: a path (format from its suffix) or a binary file."""
     plt = pyplot()
     key = key_lines(data.markers) or ["no findings, no decisions"]
     fig = plt.figure(figsize=(13, 10 + 0.17 * len(key)))
     grid = fig.add_gridspec(
-        6, 1, height_ratios=[0.5, 3, 2, 2, 2, 0.3 + 0.26 * len(key)], hspace=0.15
+        6, 1, height_ratios=[0.8, 3, 2, 2, 2, 0.4 + 0.2 * len(key)], hspace=0.15
     )
     strip = fig.add_subplot(grid[0])
     axes = [fig.add_subplot(grid[i], sharex=strip) for i in range(1, 5)]
@@ -295,15 +313,16 @@ def draw(data: ReportData, path: Path, *, dpi: int = 110) -> Path:
             ax.tick_params(labelbottom=False)
         keyax = fig.add_subplot(grid[5])
         keyax.axis("off")
-        keyax.text(
-            0,
-            1,
+        keyax.annotate(
             "\n".join(key),
+            (0, 1),
+            xycoords="axes fraction",
+            xytext=(0, -22),  # below the x-axis label of the last panel
+            textcoords="offset points",
             va="top",
             ha="left",
             family="monospace",
             fontsize=7.5,
-            transform=keyax.transAxes,
         )
         n_f = sum(m.kind == "finding" for m in data.markers)
         n_d = len(data.markers) - n_f
@@ -312,7 +331,6 @@ def draw(data: ReportData, path: Path, *, dpi: int = 110) -> Path:
             f"lrwatch report: {data.run}\n{n_f} findings, {n_d} decisions (from the {source})",
             fontsize=10,
         )
-        fig.savefig(path, dpi=dpi, bbox_inches="tight")
+        fig.savefig(out, format=fmt, dpi=dpi, bbox_inches="tight")
     finally:
         plt.close(fig)
-    return Path(path)

@@ -70,6 +70,7 @@ class Daemon:
             for run_dir in found:
                 if run_dir not in self.runs:
                     logger.info("watching run %s", run_dir)
+                    _ensure_layout(run_dir)
                     self.runs[run_dir] = WatchedRun(
                         run_dir, analyzer_factory=self._analyzer_factory, mode=self.mode
                     )
@@ -205,3 +206,17 @@ def serve_forever(daemon: Daemon, *, poll: float | None = None) -> None:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _ensure_layout(run_dir: Path) -> None:
+    """Give a newly watched run TensorBoard's Custom Scalars tab, once (see tb_layout)."""
+    from lrwatch import tb_layout
+
+    subrun = run_dir / schema.DAEMON_SUBRUN
+    if any(subrun.glob(f"*{tb_layout.FILE_SUFFIX}")):
+        return
+    try:
+        tb_layout.write_layout(run_dir)
+    except OSError as err:  # a read-only run still gets watched and advised
+        logger.warning("cannot write the TensorBoard layout into %s: %s", subrun, err)
+

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +16,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-pl = pytest.importorskip("lightning.pytorch")
+pytest.importorskip("lightning")
+import lightning.pytorch as pl  # noqa: E402
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger  # noqa: E402
 
 from lrwatch import schema  # noqa: E402
@@ -166,3 +171,19 @@ def test_lightning_callback_records_a_nan_loss(tmp_path: Path) -> None:
     assert [math.isfinite(v) for v in values] == [True] * 4 + [False] * 2
     assert [math.isfinite(v) for v in model.train_losses] == [True] * 4 + [False] * 2
     assert max(e.value for e in acc.Scalars(schema.NONFINITE)) == 1.0
+
+
+@pytest.mark.slow
+def test_lightning_ddp_ranks_stop_at_the_same_step(tmp_path: Path) -> None:
+    worker = Path(__file__).with_name("lightning_ddp_worker.py")
+    env = {**os.environ, "PYTHONPATH": str(worker.parents[1]), "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd = [*launch, "--nproc_per_node", "2", str(worker), str(tmp_path)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # Appended after step 7, read at the step-10 check by rank 0 and broadcast to rank 1.
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got == {"global_step": 10, "should_stop": True}
+    assert [(e.step, e.value) for e in scalars(tmp_path).Scalars(schema.STOP)] == [(10, 1.0)]
+    assert len([f for f in tmp_path.iterdir() if f.name.endswith(".lrwatch")]) == 1

@@ -224,6 +224,36 @@ def test_monitor_clips_the_grads_a_closure_computes(tmp_path: Path, how: str) ->
     assert got[schema.GRAD_NORM] == pytest.approx({s: 0.05 for s in range(1, 5)}, rel=1e-3)
 
 
+def test_monitor_clips_after_every_closure_call_of_lbfgs(tmp_path: Path) -> None:
+    """LBFGS calls its closure several times per step: each call's gradients are clipped."""
+    model, crit = small_model(), nn.CrossEntropyLoss()
+    reference = copy.deepcopy(model)
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4)
+    ref_opt = torch.optim.LBFGS(reference.parameters(), lr=0.5, max_iter=4)
+    append_action(tmp_path, action=ActionKind.CLIP, max_norm=0.05)
+    x, y = batch()
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = crit(model(x), y)
+        loss.backward()
+        return loss
+
+    def clipped_by_hand() -> torch.Tensor:
+        ref_opt.zero_grad()
+        loss = crit(reference(x), y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.05)
+        return loss
+
+    with lrwatch.watch(model, opt, logdir=tmp_path, log_every=1, control_every=1):
+        for _ in range(2):
+            opt.step(closure)
+            ref_opt.step(clipped_by_hand)
+            for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+                torch.testing.assert_close(p, q)
+
+
 def test_monitor_captures_hf_style_loss_and_explicit_log(tmp_path: Path) -> None:
     class HF(nn.Module):
         def __init__(self) -> None:
@@ -461,7 +491,7 @@ def test_monitor_survives_a_dead_writer_and_failing_stats(
     model = small_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     mon = lrwatch.watch(model, opt, logdir=tmp_path, log_every=1)
-    mon._writer.close()  # type: ignore[union-attr]  # the writer is gone under the monitor
+    mon._recorder.writer.close()  # type: ignore[union-attr]  # the writer is gone under it
 
     def broken(*args: Any, **kwargs: Any) -> torch.Tensor:
         raise RuntimeError("boom")
@@ -486,10 +516,10 @@ def test_watch_refuses_bad_settings(tmp_path: Path) -> None:
 
 
 def test_nice_cadences_are_readable_and_capped() -> None:
-    from lrwatch.monitor import MAX_EVERY, _nice
+    from lrwatch.cadence import MAX_EVERY, nice
 
-    assert [_nice(x) for x in (0.3, 1, 1.5, 3, 7, 11, 40, 51)] == [1, 1, 2, 5, 10, 20, 50, 100]
-    assert _nice(1e9) == MAX_EVERY
+    assert [nice(x) for x in (0.3, 1, 1.5, 3, 7, 11, 40, 51)] == [1, 1, 2, 5, 10, 20, 50, 100]
+    assert nice(1e9) == MAX_EVERY
 
 
 def test_auto_cadence_logs_the_first_step_and_then_on_its_own_multiples(tmp_path: Path) -> None:

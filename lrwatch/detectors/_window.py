@@ -82,19 +82,21 @@ def kendall(x: Values, y: Values, *, alternative: str = "two-sided") -> tuple[fl
     n = x.size
     ordered = bool(np.all(np.diff(x) > 0))
     tx, ty = _tie_counts(x), _tie_counts(y)
-    if n <= _EXACT_MAX_N and ordered and ty.size == 0:
+    if n <= _EXACT_MAX_N and tx.size == 0 and ty.size == 0:
         return _scipy_kendall(x, y, alternative)  # exact p-values, where scipy uses them
     s = _s_increasing(y) if ordered else _s_pairs(x, y)
     pairs = n * (n - 1) / 2
     ties_x, ties_y = float(np.sum(tx * (tx - 1))) / 2, float(np.sum(ty * (ty - 1))) / 2
-    tau = s / math.sqrt((pairs - ties_x) * (pairs - ties_y))
-    var = (
-        n * (n - 1) * (2 * n + 5) - _tie_term(tx) - _tie_term(ty)
-    ) / 18 + 4 * ties_x * ties_y / (2 * n * (n - 1))
+    tau = max(-1.0, min(1.0, s / math.sqrt((pairs - ties_x) * (pairs - ties_y))))
+    var = (n * (n - 1) * (2 * n + 5) - _tie_term(tx) - _tie_term(ty)) / 18 + 4 * ties_x * ties_y / (
+        2 * n * (n - 1)
+    )
     if n > 2:
-        var += float(np.sum(tx * (tx - 1) * (tx - 2))) * float(
-            np.sum(ty * (ty - 1) * (ty - 2))
-        ) / (9 * n * (n - 1) * (n - 2))
+        var += (
+            float(np.sum(tx * (tx - 1) * (tx - 2)))
+            * float(np.sum(ty * (ty - 1) * (ty - 2)))
+            / (9 * n * (n - 1) * (n - 2))
+        )
     if not var > 0 or not math.isfinite(tau):
         return None
     z = s / math.sqrt(var)

@@ -14,12 +14,20 @@ The rule, evaluated at the last point (the current step):
 4. Runaway (needs no history): the last ``growth_points`` points each rose and the last is
    ``growth_factor`` times the first. Critical: it catches a run that diverges from its first
    steps, before a baseline exists.
+5. Trend (positive series, at least ``trend_history`` baseline points): the last
+   ``trend_points`` points rise significantly (Kendall's tau, one-sided p < ``trend_alpha``),
+   the last ``confirm`` are all at least ``min_ratio`` times the baseline median, and the last
+   is ``trend_ratio`` times it with a robust z of at least ``trend_z``. This sees a divergence
+   whose loss is too noisy for the 6-sigma spike test (a regression loss whose log-space sigma
+   is 0.5 needs a 20x jump for z = 6) while it is still climbing, before it overflows. A warning
+   (critical from ``critical_ratio``).
 
 Evidence: ``value``, ``median`` (of the baseline, in the series' units), ``mad`` and ``sigma``
 (in log units when ``space == "log"``), ``robust_z``, ``ratio`` (value / median),
 ``growth_rate`` (multiplicative growth per step since the point before the spike run),
 ``consecutive`` (spike points in a row, at most ``confirm``), ``history`` (baseline points),
-``rule`` (``spike`` or ``runaway``) and ``space`` (``log`` or ``linear``).
+``rule`` (``spike``, ``runaway`` or ``trend``), ``space`` (``log`` or ``linear``) and, for the
+trend rule, ``trend_tau`` and ``trend_p_value``.
 
 The aim is to see a divergence coming before its first NaN: gradient norms usually grow by
 orders of magnitude several steps before the loss overflows.
@@ -48,6 +56,7 @@ from lrwatch.detectors._window import (
     Values,
     as_window,
     fmt,
+    kendall,
     quiet_numpy,
     robust_center,
     trailing_run,
@@ -80,6 +89,16 @@ class ExplosionDetector:
             is still flagged before it overflows.
         growth_factor: ...and a total rise of at least this factor. 100.0: two orders of
             magnitude in four steps never happens in a healthy run, even at start-up.
+        trend_points: points whose rank trend is tested by the trend rule. 8: the shortest
+            window where a one-sided 1% Kendall test can pass with a few points out of order.
+        trend_alpha: one-sided p-value below which the trend rule's points are rising. 0.01.
+        trend_ratio: least multiple of the baseline median for the trend rule's last point.
+            3.0: noisy healthy losses reach 2x their median; 3x with 3 points over 2x and a
+            significant climb did not occur in any healthy or non-diverging labelled run.
+        trend_z: least robust z for the trend rule's last point. 2.0: beyond the noise, on a
+            series whose noise is too wide for ``z_warning``.
+        trend_history: least baseline points for the trend rule. 50: a run's first tens of
+            steps have bumps that recover by themselves; the rule watches an established run.
     """
 
     window: int = 100
@@ -92,6 +111,11 @@ class ExplosionDetector:
     sigma_floor: float = 0.01
     growth_points: int = 5
     growth_factor: float = 100.0
+    trend_points: int = 8
+    trend_alpha: float = 0.01
+    trend_ratio: float = 3.0
+    trend_z: float = 2.0
+    trend_history: int = 50
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_history <= self.window:
@@ -113,6 +137,16 @@ class ExplosionDetector:
             raise ConfigError(
                 f"explosion needs growth_points >= 3 and growth_factor > 1, got "
                 f"{self.growth_points} and {self.growth_factor}"
+            )
+        if self.trend_points < 4 or not 0 < self.trend_alpha < 1 or self.trend_history < 1:
+            raise ConfigError(
+                f"explosion needs trend_points >= 4, 0 < trend_alpha < 1 and trend_history >= 1,"
+                f" got {self.trend_points}, {self.trend_alpha} and {self.trend_history}"
+            )
+        if not self.trend_ratio > 1 or self.trend_z < 0:
+            raise ConfigError(
+                f"explosion needs trend_ratio > 1 and trend_z >= 0, got {self.trend_ratio} "
+                f"and {self.trend_z}"
             )
         if self.confirm < 1 or not self.sigma_floor > 0:
             raise ConfigError(
@@ -136,11 +170,16 @@ class ExplosionDetector:
         ratio = _ratio(v[-self.confirm :], med, log_space)
         spike = (z >= self.z_warning) & (ratio >= self.min_ratio) & (base.size >= self.min_history)
         runaway = log_space and self._is_runaway(v)
-        if not (spike[-1] or runaway):
+        trend = None
+        if log_space and not (spike[-1] or runaway):
+            trend = self._trend(v, z=float(z[-1]), ratio=ratio, history=base.size)
+        if not (spike[-1] or runaway or trend is not None):
             return None
         run = trailing_run(spike)
         big = ratio[-1] >= self.critical_ratio or z[-1] >= self.z_critical
         critical = runaway or (run >= self.confirm and big)
+        if trend is not None:
+            critical = bool(ratio[-1] >= self.critical_ratio)
         evidence = {
             "value": float(v[-1]),
             "median": math.exp(med) if log_space else med,
@@ -151,9 +190,11 @@ class ExplosionDetector:
             "growth_rate": _growth_rate(s[-max(run, 1) - 1 :], v[-max(run, 1) - 1 :]),
             "consecutive": run,
             "history": int(base.size),
-            "rule": "spike" if spike[-1] else "runaway",
+            "rule": "spike" if spike[-1] else "runaway" if runaway else "trend",
             "space": "log" if log_space else "linear",
         }
+        if trend is not None:
+            evidence.update(trend_tau=trend[0], trend_p_value=trend[1])
         return self._finding(int(s[-1]), tag, evidence, critical=critical)
 
     def _is_runaway(self, v: Values) -> bool:
@@ -165,10 +206,31 @@ class ExplosionDetector:
             and tail[-1] >= self.growth_factor * tail[0]
         )
 
+    def _trend(
+        self, v: Values, *, z: float, ratio: Values, history: int
+    ) -> tuple[float, float] | None:
+        """(tau, p) when the trend rule holds at the last point (log space), else None."""
+        base_n = v.size - self.trend_points
+        if history < self.trend_history or base_n < self.trend_history:
+            return None
+        if ratio[-1] < self.trend_ratio or z < self.trend_z:
+            return None
+        if bool(np.any(ratio[-self.confirm :] < self.min_ratio)):
+            return None
+        tail = np.log(v[-self.trend_points :])
+        x = np.arange(tail.size, dtype=np.float64)
+        res = kendall(x, tail, alternative="greater")
+        return res if res is not None and res[1] < self.trend_alpha else None
+
     def _finding(self, step: int, tag: str, ev: dict[str, Any], *, critical: bool) -> Finding:
         severity = schema.Severity.CRITICAL if critical else schema.Severity.WARNING
         if ev["rule"] == "runaway":
             why = f"rose {self.growth_points - 1} times in a row"
+        elif ev["rule"] == "trend":
+            why = (
+                f"climbing over its last {self.trend_points} points, Kendall p "
+                f"{fmt(ev['trend_p_value'])}, robust z {fmt(ev['robust_z'])}"
+            )
         else:
             why = f"robust z {fmt(ev['robust_z'])}, {ev['consecutive']} spike point(s) in a row"
         message = (

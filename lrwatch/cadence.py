@@ -1,0 +1,85 @@
+"""When the monitor computes norms: every ``log_every`` steps, or a cadence fitted to a budget.
+
+A logging step costs a few model-sized memory passes; an ordinary step costs the hooks' small
+bookkeeping. With ``log_every="auto"`` the cadence is the smallest readable number of steps for
+which both together stay within ``budget`` of the measured step time. It is kept apart from the
+hooks so that the measurement (three medians) and the decision (:func:`nice`) read in one place,
+and so that ``bench/hook_overhead.py`` can report exactly what the cadence saw.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import deque
+from typing import Literal
+
+MAX_EVERY = 1000  # an adaptive cadence never logs the norms less often than this
+
+
+class Cadence:
+    """The logging schedule of one monitor and the timings it adapts to.
+
+    The monitor calls :meth:`start_step` first thing in the step pre-hook, :meth:`pre_done` last
+    thing in it, :meth:`post_done` at the end of the post-hook and, on a logging step,
+    :meth:`logged` with what the logging work cost.
+    """
+
+    def __init__(self, log_every: int | Literal["auto"], *, budget: float) -> None:
+        self.auto = log_every == "auto"
+        self.every = 10 if log_every == "auto" else int(log_every)
+        self.next_log = 1
+        self.budget = budget
+        # Medians of recent samples: an evaluation pass or a checkpoint between two steps, or a
+        # preempted logging step, must not swing the cadence.
+        self.intervals: deque[float] = deque(maxlen=33)  # seconds per step without logging
+        self.costs: deque[float] = deque(maxlen=5)  # seconds of work per logging step
+        self.overheads: deque[float] = deque(maxlen=33)  # seconds in the hooks, other steps
+        self.logged_last = False  # the step just taken was a logging step
+        self._t_pre = 0.0
+        self._t_hooks = 0.0
+
+    def start_step(self, now: float) -> None:
+        """A step begins at ``now`` (``perf_counter``): the interval since the previous one."""
+        if self._t_pre and not self.logged_last:  # an interval without logging work in it
+            self.intervals.append(now - self._t_pre)
+        self._t_pre, self.logged_last = now, False
+
+    def pre_done(self, seconds: float) -> None:
+        """The pre-hook took ``seconds``."""
+        self._t_hooks = seconds
+
+    def post_done(self, seconds: float) -> None:
+        """The post-hook took ``seconds``: on other steps, what every step costs."""
+        if not self.logged_last:
+            self.overheads.append(self._t_hooks + seconds)
+
+    def begin_logging(self, step: int) -> bool:
+        """True if ``step`` logs; then a provisional next logging step is set (even if it fails)."""
+        if step < self.next_log:
+            return False
+        self.next_log = step + self.every
+        return True
+
+    def logged(self, step: int, cost: float) -> None:
+        """A logging step's work took ``cost`` seconds: pick the next logging step.
+
+        With ``"auto"``: the smallest readable cadence for which the per-step hooks plus the
+        logging work spread over ``every`` steps stay within ``budget`` of the step time.
+        """
+        self.logged_last = True
+        self.costs.append(cost)
+        if self.auto and len(self.intervals) >= 3:
+            period = statistics.median(self.intervals)
+            per_step = statistics.median(self.overheads) if self.overheads else 0.0
+            left = self.budget * period - per_step  # what the logging work may take
+            median_cost = statistics.median(self.costs)
+            self.every = nice(median_cost / left) if left > 0 else MAX_EVERY
+        self.next_log = (step // self.every + 1) * self.every
+
+
+def nice(x: float) -> int:
+    """The smallest of 1, 2, 5, 10, 20, 50, ... >= x, capped at MAX_EVERY: readable cadences."""
+    every = 1
+    while every < min(x, MAX_EVERY):
+        every = every * 5 // 2 if str(every)[0] == "2" else every * 2
+    return min(every, MAX_EVERY)
