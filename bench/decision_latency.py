@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from lrwatch import schema  # noqa: E402
+from lrwatch.daemon import STATE_FILENAME  # noqa: E402
 from lrwatch.report import read_audit  # noqa: E402
 from lrwatch.writer import EventWriter  # noqa: E402
 
@@ -89,7 +90,7 @@ def write_history(run_dir: Path, steps: int) -> EventWriter:
 
 
 def daemon_has_read(run_dir: Path) -> bool:
-    return (run_dir / schema.DAEMON_SUBRUN / "state.json").exists()
+    return (run_dir / schema.DAEMON_SUBRUN / STATE_FILENAME).exists()
 
 
 def one_trial(logdir: Path, index: int, timeout: float) -> tuple[float, float]:

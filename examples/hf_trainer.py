@@ -8,7 +8,7 @@ the eval metrics next to its tags and stops training when the control file says 
 
     pip install transformers accelerate
     python examples/hf_trainer.py --logdir runs/hf_tiny_bert
-    python examples/hf_trainer.py --logdir runs/hf_hot --lr 0.5    # too hot: watch it diverge
+    python examples/hf_trainer.py --logdir runs/hf_hot --lr 0.5    # too hot: stuck above chance
     lrwatch analyze runs/hf_tiny_bert
 
 Every script in examples/ accepts ``--logdir`` and ``--quick``: tests/test_examples.py runs them.

@@ -5,8 +5,8 @@ no download) with SGD + momentum 0.9, a 20-step warm-up and then a peak learning
 ten times what this model trains well with. Left alone, the updates are ~6% of the weights every
 step, the loss bounces and the run ends with a validation loss near 1 (with ``--lr 5`` the loss
 explodes at once and the ReLUs die: stuck at chance). Watched by ``lrwatch serve --apply``, the
-daemon sees it within the first ~50 steps, cuts the LR inside the running job, and the run ends
-near 0.1::
+daemon notices within the first ~150 steps, cuts the LR inside the running job, and the run ends
+with a validation loss of 0.1-0.5, depending on what else the daemon decides (a stop, later cuts)::
 
     lrwatch serve runs --apply &                                    # the daemon
     python examples/mistuned.py --logdir runs/mistuned --step-delay 0.01
@@ -25,6 +25,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,7 @@ def make_model() -> nn.Module:
     return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
 
 
-def warmup(steps: int) -> Any:
+def warmup(steps: int) -> Callable[[int], float]:
     """LambdaLR multiplier: linear warm-up over ``steps``, then constant (the mis-tuned peak)."""
     return lambda step: min(1.0, (step + 1) / steps)
 
@@ -135,78 +136,100 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()  # fmt: skip
 
 
-def main() -> None:
-    args = parse_args()
+class Job:
+    """The training's state: what a checkpoint must hold to continue the run exactly."""
+
+    def __init__(self, args: argparse.Namespace, *, n_train: int) -> None:
+        torch.manual_seed(args.seed)
+        self.model = make_model()
+        self.loss_fn = nn.CrossEntropyLoss()
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=args.lr, momentum=0.9)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup(args.warmup))
+        self.batches = Batches(n_train, args.batch_size, args.seed)
+        self.step = 0
+        self.mon: lrwatch.Monitor | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "batches": self.batches.state_dict(),
+            "step": self.step,
+            "lrwatch": self.mon.state_dict() if self.mon is not None else None,
+        }
+
+    def load_state_dict(self, ckpt: dict[str, Any]) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.batches.load_state_dict(ckpt["batches"])
+        self.step = ckpt["step"]
+        if self.mon is not None and ckpt.get("lrwatch") is not None:
+            self.mon.load_state_dict(ckpt["lrwatch"])  # lrwatch never reapplies an action
+
+
+def train(job: Job, args: argparse.Namespace, data: tuple[torch.Tensor, ...]) -> dict[str, Any]:
+    """The plain training loop; returns the final losses."""
+    x_train, y_train, x_val, y_val = data
     steps = 150 if args.quick else args.steps
-    torch.set_num_threads(1)  # deterministic and polite on a shared machine
-    torch.manual_seed(args.seed)
-    x_train, y_train, x_val, y_val = load_data(args.seed)
-    model = make_model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup(args.warmup))
-    batches = Batches(len(x_train), args.batch_size, args.seed)
-    loss_fn = nn.CrossEntropyLoss()
-    ckpt_path = args.checkpoint or args.logdir / "checkpoint.pt"
-    mon = None
-    if not args.no_lrwatch:  # the one-line hook
-        mon = lrwatch.watch(model, optimizer, logdir=args.logdir, criterion=loss_fn,
-                            log_every=5, flush_secs=args.flush_secs)  # fmt: skip
-    args.logdir.mkdir(parents=True, exist_ok=True)
-
-    step = 0
-    if args.resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, weights_only=False)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        batches.load_state_dict(ckpt["batches"])
-        step = ckpt["step"]
-        if mon is not None and ckpt.get("lrwatch") is not None:
-            mon.load_state_dict(ckpt["lrwatch"])
-        print(f"resumed from {ckpt_path} at step {step}", flush=True)
-    elif mon is not None:
-        mon.log(step=step, **{"val/loss": evaluate(model, x_val, y_val)})
-    if mon is not None and args.wait_for_daemon > 0:  # the step-0 event is on disk in ms
-        if not wait_for_daemon(args.logdir, args.wait_for_daemon):
-            print(f"no daemon read {args.logdir} within {args.wait_for_daemon} s; going on")
-
-    train_loss = math.nan
-    stopped = False
-    while step < steps:
-        batch = batches.next()
+    model, optimizer, loss_fn, mon = job.model, job.optimizer, job.loss_fn, job.mon
+    train_loss, stopped = math.nan, False
+    while job.step < steps:
+        batch = job.batches.next()
         optimizer.zero_grad()
         loss = loss_fn(model(x_train[batch]), y_train[batch])
         loss.backward()
         optimizer.step()
-        scheduler.step()
-        step += 1
+        job.scheduler.step()
+        job.step += 1
         train_loss = loss.item()
-        if step % args.val_every == 0 and mon is not None:
+        if mon is not None and job.step % args.val_every == 0:
             mon.log(**{"val/loss": evaluate(model, x_val, y_val)})
-        if step % args.ckpt_every == 0:
-            save_checkpoint(ckpt_path, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "batches": batches.state_dict(),
-                "step": step, "lrwatch": mon.state_dict() if mon is not None else None,
-            })  # fmt: skip
-        if step % 100 == 0:
-            lr = scheduler.get_last_lr()[0]
-            print(
-                f"step {step:5d}  train loss {train_loss:10.4g}  scheduler lr {lr:.3g}", flush=True
-            )
+        if job.step % args.ckpt_every == 0:
+            save_checkpoint(args.checkpoint, job.state_dict())
+        if job.step % 100 == 0:
+            lr = job.scheduler.get_last_lr()[0]
+            print(f"step {job.step:5d}  train loss {train_loss:10.4g}  scheduler lr {lr:.3g}")
         if mon is not None and mon.should_stop:  # the daemon (or `lrwatch apply`) said stop
             stopped = True
-            print(f"stopped at step {step}: lrwatch asked to stop", flush=True)
+            print(f"stopped at step {job.step}: lrwatch asked to stop")
             break
         if args.step_delay > 0:
             time.sleep(args.step_delay)  # pacing, so a live daemon has time to act
-
     val_loss = evaluate(model, x_val, y_val)
-    if mon is not None:
+    if mon is not None and job.step % args.val_every:
         mon.log(**{"val/loss": val_loss})
-        mon.close()
-    result = {"step": step, "train_loss": train_loss, "val_loss": val_loss, "stopped": stopped}
-    print(f"final train loss {train_loss:.4g}  val loss {val_loss:.4g}  (step {step})")
+    return {"step": job.step, "train_loss": train_loss, "val_loss": val_loss, "stopped": stopped}
+
+
+def main() -> None:
+    args = parse_args()
+    args.checkpoint = args.checkpoint or args.logdir / "checkpoint.pt"
+    torch.set_num_threads(1)  # deterministic, and polite on a shared machine
+    data = load_data(args.seed)
+    job = Job(args, n_train=len(data[0]))
+    if not args.no_lrwatch:  # the one-line hook
+        job.mon = lrwatch.watch(
+            job.model, job.optimizer, logdir=args.logdir, criterion=job.loss_fn,
+            log_every=5, flush_secs=args.flush_secs,
+        )  # fmt: skip
+    args.logdir.mkdir(parents=True, exist_ok=True)
+    if args.resume and args.checkpoint.exists():
+        job.load_state_dict(torch.load(args.checkpoint, weights_only=False))
+        print(f"resumed from {args.checkpoint} at step {job.step}")
+    elif job.mon is not None:  # the first event: the daemon finds the run from here
+        job.mon.log(step=0, **{"val/loss": evaluate(job.model, data[2], data[3])})
+    if job.mon is not None and args.wait_for_daemon > 0:
+        if not wait_for_daemon(args.logdir, args.wait_for_daemon):
+            print(f"no daemon read {args.logdir} within {args.wait_for_daemon} s; going on")
+    try:
+        result = train(job, args, data)
+    finally:
+        if job.mon is not None:
+            job.mon.close()
+    print(f"final train loss {result['train_loss']:.4g}  val loss {result['val_loss']:.4g}"
+          f"  (step {result['step']})")  # fmt: skip
     print(f"open it: tensorboard --logdir {args.logdir}")
     if args.result is not None:
         args.result.write_text(json.dumps(result))

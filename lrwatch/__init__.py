@@ -4,14 +4,42 @@ One line in a training loop records what the advisor needs::
 
     mon = lrwatch.watch(model, optimizer, logdir="runs/exp1")
 
-Importing lrwatch stays light: scipy, watchdog and click load only with the daemon and the CLI.
+Importing lrwatch stays light: the public names load on first use (PEP 562), so the daemon and
+the CLI (``lrwatch --help``, ``lrwatch serve``) never pay for importing torch, and scipy,
+watchdog and click load only with the daemon and the CLI.
 """
 
 from __future__ import annotations
 
-from lrwatch.lr_finder import LRFinderResult, find_lr
-from lrwatch.monitor import Monitor, StopTraining, watch
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lrwatch.lr_finder import LRFinderResult, find_lr
+    from lrwatch.monitor import Monitor, StopTraining, watch
 
 __version__ = "0.1.0"
 
 __all__ = ["LRFinderResult", "Monitor", "StopTraining", "__version__", "find_lr", "watch"]
+
+_LAZY = {
+    "LRFinderResult": "lrwatch.lr_finder",
+    "find_lr": "lrwatch.lr_finder",
+    "Monitor": "lrwatch.monitor",
+    "StopTraining": "lrwatch.monitor",
+    "watch": "lrwatch.monitor",
+}
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module 'lrwatch' has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

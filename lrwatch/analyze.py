@@ -264,8 +264,12 @@ class RunAnalyzer:
         return out
 
     def _ratio(self, tag: str) -> Finding | None:
-        loss = self._window_of("loss", 4096)  # the ratio window's steps; read only if high
-        f = self.config.ratio.check(*self._fresh(tag, 512), tag=tag, loss=loss)
+        window = self._fresh(tag, 512)
+        f = self.config.ratio.check(*window, tag=tag)
+        if f is not None and f.kind is Kind.RATIO_HIGH and f.severity is Severity.WARNING:
+            # Only then does the loss matter (a clear fall makes it info): read it only then.
+            loss = self._window_of("loss", 4096)
+            f = self.config.ratio.check(*window, tag=tag, loss=loss)
         key_kind = f.kind if f is not None else None
         for kind in (Kind.RATIO_HIGH, Kind.RATIO_LOW):
             if kind != key_kind:

@@ -282,6 +282,10 @@ def serve(
     except ConfigError as err:
         raise click.BadParameter(str(err), param_hint="--hook") from err
     rails = Rails(min_lr=min_lr, cooldown=cooldown, budget=budget, window=window)
+    # The detectors import scipy.stats lazily; paying that (seconds on a busy machine) now keeps
+    # it off the first decision's latency.
+    import scipy.stats  # noqa: F401
+
     daemon = Daemon(
         logdirs,
         mode="apply" if apply_ else "recommend",

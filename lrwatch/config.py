@@ -12,7 +12,7 @@ classes and nowhere else, so a key left out means "the documented default"::
     patience = 10
 
     [policy]
-    cooldown = 200
+    cooldown_steps = 200
 
 An unknown table or key is a :class:`~lrwatch.errors.ConfigError` that lists the valid ones, and
 every object is built once here, so a bad value fails before any run is read. Command-line

@@ -72,6 +72,11 @@ class LRWatchCallback(TrainerCallback):
             logger.warning("lrwatch: the Trainer passed no model or optimizer; nothing to watch")
             return
         self.monitor = watch(model, inner, logdir=self._run_dir(args), **self.watch_kwargs)
+        if state.global_step > 0:  # resumed from a checkpoint: the step axis goes on
+            resumed = self.monitor.state_dict()
+            resumed.update(step=state.global_step, next_log=state.global_step + 1)
+            resumed["controller"] = None  # the hook reloads what it applied from the run dir
+            self.monitor.load_state_dict(resumed)
         self._model_gives_loss = "criterion" in self.watch_kwargs
         self._handle = model.register_forward_hook(self._on_forward)
 

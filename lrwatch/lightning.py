@@ -9,6 +9,7 @@ cannot see, the callback hands over:
   division and records the mean over the accumulated batches at the step they led to;
 - the validation metrics (``trainer.callback_metrics`` after validation) when lrwatch writes
   somewhere the trainer's loggers do not (a TensorBoardLogger already writes them into the run);
+- the GradScaler of ``precision="16-mixed"``, so the loss scale and skipped steps are recorded;
 - a stop action from the control file, as ``trainer.should_stop = True``. The hook applies
   actions at the same step on every DDP rank, so every rank sets it at the same batch.
 
@@ -70,7 +71,8 @@ class LRWatch(pl.Callback):
         self.monitor: Monitor | None = None
         self._pending: list[torch.Tensor] = []  # losses of batches whose step has not come yet
         self._step_before = 0
-        self._resume: dict[str, Any] | None = None
+        self._resume: dict[str, Any] | None = None  # loaded from a checkpoint, for fit start
+        self._final: dict[str, Any] = {}  # the closed monitor's, for a checkpoint saved after fit
         self._write_val = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -84,7 +86,10 @@ class LRWatch(pl.Callback):
             logger.warning("lrwatch: %d optimizers; watching the first", len(trainer.optimizers))
         run_dir, logged_there = self._run_dir(trainer)
         self._write_val = not logged_there if self.log_val_metrics is None else self.log_val_metrics
-        self.monitor = watch(pl_module, trainer.optimizers[0], logdir=run_dir, **self.watch_kwargs)
+        kwargs = dict(self.watch_kwargs)
+        if "scaler" not in kwargs:  # precision="16-mixed": Lightning's own GradScaler
+            kwargs["scaler"] = getattr(trainer.precision_plugin, "scaler", None)
+        self.monitor = watch(pl_module, trainer.optimizers[0], logdir=run_dir, **kwargs)
         if self._resume is not None:
             self.monitor.load_state_dict(self._resume)
             self._resume = None
@@ -101,6 +106,7 @@ class LRWatch(pl.Callback):
     def close(self) -> None:
         """Write everything pending and detach from the optimizer. Idempotent."""
         if self.monitor is not None:
+            self._final = self.monitor.state_dict()
             self.monitor.close()
             self.monitor = None
 
@@ -127,7 +133,9 @@ class LRWatch(pl.Callback):
             if pl_module.automatic_optimization:  # undo Lightning's 1/k for accumulation
                 loss = loss * trainer.accumulate_grad_batches
             self._pending.append(loss.detach())
-        if mon.step != self._step_before and self._pending:  # this batch ended with a step
+        # A batch that ended with a step: its loss, with those of the batches accumulated
+        # before it (and of a GradScaler-skipped iteration, which cannot be told apart here).
+        if mon.step != self._step_before and self._pending:
             losses, self._pending = self._pending, []
             mean = losses[0] if len(losses) == 1 else torch.stack(losses).float().mean()
             mon.log(step=mon.step, loss=mean)
@@ -155,7 +163,7 @@ class LRWatch(pl.Callback):
         """The monitor's step count and applied actions, saved in Lightning's checkpoints."""
         if self.monitor is not None:
             return self.monitor.state_dict()
-        return dict(self._resume) if self._resume is not None else {}
+        return dict(self._resume) if self._resume is not None else dict(self._final)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._resume = dict(state_dict) if state_dict else None

@@ -7,10 +7,11 @@ steps the norms of gradients, weights and the update are computed with batched f
 (:mod:`lrwatch.stats`) and written as one event. Nothing here calls ``.item()`` on a device tensor
 on the hot path, and no exception raised inside lrwatch reaches the training step.
 
-This module is the wiring: hooks, their handles, the per-step rows, ``close`` and
-``state_dict``. What it wires lives next door: :mod:`lrwatch.capture` (where the loss comes
-from), :mod:`lrwatch.measure` (what a logging step computes), :mod:`lrwatch.cadence` (when),
-:mod:`lrwatch.controller` (the control file) and :mod:`lrwatch.writer` (the event file).
+This module is the wiring every rank runs: the hooks and their handles, the step count, the
+control file (:mod:`lrwatch.controller`), ``close`` and ``state_dict``. The writing rank's work
+is in :mod:`lrwatch.recorder`, which wires :mod:`lrwatch.capture` (where the loss comes from),
+:mod:`lrwatch.measure` (what a logging step computes) and the rows to the writer thread;
+:mod:`lrwatch.cadence` decides when a step logs.
 
 What ``step`` counts: the optimizer steps of the run, GradScaler-skipped ones included (the HF
 Trainer's ``global_step``). The n-th step is recorded at step n (1-based); ``mon.step`` is the

@@ -12,7 +12,8 @@ Responses, strongest first (a stronger one may act during a weaker one's cooldow
 finding      response                                              rank
 ===========  ====================================================  ====
 nonfinite    cut by 10 + clip; advise resuming from a checkpoint   4
-explosion    cut by 10 (critical) or 5 (warning) + clip            3
+explosion    cut by 10 (critical) or 5 (warning) + clip; with          3
+             ``clip_first``, a first spike gets the clip alone
 oscillation  cut by 10, or 5 when ``evidence["mild"]``             2
 ratio_high   cut by 5 (critical) or 2 (warning); not in warm-up    2
 plateau      cut by 2 (never during warm-up)                       1
@@ -61,12 +62,18 @@ class _Plan:
     advice: bool = False
 
 
-def _plan(f: Finding, *, warmup: bool) -> _Plan | None:
-    """The response table of the module docstring, one finding at a time."""
+def _plan(f: Finding, *, warmup: bool, clip_only: bool = False) -> _Plan | None:
+    """The response table of the module docstring, one finding at a time.
+
+    ``clip_only``: answer a spike (not a sustained climb) with clipping alone (``clip_first``).
+    """
     critical = f.severity is Severity.CRITICAL
     if f.kind is Kind.NONFINITE:
         why = "the largest factor, for a step that overflowed; clipping bounds the next spike"
         return _Plan(f.kind, 4, why, factor=10, clip=True)
+    if f.kind is Kind.EXPLOSION and clip_only and f.evidence.get("rule") != "trend":
+        why = "a first spike: clipping bounds it; the LR is cut if explosions come back"
+        return _Plan(f.kind, 3, why, clip=True)
     if f.kind is Kind.EXPLOSION:
         why = (
             "10 for a sustained, large explosion"
@@ -111,6 +118,11 @@ class Policy:
             before a returning NaN stops the run. 2.
         overfit_patience: checks reporting overfitting, in a row, before a stop. 2: the
             overfit detector already waits for several worse evaluations; one more confirms.
+        clip_first: answer the first explosion spike, while no clip is in force, with
+            clipping alone; cut the LR only when an explosion comes back under clipping (or
+            when the explosion is a sustained climb, or values turn non-finite). False: the
+            issue's rule, clip and cut at once. True suits large runs whose spikes usually
+            recover by themselves (BLOOM 176B at step 31214: the humans did nothing).
 
     Example:
         >>> p = Policy(cooldown_steps=100)
@@ -132,6 +144,7 @@ class Policy:
         fallback_max_norm: float = 1.0,
         nonfinite_max_cuts: int = 2,
         overfit_patience: int = 2,
+        clip_first: bool = False,
     ) -> None:
         _check_int("cooldown_steps", cooldown_steps, least=0)
         _check_int("min_grad_norms", min_grad_norms, least=1)
@@ -149,6 +162,9 @@ class Policy:
         self.clip_percentile, self.min_grad_norms = clip_percentile, min_grad_norms
         self.fallback_max_norm = fallback_max_norm
         self.nonfinite_max_cuts, self.overfit_patience = nonfinite_max_cuts, overfit_patience
+        if not isinstance(clip_first, bool):
+            raise ConfigError(f"clip_first={clip_first!r}: use true or false")
+        self.clip_first = clip_first
         self._state = _State()
 
     # ------------------------------------------------------------------ the algorithm
@@ -194,7 +210,12 @@ class Policy:
         self, findings: Sequence[Finding], *, warmup: bool
     ) -> tuple[_Plan | None, tuple[Finding, ...]]:
         """The strongest response asked for, and the findings that asked for it."""
-        plans = [(p, f) for f in findings if (p := _plan(f, warmup=warmup)) is not None]
+        clip_only = self.clip_first and self._state.clip_max_norm is None
+        plans = [
+            (p, f)
+            for f in findings
+            if (p := _plan(f, warmup=warmup, clip_only=clip_only)) is not None
+        ]
         if self._state.overfit_checks >= self.overfit_patience:
             why = f"validation worsened at {self._state.overfit_checks} checks in a row"
             plans += [

@@ -24,20 +24,23 @@ from __future__ import annotations
 import atexit
 import itertools
 import logging
+import math
 import os
 import queue
 import socket
 import struct
+import sys
 import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from lrwatch._eventfile import encode_scalar_rows, text_record
 from lrwatch._eventsink import EventSink
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +132,7 @@ class EventWriter:
             return
         try:
             tags = (tags,) if isinstance(tags, str) else tuple(tags)
-            if isinstance(values, torch.Tensor):
+            if _is_tensor(values):
                 rows: torch.Tensor | tuple[tuple[float, ...]] = values
                 n = values.numel()
             else:
@@ -156,7 +159,7 @@ class EventWriter:
         try:
             steps = tuple(int(s) for s in steps)
             tags = tuple(tags) if not isinstance(tags, str) else (tags,)
-            rows = values if isinstance(values, torch.Tensor) else tuple(map(tuple, values))
+            rows = values if _is_tensor(values) else tuple(map(tuple, values))
             shape = (len(steps), len(tags))
             if _numel(rows) != shape[0] * shape[1]:
                 raise ValueError(f"{_numel(rows)} values for {shape[0]} steps x {shape[1]} tags")
@@ -273,7 +276,7 @@ class EventWriter:
     def _encode(self, item: tuple[Any, ...]) -> bytes:
         steps, tags, values, wall_times, shape = item
         try:
-            rows = _tensor_rows(values, shape) if isinstance(values, torch.Tensor) else values
+            rows = _tensor_rows(values, shape) if _is_tensor(values) else values
             try:  # Python numbers go straight to struct, which rounds to float32
                 return encode_scalar_rows(steps, tags, rows, wall_times)
             except OverflowError:  # a finite double beyond float32: torch rounds it to inf
@@ -298,7 +301,7 @@ class EventWriter:
 
 
 def _numel(values: torch.Tensor | tuple[Any, ...]) -> int:
-    if isinstance(values, torch.Tensor):
+    if _is_tensor(values):
         return values.numel()
     if values and isinstance(values[0], tuple):
         widths = {len(row) for row in values}
@@ -321,8 +324,21 @@ def _tensor_rows(values: torch.Tensor, shape: tuple[int, int]) -> list[list[floa
 
 def _float32_rows(rows: Any, shape: tuple[int, int]) -> list[list[float]]:
     """Numbers rounded to float32 as torch does (beyond its range: inf), for ``struct``."""
-    rounded: list[list[float]] = torch.tensor(rows, dtype=torch.float32).reshape(shape).tolist()
-    return rounded
+    return [[_float32(v) for v in row] for row in rows]
+
+
+def _float32(v: float) -> float:
+    try:
+        struct.pack("<f", v)
+    except OverflowError:
+        return math.copysign(math.inf, v)
+    return float(v)
+
+
+def _is_tensor(values: object) -> TypeGuard[torch.Tensor]:
+    """Whether ``values`` is a torch tensor, without importing torch (the daemon writes too)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(values, torch.Tensor)
 
 
 def _event_file_name(suffix: str) -> str:

@@ -1,8 +1,8 @@
 """The whole loop with real processes: trainer -> event files -> `lrwatch serve --apply` -> control
 file -> trainer.
 
-The trainer is ``examples/mistuned.py`` (an MLP on scikit-learn's digits, warmed up to a peak LR
-about 20x too high), the daemon is ``python -m lrwatch serve``. Every check reads back what the
+The trainer is ``examples/mistuned.py`` (an MLP on scikit-learn's digits, SGD at an LR
+about 10x too high), the daemon is ``python -m lrwatch serve``. Every check reads back what the
 processes left on disk with references independent of lrwatch's own bookkeeping: TensorBoard's
 ``EventAccumulator`` for the hook's acknowledgements and effective LR, torch's ``LambdaLR`` for
 the LR sequence the scheduler alone would give.
@@ -236,17 +236,18 @@ def test_e2e_mistuned_run_is_cut_acknowledged_and_ends_better(
     assert all(a.source == "daemon" for a in actions), actions
     ack_step = dict(acks(run_dir))
     assert any(a.action is schema.ActionKind.LR_CUT and a.id in ack_step for a in actions)
+    live = json.loads((tmp_path / "live.json").read_text())
+    base = json.loads((tmp_path / "base.json").read_text())
     # The effective LR the hook recorded is the scheduler's own LR over the cuts in force.
     sched = scheduler_lrs(steps, MISTUNED_LR)
     (events,) = event_files(run_dir)
     lrs = scalars(events, schema.LR)
-    assert {s for s, _ in lrs} == set(range(1, steps + 1)), "the LR is recorded every step"
+    assert {s for s, _ in lrs} == set(range(1, live["step"] + 1)), "LR not recorded every step"
     for step, lr in lrs:
         expected = sched[step - 1] / factor_at(actions, ack_step, step)
         assert lr == pytest.approx(expected, rel=1e-5), f"step {step}"
-    live = json.loads((tmp_path / "live.json").read_text())
-    base = json.loads((tmp_path / "base.json").read_text())
-    assert live["val_loss"] < 0.5 * base["val_loss"], (live, base)
+    # Better by a clear margin (the run may also have been stopped early by the daemon).
+    assert live["val_loss"] < 0.8 * base["val_loss"], (live, base)
 
 
 def test_e2e_daemon_killed_and_restarted_loses_and_repeats_nothing(

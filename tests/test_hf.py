@@ -188,3 +188,58 @@ def test_importing_lrwatch_imports_neither_lightning_nor_transformers() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+class OwnLoss(Trainer):
+    """A Trainer that computes the loss itself, so the model's output carries none."""
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> Any:
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        loss = torch.nn.functional.mse_loss(outputs.logits.squeeze(-1), labels)
+        return (loss, outputs) if return_outputs else loss
+
+
+def test_hf_callback_falls_back_to_the_logged_loss_without_a_model_loss(tmp_path: Path) -> None:
+    model = tiny_model()
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        use_cpu=True,
+        report_to=[],
+        per_device_train_batch_size=4,
+        max_steps=6,
+        logging_steps=2,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    trainer = OwnLoss(
+        model=model, args=args, train_dataset=Regression(), callbacks=[LRWatchCallback()]
+    )
+    trainer.train()
+    hf = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
+    got = [(e.step, e.value) for e in scalars(tmp_path / "out" / "lrwatch").Scalars(schema.LOSS)]
+    assert [s for s, _ in got] == [s for s, _ in hf] == [2, 4, 6]
+    assert [v for _, v in got] == pytest.approx([v for _, v in hf], rel=1e-6)
+
+
+def test_hf_callback_continues_the_step_axis_after_a_resume(tmp_path: Path) -> None:
+    first, _ = make_trainer(
+        tmp_path,
+        Regression(),
+        [LRWatchCallback()],
+        max_steps=4,
+        save_strategy="steps",
+        save_steps=4,
+    )
+    first.train()
+    again, _ = make_trainer(tmp_path, Regression(), [LRWatchCallback()], max_steps=6)
+    again.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-4"))
+    run = tmp_path / "out" / "lrwatch"
+    assert len([f for f in run.iterdir() if "tfevents" in f.name]) == 2
+    assert [e.step for e in scalars(run).Scalars(schema.LOSS)] == [1, 2, 3, 4, 5, 6]

@@ -187,3 +187,43 @@ def test_lightning_ddp_ranks_stop_at_the_same_step(tmp_path: Path) -> None:
         assert got == {"global_step": 10, "should_stop": True}
     assert [(e.step, e.value) for e in scalars(tmp_path).Scalars(schema.STOP)] == [(10, 1.0)]
     assert len([f for f in tmp_path.iterdir() if f.name.endswith(".lrwatch")]) == 1
+
+
+class Overflowing(Tiny):
+    """Leaves an Inf in one gradient after backward at ``batch``, as an fp16 overflow would."""
+
+    def __init__(self, batch: int) -> None:
+        super().__init__()
+        self.batch = batch
+
+    def on_after_backward(self) -> None:
+        if len(self.train_losses) == self.batch + 1:
+            first = next(self.parameters()).grad
+            assert first is not None
+            first[0, 0] = math.inf
+
+
+def test_lightning_callback_records_the_16_mixed_scalers_skips(tmp_path: Path) -> None:
+    from lightning.pytorch.plugins import MixedPrecision
+
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=256))
+    t = trainer(tmp_path, [LRWatch()], max_steps=8, limit_val_batches=0, plugins=[plugin])
+    t.fit(Overflowing(batch=3), loaders()[0])
+    acc = scalars(Path(t.logger.log_dir))
+    skipped = [(e.step, e.value) for e in acc.Scalars(schema.SKIPPED)]
+    assert skipped == [(s, float(s == 4)) for s in range(1, 9)]  # the 4th iteration skipped
+    scales = [e.value for e in acc.Scalars(schema.LOSS_SCALE)]
+    assert scales == [256.0] * 4 + [128.0] * 4  # halved by the skip, as GradScaler does
+    assert t.global_step == 8
+
+
+def test_lightning_callback_resumes_the_step_count_from_a_checkpoint(tmp_path: Path) -> None:
+    t = trainer(tmp_path, [LRWatch()], max_steps=8, limit_val_batches=0)  # one whole epoch
+    t.fit(Tiny(), loaders()[0])
+    ckpt = tmp_path / "eight.ckpt"
+    t.save_checkpoint(ckpt)
+    resumed = trainer(tmp_path, [LRWatch(log_every=1)], max_steps=12, limit_val_batches=0)
+    resumed.fit(Tiny(), loaders()[0], ckpt_path=str(ckpt))
+    loss = scalars(Path(resumed.logger.log_dir)).Scalars(schema.LOSS)
+    assert Path(resumed.logger.log_dir).name == "version_1"
+    assert [e.step for e in loss] == [9, 10, 11, 12]  # the step axis goes on, as Lightning's does

@@ -111,7 +111,7 @@ def kendall(x: Values, y: Values, *, alternative: str = "two-sided") -> tuple[fl
 
 _ALTERNATIVES = frozenset({"two-sided", "less", "greater"})
 _EXACT_MAX_N = 33  # scipy's kendalltau switches from the exact distribution above this
-_BLOCK = 64  # points per block of the S statistic: a block's pairs as one small matrix
+_BLOCK = 128  # points per block of the S statistic: a block's pairs as one small matrix
 
 
 def _tie_counts(x: Values) -> NDArray[np.float64]:

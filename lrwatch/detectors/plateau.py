@@ -229,7 +229,7 @@ class PlateauTrend:
 
     Windows longer than 128 points are reduced to block means first: that bounds the quadratic
     Theil-Sen cost and, unlike a strided subsample, keeps the trend's significance. A check
-    costs about 3 ms (mostly scipy's kendalltau call overhead), so evaluate it every
+    still ranks a whole window (a fraction of a millisecond), so evaluate it every
     ``window // 4`` points or so, not at every point.
 
     Args:

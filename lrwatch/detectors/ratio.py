@@ -180,7 +180,7 @@ class RatioDetector:
         word = "above" if high else "below"
         message = (
             f"{tag}: median update/weight ratio {fmt(med)} over {v.size} points (steps "
-            f"{int(s[0])}-{int(s[-1])}) is {word} {fmt(evidence['threshold'])} "
+            f"{int(s[0])}-{int(s[-1])}) is {word} {fmt(self.high if high else self.low)} "
             f"({fmt(100 * frac)}% of points); healthy is about 1e-3"
         )
         if progress is not None and high:
