@@ -31,7 +31,12 @@ _LAZY = {
 }
 
 
+_SUBMODULES = ("lightning", "hf")  # integrations: lrwatch.lightning.LRWatch() after import lrwatch
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"lrwatch.{name}")
     try:
         module = _LAZY[name]
     except KeyError:

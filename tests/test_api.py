@@ -37,3 +37,12 @@ def test_import_lrwatch_leaves_daemon_dependencies_unloaded() -> None:
 def test_the_cli_and_the_daemon_side_do_not_import_torch() -> None:
     loaded = _loaded_after("import lrwatch.cli, lrwatch.serve, lrwatch.report, lrwatch.analyze")
     assert "torch" not in loaded
+
+
+def test_integrations_load_on_first_attribute_access() -> None:
+    assert _loaded_after("import lrwatch") == []
+    out = subprocess.run(
+        [sys.executable, "-c", "import lrwatch; print(lrwatch.hf.__name__)"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert out.stdout.strip() == "lrwatch.hf"

@@ -26,7 +26,12 @@ CORE_TAGS = {
     schema.UPDATE_RATIO,
     schema.WEIGHT_NORM,
 }
-EXTRA_TAGS = {"train_digits.py": {"val/loss", "val/accuracy"}}  # what each example logs itself
+EXTRA_TAGS = {  # what each example logs itself
+    "train_digits.py": {"val/loss", "val/accuracy"},
+    "lightning_digits.py": {"val_loss", "val_acc"},
+    "hf_trainer.py": {"eval_loss"},
+    "amp_bf16.py": {schema.LOSS_SCALE, schema.SKIPPED},
+}
 QUICK_STEPS = {"train_digits.py": 3 * math.ceil(1437 / 32)}  # epochs x batches of the train split
 
 
