@@ -10,6 +10,7 @@ protobuf bytes are assembled here with one precompiled :class:`struct.Struct` pe
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Sequence
 
@@ -90,8 +91,12 @@ def _layout(tags: tuple[str, ...]) -> _Layout:
 
 
 def _event_head(step: int, wall_time: float) -> bytes:
-    """``Event.wall_time`` and ``Event.step``; zero fields are omitted, as protobuf does."""
-    head = _WALL.pack(0x09, wall_time) if wall_time != 0.0 else b""
+    """``Event.wall_time`` and ``Event.step``; zero fields are omitted, as protobuf does.
+
+    Protobuf omits a double only when all its bits are zero, so ``-0.0`` is written.
+    """
+    omit = wall_time == 0.0 and math.copysign(1.0, wall_time) > 0
+    head = b"" if omit else _WALL.pack(0x09, wall_time)
     return head + b"\x10" + _varint(step) if step != 0 else head
 
 

@@ -194,7 +194,7 @@ class RunAnalyzer:
         hit = self._seen.useful.get(tag)
         if hit is None:
             hit = self._seen.useful[tag] = (
-                tag == self.config.metric or roles.role_of(tag) is not None
+                tag in (self.config.metric, schema.LR_FACTOR) or roles.role_of(tag) is not None
             )
         return hit
 
@@ -350,15 +350,19 @@ class RunAnalyzer:
     def _cut_unapplied(self) -> bool:
         """Whether the run's own data shows that the last cut never took effect.
 
-        A run no hook of lrwatch writes cannot apply anything. Otherwise the logged LR must have
-        fallen by at least the square root of the factor (midway, in log terms) once a point
-        after the cut exists; without an LR tag, or before that point, assume it was applied.
+        A run no hook of lrwatch writes cannot apply anything. The hook's own acknowledgement
+        (``lrwatch/lr_factor`` logged after the cut) means applied. Otherwise the logged LR must
+        have fallen by at least the square root of the factor (midway, in log terms) once a
+        point after the cut exists; without an LR tag, or before that point, assume applied.
         """
         cut = self._cut
         if cut is None:
             return False
         if self.advice_only:
             return True
+        ack = self.history.last(schema.LR_FACTOR)
+        if ack is not None and ack.step >= cut.step and ack.value > 1.0:
+            return False
         last = self.history.last(self._seen.roles["lr"]) if "lr" in self._seen.roles else None
         if cut.lr is None or last is None or last.step <= cut.step:
             return False

@@ -24,7 +24,7 @@ from lrwatch.errors import LrwatchError
 from lrwatch.notify import HookRunner
 from lrwatch.rails import Issued, Ledger, Rails
 from lrwatch.reader import RunReader
-from lrwatch.report import DecisionSink, Mode
+from lrwatch.report import DecisionSink, Mode, read_audit
 from lrwatch.schema import Decision, Finding, Scalar
 
 logger = logging.getLogger(__name__)
@@ -62,7 +62,9 @@ class WatchedRun:
         self.analyzer = analyzer_factory()
         self.ledger = Ledger()
         self.sink = DecisionSink(self.run_dir, mode=mode)
+        self.audited: set[int] = set()  # action ids whose decision line is in the audit log
         self.load()
+        self._recall_audit()
 
     @property
     def state_path(self) -> Path:
@@ -98,6 +100,18 @@ class WatchedRun:
             self.ledger = Ledger()
         else:
             logger.info("%s: resumed daemon state", self.run_dir)
+
+    def _recall_audit(self) -> None:
+        """Seed what the audit log already says, so a restart after a crash (state not saved)
+        writes no decision or acknowledgement line twice and runs no hook twice."""
+        for record in read_audit(self.run_dir):
+            action_id = record.get("action_id")
+            if not isinstance(action_id, int):
+                continue
+            if record.get("event") == "decision":
+                self.audited.add(action_id)
+            elif record.get("event") == "acknowledged":
+                self.ledger.acked.add(action_id)
 
     def save(self) -> None:
         """Write the state atomically: a daemon killed mid-write leaves the previous state."""
@@ -140,7 +154,11 @@ def run_once(
         action_id, held = None, None
         if run.sink.mode == "apply":
             action_id, held = issue(run, decision, rails or Rails())
+            if action_id is not None and action_id in run.audited:
+                continue  # re-derived after a crash: its audit line and hooks already went out
         record = run.sink.emit(decision, action_id=action_id, held_back=held)
+        if action_id is not None:
+            run.audited.add(action_id)
         if hooks is not None:
             hooks.notify(record)
     decided = [f for d in decisions for f in d.findings]
@@ -173,7 +191,10 @@ def issue(run: WatchedRun, decision: Decision, rails: Rails) -> tuple[int | None
     # file and saving its state re-derives the same decision on restart and finds it here.
     reason = f"{decision.reason} (lrwatch decision at step {decision.step})"
     try:
-        action = _already_issued(run.run_dir, decision, reason) or control.append_action(
+        action = _already_issued(run.run_dir, decision, reason)
+        if action is not None and any(i.id == action.id for i in run.ledger.issued):
+            return action.id, None
+        action = action or control.append_action(
             run.run_dir,
             action=decision.action,
             factor=decision.factor,

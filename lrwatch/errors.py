@@ -2,7 +2,7 @@
 
     LrwatchError                 root: the CLI shows it as one line, exit code 1
      ├── ConfigError             a bad setting, raised when the object is built
-     ├── ControlFileError        a control file that cannot be trusted (the hook warns, applies nothing)
+     ├── ControlFileError        a control file that cannot be trusted (hook warns, applies nothing)
      ├── EventFileError          an event file that cannot be read at all
      └── RunGone                 a run directory that vanished (permanent, unlike a missing record)
 

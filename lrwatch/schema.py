@@ -61,7 +61,7 @@ def lr_group_tag(index: int) -> str:
 
 
 def per_tensor_tag(quantity: str, param_name: str) -> str:
-    """Tag of one parameter tensor's ``quantity`` (``grad_norm``, ``update_ratio``, ``weight_norm``)."""
+    """Tag of one tensor's ``quantity``: ``grad_norm``, ``update_ratio`` or ``weight_norm``."""
     try:
         prefix = PER_TENSOR_PREFIXES[quantity]
     except KeyError:
@@ -74,7 +74,7 @@ def per_tensor_tag(quantity: str, param_name: str) -> str:
 # --------------------------------------------------------------------------------------------
 # Values
 # --------------------------------------------------------------------------------------------
-class Kind(str, enum.Enum):
+class Kind(enum.StrEnum):
     """What a detector found. The values are the JSON words."""
 
     NONFINITE = "nonfinite"
@@ -86,7 +86,7 @@ class Kind(str, enum.Enum):
     OVERFIT = "overfit"
 
 
-class Severity(str, enum.Enum):
+class Severity(enum.StrEnum):
     """How urgent a finding is; ``info`` never warrants a warning on a healthy run."""
 
     INFO = "info"
@@ -94,7 +94,7 @@ class Severity(str, enum.Enum):
     CRITICAL = "critical"
 
 
-class ActionKind(str, enum.Enum):
+class ActionKind(enum.StrEnum):
     """What a decision or a control action does. The values are the JSON words."""
 
     LR_CUT = "lr_cut"
@@ -145,7 +145,10 @@ class Finding:
 
 @dataclass(frozen=True)
 class Decision:
-    """What the policy decided at one step, and why. ``factor`` for lr_cut, ``max_norm`` for clip."""
+    """What the policy decided at one step, and why.
+
+    ``factor`` is set for lr_cut, ``max_norm`` for clip.
+    """
 
     step: int
     action: ActionKind

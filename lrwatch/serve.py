@@ -219,4 +219,3 @@ def _ensure_layout(run_dir: Path) -> None:
         tb_layout.write_layout(run_dir)
     except OSError as err:  # a read-only run still gets watched and advised
         logger.warning("cannot write the TensorBoard layout into %s: %s", subrun, err)
-

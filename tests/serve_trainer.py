@@ -9,6 +9,8 @@ MAX_STEPS, and prints the step count and the effective LR it ended with.
 from __future__ import annotations
 
 import sys
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -17,6 +19,17 @@ from torch import nn
 
 import lrwatch
 from lrwatch import schema
+
+pace = threading.Event()  # never set: its wait() is the per-step pause
+
+
+def wait_for_daemon(mon: lrwatch.Monitor, logdir: Path, timeout: float = 120.0) -> None:
+    """Make the run visible (one scalar at step 0), then wait until the daemon has read it."""
+    mon.log(**{"boot": 0.0})
+    state = logdir / schema.DAEMON_SUBRUN / "state.json"
+    deadline = time.monotonic() + timeout
+    while not state.exists() and time.monotonic() < deadline:
+        pace.wait(0.05)
 
 
 def main() -> None:
@@ -30,7 +43,9 @@ def main() -> None:
     loss_fn = nn.CrossEntropyLoss()
     applied_at = None
     with lrwatch.watch(model, optimizer, logdir=logdir, criterion=loss_fn, log_every=1) as mon:
+        wait_for_daemon(mon, logdir)
         for step in range(max_steps):
+            pace.wait(0.002)  # a real trainer takes time per step; this one would finish in 1 s
             batch = torch.randint(0, len(x), (64,))
             optimizer.zero_grad()
             loss_fn(model(x[batch]), y[batch]).backward()

@@ -130,6 +130,18 @@ def test_oscillation_with_high_ratio_needs_a_fall_larger_than_the_band_to_be_sti
     assert OscillationDetector().check(steps, falling, tag="l", ratio=high) is None
 
 
+def test_oscillation_needs_jitter_even_when_flat_with_a_high_ratio() -> None:
+    """A slow, smooth wave is flat and corroborated by the ratio, but its differences rarely
+    flip sign and are positively correlated: no oscillation."""
+    steps = np.arange(400)
+    wave = 1.0 + 0.1 * np.sin(2 * np.pi * steps / 12.5)
+    high = (steps, np.full(400, 2e-2))
+    assert OscillationDetector().check(steps, wave, tag="l", ratio=high) is None
+    rng = np.random.default_rng(3)
+    jitter = 1.0 + 0.1 * rng.standard_normal(400)  # same band, white noise
+    assert OscillationDetector().check(steps, jitter, tag="l", ratio=high) is not None
+
+
 # --------------------------------------------------------------------------------- analyzer
 def _stuck_run(n: int, *, applied_at: int | None = None) -> list[Scalar]:
     """A loss bouncing in a band at a ratio of 3e-2, logged at LR 0.1 throughout (a replay), or
@@ -168,6 +180,21 @@ def test_an_applied_cut_is_judged_on_fresh_points_only() -> None:
     assert cuts[0] == cut_step and len(cuts) >= 2  # still bouncing after the applied cut
     window = analyzer.config.oscillation.jitter_window
     assert cuts[1] - cuts[0] >= window
+
+
+def test_the_hooks_acknowledgement_counts_as_applied_even_if_the_lr_looks_unchanged() -> None:
+    """A schedule can hide a cut in the logged LR; ``lrwatch/lr_factor`` logged by the hook
+    after the cut says it was applied, so fresh evidence may lead to another cut."""
+    config = load_config(overrides={"policy": {"cooldown_steps": 20}})
+    replay = RunAnalyzer(config)
+    replay.feed(_stuck_run(1500))
+    cut = next(d for d in replay.decisions if d.action is ActionKind.LR_CUT)
+    assert cut.factor is not None
+    acked = _stuck_run(1500) + [Scalar(schema.LR_FACTOR, cut.step + 10, 0.0, float(cut.factor))]
+    analyzer = RunAnalyzer(config)
+    analyzer.feed(acked)
+    cuts = [d.step for d in analyzer.decisions if d.action is ActionKind.LR_CUT]
+    assert cuts[0] == cut.step and len(cuts) >= 2
 
 
 def test_a_nan_loss_under_amp_is_reported_once() -> None:

@@ -33,7 +33,13 @@ def test_decision_json_has_factor_or_max_norm_only_when_set() -> None:
 
 def test_enum_values_are_the_json_words() -> None:
     assert [k.value for k in Kind] == [
-        "nonfinite", "explosion", "plateau", "oscillation", "ratio_high", "ratio_low", "overfit",
+        "nonfinite",
+        "explosion",
+        "plateau",
+        "oscillation",
+        "ratio_high",
+        "ratio_low",
+        "overfit",
     ]
     assert {a.value for a in ActionKind} >= {"lr_cut", "clip", "stop", "raise_lr_advice"}
 

@@ -166,6 +166,14 @@ def test_encoding_equals_protobuf_and_frame_crcs_are_tfrecord(
     assert payload == expected.SerializeToString()
 
 
+def test_negative_zero_wall_time_is_encoded_like_protobuf() -> None:
+    # Found by the property test above: protobuf omits a double only when all its bits are 0.
+    record = encode_scalar_rows((1,), ("a",), ((-0.0,),), (-0.0,))
+    value = summary_pb2.Summary.Value(tag="a", simple_value=-0.0)
+    expected = event_pb2.Event(wall_time=-0.0, step=1, summary=summary_pb2.Summary(value=[value]))
+    assert record[12:-4] == expected.SerializeToString()
+
+
 # ------------------------------------------------------------------ failure safety
 def test_writer_unwritable_logdir_warns_once_and_recovers(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch

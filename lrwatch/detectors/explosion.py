@@ -254,7 +254,7 @@ def _ratio(v: Values, med: float, log_space: bool) -> Values:
 def _growth_rate(s: Steps, v: Values) -> float:
     """Multiplicative growth per step from the last point before the spike run to now."""
     span = int(s[-1] - s[0])
-    if span <= 0 or v[0] <= 0:
+    if span <= 0 or v[0] <= 0 or v[-1] <= 0:  # linear space: no multiplicative rate
         return 0.0
     rate = math.exp(math.log(v[-1] / v[0]) / span) - 1.0
     return rate if math.isfinite(rate) else 0.0

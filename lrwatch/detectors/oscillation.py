@@ -140,13 +140,18 @@ class OscillationDetector:
         s, v = finite_tail(s, v, self.window)
         long_s, long_v = s, v
         s, v = s[-self.jitter_window :], v[-self.jitter_window :]
-        stats = _jitter_stats(s, v, min_points=self.min_points)
-        if stats is None or stats["p_value"] < self.alpha:
+        if v.size < self.min_points:
             return None
-        excess = stats["turning_z"] >= self.excess_z
+        # Corroboration first: it is cheap, and on a healthy run it is what fails.
+        excess = _turning_z(np.diff(v)) >= self.excess_z
         ratio_med = _ratio_median(ratio, first=int(s[0]), last=int(s[-1]))
         strength = self._strength(excess, ratio_med)
         if strength is None:
+            return None
+        stats = _jitter_stats(s, v, min_points=self.min_points)
+        if stats is None or stats["p_value"] < self.alpha:
+            return None
+        if stats["sign_changes"] < self.min_sign_changes or stats["autocorr"] > self.max_autocorr:
             return None
         long_trend = kendall(long_s.astype(np.float64), long_v, alternative="less")
         if long_trend is None:
@@ -193,9 +198,8 @@ def _jitter_stats(s: Steps, v: Values, *, min_points: int) -> dict[str, Any] | N
     r1, flips = lag1_autocorr(d), sign_change_fraction(d)
     if trend is None or r1 is None or flips is None:
         return None
-    n = v.size
     turns = int(np.sum((d[:-1] * d[1:]) < 0))
-    turning_z = (turns - 2 * (n - 2) / 3) / math.sqrt((16 * n - 29) / 90)
+    turning_z = _turning_z(d)
     level = float(np.median(v))
     band = float(np.percentile(v, 90) - np.percentile(v, 10))
     return {
@@ -209,6 +213,13 @@ def _jitter_stats(s: Steps, v: Values, *, min_points: int) -> dict[str, Any] | N
         "band": band,
         "band_rel": band / abs(level) if level != 0 else math.inf,
     }
+
+
+def _turning_z(d: Values) -> float:
+    """Turning-point z of the series whose differences are ``d`` (``d.size + 1`` points)."""
+    n = d.size + 1
+    turns = int(np.sum((d[:-1] * d[1:]) < 0))
+    return (turns - 2 * (n - 2) / 3) / math.sqrt((16 * n - 29) / 90)
 
 
 def _fall_in_bands(v: Values, *, band: float) -> float:
