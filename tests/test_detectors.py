@@ -352,6 +352,25 @@ def test_overfit_table(val: list[float], mode: Any, train_falls: bool, flag: boo
         assert f.kind == schema.Kind.OVERFIT and f.evidence["train_tau"] < 0
 
 
+def test_overfit_is_not_a_run_whose_first_evaluation_stayed_its_best() -> None:
+    # A run that never learned (val at chance from the start, then worse) is not overfitting.
+    val = np.array([2.30, 2.36, 2.40, 2.45, 2.50, 2.55, 2.60, 2.62, 2.64, 2.66])
+    assert OverfitDetector().check(_VAL_STEPS, val, tag="v", train=_train()) is None
+
+
+def test_overfit_needs_training_below_its_level_when_validation_was_best() -> None:
+    # Training blew up after the best evaluation and is only falling back towards where it was:
+    # a falling trend, but not past the level it had when validation was best.
+    val = np.array([2.0, 1.5, 1.2, 1.3, 1.5, 1.7, 1.9, 2.0, 2.1, 2.2])
+    t = np.arange(1000)
+    level = np.where(t <= 200, 1.0, 1.0 + 40.0 * np.exp(-(t - 200) / 150.0))
+    train = series(level * np.exp(0.03 * rng(3).standard_normal(1000)))
+    assert OverfitDetector().check(_VAL_STEPS, val, tag="v", train=train) is None
+    healthy = series(np.where(t <= 200, 1.0, 1.0 - 0.5 * (t - 200) / 800))
+    f = OverfitDetector().check(_VAL_STEPS, val, tag="v", train=healthy)
+    assert f is not None and f.evidence["train_now"] < f.evidence["train_at_best"]
+
+
 def test_overfit_needs_training_points_since_the_best() -> None:
     val = np.array([2.0, 1.5, 1.2, 1.1, 1.05, 1.1, 1.2, 1.3, 1.4, 1.5])
     short = series(np.linspace(1.0, 0.5, 5), start=995)

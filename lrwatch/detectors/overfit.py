@@ -98,8 +98,15 @@ class OverfitDetector:
         worse = signed[best_i + 1 :] > _SIGN[self.mode] * best + margin
         if worse.size < self.patience or not bool(np.all(worse[-self.patience :])):
             return None
+        if best_i == 0:  # validation never improved on its first value: a run that never
+            return None  # learned (too high an LR, a bug), which stopping would not fix
         train_trend = self._train_trend(train, since=int(s[best_i]))
         if train_trend is None:
+            return None
+        # Overfitting means training goes *past* where it was when validation was best; a
+        # training loss merely recovering from a blow-up after that point is not it.
+        before = _median_between(train, after=int(s[best_i - 1]), upto=int(s[best_i]))
+        if before is None or not train_trend[3] < before:
             return None
         val_trend = kendall(s[best_i:].astype(np.float64), v[best_i:])
         evidence = {
@@ -113,6 +120,8 @@ class OverfitDetector:
             "train_tau": train_trend[0],
             "train_p": train_trend[1],
             "train_change": train_trend[2],
+            "train_at_best": before,
+            "train_now": train_trend[3],
             "mode": self.mode,
         }
         message = (
@@ -125,8 +134,11 @@ class OverfitDetector:
             schema.Kind.OVERFIT, int(s[-1]), tag, schema.Severity.WARNING, evidence, message
         )
 
-    def _train_trend(self, train: Window, *, since: int) -> tuple[float, float, float] | None:
-        """(tau, p, last-minus-first median) of training loss since ``since`` if it falls."""
+    def _train_trend(
+        self, train: Window, *, since: int
+    ) -> tuple[float, float, float, float] | None:
+        """(tau, p, last-minus-first median, last median) of training loss since ``since``,
+        if it falls."""
         s, v = as_window(*train)
         keep = (s >= since) & np.isfinite(v)
         s, v = s[keep], v[keep]
@@ -136,5 +148,13 @@ class OverfitDetector:
         if trend is None or not trend[1] < self.alpha:
             return None
         q = max(v.size // 4, 1)
-        change = float(np.median(v[-q:]) - np.median(v[:q]))
-        return (trend[0], trend[1], change) if math.isfinite(change) else None
+        now = float(np.median(v[-q:]))
+        change = now - float(np.median(v[:q]))
+        return (trend[0], trend[1], change, now) if math.isfinite(change) else None
+
+
+def _median_between(train: Window, *, after: int, upto: int) -> float | None:
+    """Median training loss over the steps that led to an evaluation (``after`` < s <= ``upto``)."""
+    s, v = as_window(*train)
+    v = v[(s > after) & (s <= upto) & np.isfinite(v)]
+    return float(np.median(v)) if v.size else None
