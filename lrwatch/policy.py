@@ -6,21 +6,10 @@ clip; both carry the same findings). Each decision keeps one action, so it maps 
 control-file action and onto one ``analyze --json`` entry ``{"step", "action", "factor" |
 "max_norm", "reason"}``.
 
-Responses, strongest first (a stronger one may act during a weaker one's cooldown):
-
-===========  ====================================================  ====
-finding      response                                              rank
-===========  ====================================================  ====
-nonfinite    cut by 10 + clip; advise resuming from a checkpoint   4
-explosion    cut by 10 (critical) or 5 (warning) + clip; with          3
-             ``clip_first``, a first spike gets the clip alone
-oscillation  cut by 10, or 5 when ``evidence["mild"]``             2
-ratio_high   cut by 5 (critical) or 2 (warning); not in warm-up    2
-plateau      cut by 2 (never during warm-up)                       1
-overfit      stop once reported at ``overfit_patience`` checks     1
-ratio_low    advise raising the LR (advice only, not in warm-up,   0
-             repeated at most every 10 cooldowns)
-===========  ====================================================  ====
+The response each finding asks for is the table in :mod:`lrwatch.responses`; the counters
+live in :mod:`lrwatch.policy_state`, the floor, budget and stop rules in
+:mod:`lrwatch.cut_budget`, the clip threshold in :mod:`lrwatch.autoclip`. This module joins
+them: which response wins, the cooldown, and the reason text of each decision.
 
 Stop also when the next cut would take the cumulative cut past ``max_total_cut`` (1024 = ten
 halvings), or when non-finite values come back within two cooldowns of ``nonfinite_max_cuts``
@@ -33,69 +22,21 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-import numpy as np
 from numpy.typing import ArrayLike
 
-from lrwatch import schema
+from lrwatch.autoclip import clip_threshold
+from lrwatch.cut_budget import fit_factor, stop_reason
 from lrwatch.errors import ConfigError
-from lrwatch.schema import ActionKind, Decision, Finding, Kind, Severity
+from lrwatch.policy_state import PolicyState
+from lrwatch.responses import Plan, headline, overfit_stop, plan_for
+from lrwatch.schema import ActionKind, Decision, Finding, Kind
 
 logger = logging.getLogger(__name__)
 
 # Advice is for a human who has read it once: repeating it every cooldown would bury the log.
 _ADVICE_EVERY_COOLDOWNS = 10
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """What one finding asks for, before cooldown, floor and budget have their say."""
-
-    kind: Kind
-    rank: int
-    why: str
-    factor: int | None = None
-    clip: bool = False
-    stop: bool = False
-    advice: bool = False
-
-
-def _plan(f: Finding, *, warmup: bool, clip_only: bool = False) -> _Plan | None:
-    """The response table of the module docstring, one finding at a time.
-
-    ``clip_only``: answer a spike (not a sustained climb) with clipping alone (``clip_first``).
-    """
-    critical = f.severity is Severity.CRITICAL
-    if f.kind is Kind.NONFINITE:
-        why = "the largest factor, for a step that overflowed; clipping bounds the next spike"
-        return _Plan(f.kind, 4, why, factor=10, clip=True)
-    if f.kind is Kind.EXPLOSION and clip_only and f.evidence.get("rule") != "trend":
-        why = "a first spike: clipping bounds it; the LR is cut if explosions come back"
-        return _Plan(f.kind, 3, why, clip=True)
-    if f.kind is Kind.EXPLOSION:
-        why = (
-            "10 for a sustained, large explosion"
-            if critical
-            else "5 for a spike, not (yet) sustained"
-        )
-        return _Plan(f.kind, 3, why, factor=10 if critical else 5, clip=True)
-    if f.kind is Kind.OSCILLATION:
-        if f.evidence.get("mild", False):
-            return _Plan(f.kind, 2, "5 because the oscillation is mild", factor=5)
-        return _Plan(
-            f.kind, 2, "10 because a loss bouncing in a band means an LR far too high", factor=10
-        )
-    if f.kind is Kind.RATIO_HIGH and not warmup:  # early updates are large by design
-        factor = 5 if critical else 2
-        why = f"{factor} because updates far above ~1e-3 of the weights signal instability"
-        return _Plan(f.kind, 2, why, factor=factor)
-    if f.kind is Kind.PLATEAU and not warmup:
-        return _Plan(f.kind, 1, "halving is the gentle factor for a stalled metric", factor=2)
-    if f.kind is Kind.RATIO_LOW and not warmup:
-        return _Plan(f.kind, 0, "updates far below ~1e-3 of the weights", advice=True)
-    return None
 
 
 class Policy:
@@ -165,7 +106,7 @@ class Policy:
         if not isinstance(clip_first, bool):
             raise ConfigError(f"clip_first={clip_first!r}: use true or false")
         self.clip_first = clip_first
-        self._state = _State()
+        self._state = PolicyState()
 
     # ------------------------------------------------------------------ the algorithm
     def decide(
@@ -187,58 +128,41 @@ class Policy:
             return []
         if lr is not None and not (math.isfinite(lr) and lr >= 0):
             lr = None  # a NaN or negative logged LR says nothing about the floor
-        self._observe(step, findings, lr=lr, warmup=warmup)
+        s.observe(findings, lr=lr, warmup=warmup)
         plan, why = self._choose(findings, warmup=warmup)
         if plan is None or (self.in_cooldown(step) and plan.rank <= s.cooldown_rank):
             return []
         return self._act(step, plan, why, lr=lr, grad_norms=grad_norms)
 
-    def _observe(
-        self, step: int, findings: Sequence[Finding], *, lr: float | None, warmup: bool
-    ) -> None:
-        s = self._state
-        if s.start_lr is None and lr is not None and not warmup and s.total_cut == 1.0:
-            s.start_lr = float(lr)
-        overfit_steps = {f.step for f in findings if f.kind is Kind.OVERFIT}
-        if not findings:
-            s.overfit_checks, s.last_overfit_step = 0, None
-        for at in sorted(overfit_steps):
-            if s.last_overfit_step is None or at > s.last_overfit_step:
-                s.overfit_checks, s.last_overfit_step = s.overfit_checks + 1, at
-
     def _choose(
         self, findings: Sequence[Finding], *, warmup: bool
-    ) -> tuple[_Plan | None, tuple[Finding, ...]]:
+    ) -> tuple[Plan | None, tuple[Finding, ...]]:
         """The strongest response asked for, and the findings that asked for it."""
         clip_only = self.clip_first and self._state.clip_max_norm is None
         plans = [
             (p, f)
             for f in findings
-            if (p := _plan(f, warmup=warmup, clip_only=clip_only)) is not None
+            if (p := plan_for(f, warmup=warmup, clip_only=clip_only)) is not None
         ]
         if self._state.overfit_checks >= self.overfit_patience:
-            why = f"validation worsened at {self._state.overfit_checks} checks in a row"
-            plans += [
-                (_Plan(Kind.OVERFIT, 1, why, stop=True), f)
-                for f in findings
-                if f.kind is Kind.OVERFIT
-            ]
+            stop = overfit_stop(self._state.overfit_checks)
+            plans += [(stop, f) for f in findings if f.kind is Kind.OVERFIT]
         if not plans:
             return None, ()
-        best = max((p for p, _ in plans), key=lambda p: (p.rank, p.stop, p.factor or 0, p.clip))
+        best = max((p for p, _ in plans), key=Plan.strength)
         return best, tuple(f for p, f in plans if p.rank == best.rank)
 
     def _act(
         self,
         step: int,
-        plan: _Plan,
+        plan: Plan,
         why: tuple[Finding, ...],
         *,
         lr: float | None,
         grad_norms: ArrayLike | None,
     ) -> list[Decision]:
         """Turn the chosen plan into decisions, applying the stop rules, floor and budget."""
-        s, seen = self._state, _headline(why)
+        s, seen = self._state, headline(why)
         if plan.advice:
             quiet = _ADVICE_EVERY_COOLDOWNS * self.cooldown_steps
             if s.last_advice_step is not None and step - s.last_advice_step < quiet:
@@ -247,13 +171,24 @@ class Policy:
             text = f"{seen}. Advice only: raise the LR (try 2-3x): {plan.why} mean slow progress."
             return [Decision(step, ActionKind.RAISE_LR_ADVICE, text, findings=why)]
         if plan.kind is Kind.NONFINITE:
-            self._count_nonfinite(step)
-        stop = self._stop_reason(plan)
+            s.count_nonfinite(step, cooldown_steps=self.cooldown_steps)
+        stop = stop_reason(
+            plan,
+            s,
+            nonfinite_max_cuts=self.nonfinite_max_cuts,
+            max_total_cut=self.max_total_cut,
+        )
         if stop is not None:
             s.stopped = True
             return [Decision(step, ActionKind.STOP, f"{seen}. {stop}", findings=why)]
         out = []
-        factor, limit = self._fit_factor(plan.factor, lr)
+        factor, limit = fit_factor(
+            plan.factor,
+            lr,
+            total_cut=s.total_cut,
+            max_total_cut=self.max_total_cut,
+            min_lr=self.min_lr,
+        )
         if factor is not None:
             out.append(self._cut(step, plan, why, factor, limit, lr=lr))
         if plan.clip:
@@ -262,55 +197,12 @@ class Policy:
             s.last_action_step, s.cooldown_rank = step, plan.rank
         return out
 
-    def _stop_reason(self, plan: _Plan) -> str | None:
-        """Why this plan ends the run instead, or None."""
-        s = self._state
-        if plan.stop:
-            return f"Stop: {plan.why}; the model is overfitting and more steps make it worse."
-        if plan.kind is Kind.NONFINITE and s.nonfinite_cuts > self.nonfinite_max_cuts:
-            return (
-                f"Stop: non-finite values persist after {s.nonfinite_cuts - 1} cut(s) by 10 "
-                "with clipping. Resume from the last good checkpoint with a lower LR."
-            )
-        if plan.factor is not None and s.total_cut * 2 > self.max_total_cut * (1 + 1e-9):
-            return (
-                f"Stop: the LR is already cut {s.total_cut:g}x from its start, the budget "
-                f"(max_total_cut={self.max_total_cut:g}); further cuts will not rescue this run."
-            )
-        return None
-
-    def _count_nonfinite(self, step: int) -> None:
-        """A non-finite step within two cooldowns of the last one means the cut did not cure it."""
-        s = self._state
-        recent = s.last_nonfinite_step is not None and (
-            step - s.last_nonfinite_step <= 2 * self.cooldown_steps
-        )
-        s.nonfinite_cuts = s.nonfinite_cuts + 1 if recent else 1
-        s.last_nonfinite_step = step
-
-    def _fit_factor(self, want: int | None, lr: float | None) -> tuple[int | None, str]:
-        """The largest allowed factor <= ``want`` within the budget and above ``min_lr``."""
-        if want is None:
-            return None, ""
-        budget = self.max_total_cut * (1 + 1e-9) / self._state.total_cut
-        fits = [f for f in schema.ALLOWED_LR_FACTORS if f <= min(want, budget)]
-        floor = [f for f in fits if lr is None or lr / f >= self.min_lr * (1 - 1e-12)]
-        if not floor:
-            logger.debug("no cut: lr %s is at the floor min_lr=%s", lr, self.min_lr)
-            return None, ""
-        factor = max(floor)
-        if factor == want:
-            return factor, ""
-        if max(fits) > factor:
-            return factor, f" ({want} would take the LR below min_lr={self.min_lr:g})"
-        return factor, f" ({want} would exceed max_total_cut={self.max_total_cut:g})"
-
     def _cut(
-        self, step: int, plan: _Plan, why: tuple[Finding, ...], factor: int, limit: str, *, lr: Any
+        self, step: int, plan: Plan, why: tuple[Finding, ...], factor: int, limit: str, *, lr: Any
     ) -> Decision:
         s = self._state
         s.total_cut *= factor
-        text = f"{_headline(why)}. Cut the LR by {factor}{limit}: {plan.why}."
+        text = f"{headline(why)}. Cut the LR by {factor}{limit}: {plan.why}."
         if lr is not None:
             text += f" LR {lr:.3g} -> {lr / factor:.3g}."
         text += f" Cumulative cut {s.total_cut:g}x (stop past {self.max_total_cut:g}x)."
@@ -327,36 +219,24 @@ class Policy:
         with_cut: int | None,
     ) -> list[Decision]:
         """A clip at a percentile of the run's own grad norms, unless a tighter one holds."""
-        max_norm, source = self._clip_threshold(grad_norms)
+        max_norm, source = clip_threshold(
+            grad_norms,
+            percentile=self.clip_percentile,
+            min_norms=self.min_grad_norms,
+            fallback=self.fallback_max_norm,
+        )
         held = self._state.clip_max_norm
         if held is not None and held <= max_norm:
             return []
         self._state.clip_max_norm = max_norm
         also = f", together with the cut by {with_cut}" if with_cut else ""
-        text = f"{_headline(why)}. Clip gradients at max_norm={max_norm:.3g}{also}: {source}."
+        text = f"{headline(why)}. Clip gradients at max_norm={max_norm:.3g}{also}: {source}."
         return [Decision(step, ActionKind.CLIP, text, max_norm=max_norm, findings=why)]
-
-    def _clip_threshold(self, grad_norms: ArrayLike | None) -> tuple[float, str]:
-        if isinstance(grad_norms, tuple) and len(grad_norms) == 2:
-            grad_norms = grad_norms[1]  # the analyzer's (steps, values) window
-        x = np.asarray([] if grad_norms is None else grad_norms, dtype=np.float64).reshape(-1)
-        x = x[np.isfinite(x) & (x > 0)]
-        if x.size < self.min_grad_norms:
-            return self.fallback_max_norm, (
-                f"only {x.size} usable grad norm(s), so the common default "
-                f"{self.fallback_max_norm:g}"
-            )
-        p = self.clip_percentile
-        return float(np.percentile(x, p)), (
-            f"the {p:g}th percentile of the last {x.size} finite grad norms "
-            "(AutoClip-style: it clips the spikes, not ordinary steps)"
-        )
 
     # ------------------------------------------------------------------ state
     def in_cooldown(self, step: int) -> bool:
         """Whether ``step`` is within ``cooldown_steps`` of the last action."""
-        last = self._state.last_action_step
-        return last is not None and step < last + self.cooldown_steps
+        return self._state.in_cooldown(step, cooldown_steps=self.cooldown_steps)
 
     @property
     def total_cut(self) -> float:
@@ -389,39 +269,10 @@ class Policy:
 
     def state_dict(self) -> dict[str, Any]:
         """The counters (settings come from the constructor); plain JSON types."""
-        return asdict(self._state)
+        return self._state.to_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        unknown = set(state) - {f.name for f in fields(_State)}
-        if unknown:
-            raise ValueError(f"not a Policy state: unknown keys {sorted(unknown)}")
-        self._state = _State(**state)
-
-
-@dataclass
-class _State:
-    """The policy's counters: plain JSON types, so state_dict() is a dict of them."""
-
-    total_cut: float = 1.0  # cumulative divisor of the LR cuts issued or acknowledged
-    start_lr: float | None = None
-    clip_max_norm: float | None = None  # the clip in force
-    last_action_step: int | None = None
-    cooldown_rank: int = -1  # rank of the action whose cooldown runs
-    last_advice_step: int | None = None
-    nonfinite_cuts: int = 0  # non-finite interventions in a row
-    last_nonfinite_step: int | None = None
-    overfit_checks: int = 0  # checks in a row reporting overfitting
-    last_overfit_step: int | None = None
-    stopped: bool = False
-
-
-def _headline(findings: tuple[Finding, ...]) -> str:
-    """'plateau on val/loss at step 1200: <message>' for the first finding, '(+n more)'."""
-    f = findings[0]
-    text = f"{f.kind.value} on {f.tag} at step {f.step}"
-    if f.message:
-        text += f" ({f.message})"
-    return text + (f" (+{len(findings) - 1} more)" if len(findings) > 1 else "")
+        self._state = PolicyState.from_dict(state)
 
 
 def _check_int(name: str, value: object, *, least: int) -> None:
