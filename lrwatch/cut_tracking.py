@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from lrwatch import schema
 from lrwatch.schema import Kind, Scalar
 
 LR_KINDS = frozenset({Kind.RATIO_HIGH, Kind.OSCILLATION, Kind.PLATEAU})
@@ -48,7 +49,7 @@ class LastCut:
         return lr.value > self.lr / math.sqrt(self.factor)
 
     def state(self) -> list[Any]:
-        return [self.step, None if self.lr is None else _json_float(self.lr), self.factor]
+        return [self.step, None if self.lr is None else schema.json_number(self.lr), self.factor]
 
     @classmethod
     def from_state(cls, state: list[Any] | None) -> LastCut | None:
@@ -56,7 +57,3 @@ class LastCut:
             return None
         step, lr, factor = state
         return cls(int(step), None if lr is None else float(lr), int(factor))
-
-
-def _json_float(x: float) -> float | str:
-    return x if math.isfinite(x) else str(x)  # strict JSON has no inf/nan

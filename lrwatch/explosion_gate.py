@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lrwatch import schema
 from lrwatch.detectors.explosion import ExplosionDetector
 
 REBASE_EVERY = 16  # points between two refreshes of the gate's baseline
@@ -49,13 +50,9 @@ class ExplosionGate:
         self.bar = med + 0.5 * (detector.min_ratio - 1.0) * abs(med)
 
     def state(self) -> list[float | int | str]:
-        return [_json_float(self.bar), _json_float(self.prev), self.rises, self.since]
+        return [schema.json_number(self.bar), schema.json_number(self.prev), self.rises, self.since]
 
     @classmethod
     def from_state(cls, state: list[float | int | str]) -> ExplosionGate:
         bar, prev, rises, since = state
         return cls(float(bar), float(prev), int(rises), int(since))
-
-
-def _json_float(x: float) -> float | str:
-    return x if math.isfinite(x) else str(x)  # strict JSON has no inf/nan

@@ -164,12 +164,7 @@ class Policy:
         """Turn the chosen plan into decisions, applying the stop rules, floor and budget."""
         s, seen = self._state, headline(why)
         if plan.advice:
-            quiet = _ADVICE_EVERY_COOLDOWNS * self.cooldown_steps
-            if s.last_advice_step is not None and step - s.last_advice_step < quiet:
-                return []
-            s.last_advice_step = step
-            text = f"{seen}. Advice only: raise the LR (try 2-3x): {plan.why} mean slow progress."
-            return [Decision(step, ActionKind.RAISE_LR_ADVICE, text, findings=why)]
+            return self._advise(step, plan, why)
         if plan.kind is Kind.NONFINITE:
             s.count_nonfinite(step, cooldown_steps=self.cooldown_steps)
         stop = stop_reason(
@@ -196,6 +191,18 @@ class Policy:
         if out:
             s.last_action_step, s.cooldown_rank = step, plan.rank
         return out
+
+    def _advise(self, step: int, plan: Plan, why: tuple[Finding, ...]) -> list[Decision]:
+        """Advice for a human, at most once every ``_ADVICE_EVERY_COOLDOWNS`` cooldowns."""
+        s = self._state
+        quiet = _ADVICE_EVERY_COOLDOWNS * self.cooldown_steps
+        if s.last_advice_step is not None and step - s.last_advice_step < quiet:
+            return []
+        s.last_advice_step = step
+        text = (
+            f"{headline(why)}. Advice only: raise the LR (try 2-3x): {plan.why} mean slow progress."
+        )
+        return [Decision(step, ActionKind.RAISE_LR_ADVICE, text, findings=why)]
 
     def _cut(
         self, step: int, plan: Plan, why: tuple[Finding, ...], factor: int, limit: str, *, lr: Any

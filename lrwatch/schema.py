@@ -162,7 +162,7 @@ class Decision:
         if self.factor is not None:
             doc["factor"] = self.factor
         if self.max_norm is not None:
-            doc["max_norm"] = _finite_or_none(self.max_norm)
+            doc["max_norm"] = json_number(self.max_norm)
         doc["reason"] = self.reason
         doc["findings"] = [f.to_json() for f in self.findings]
         return doc
@@ -231,14 +231,14 @@ class Analysis:
         }
 
 
-def _finite_or_none(x: float) -> float | str:
-    """JSON has no NaN/Inf: spell them as strings so documents stay strict JSON."""
+def json_number(x: float) -> float | str:
+    """``x`` as strict JSON allows it: NaN/Inf become the strings ``"nan"``, ``"inf"``."""
     return x if math.isfinite(x) else str(x)
 
 
 def _jsonable(obj: Any) -> Any:
     if isinstance(obj, float):
-        return _finite_or_none(obj)
+        return json_number(obj)
     if isinstance(obj, enum.Enum):
         return obj.value
     if isinstance(obj, Mapping):
