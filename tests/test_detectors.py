@@ -352,10 +352,22 @@ def test_overfit_table(val: list[float], mode: Any, train_falls: bool, flag: boo
         assert f.kind == schema.Kind.OVERFIT and f.evidence["train_tau"] < 0
 
 
-def test_overfit_is_not_a_run_whose_first_evaluation_stayed_its_best() -> None:
-    # A run that never learned (val at chance from the start, then worse) is not overfitting.
+def test_overfit_is_not_a_run_that_never_beat_its_untrained_validation() -> None:
+    # Evaluated before the first step (at chance), then only worse while the training loss falls
+    # back from a blow-up: a run that never learned, which stopping would not fix.
     val = np.array([2.30, 2.36, 2.40, 2.45, 2.50, 2.55, 2.60, 2.62, 2.64, 2.66])
-    assert OverfitDetector().check(_VAL_STEPS, val, tag="v", train=_train()) is None
+    train = series(np.linspace(40.0, 2.4, 999), start=1)
+    assert OverfitDetector().check(_VAL_STEPS, val, tag="v", train=train) is None
+
+
+def test_overfit_from_the_first_evaluation_on_is_still_overfitting() -> None:
+    # A big model on a tiny train set: validation is best at its first evaluation, the training
+    # loss then falls by orders of magnitude (bench scenario overfit_diabetes_80).
+    val = np.array([0.55, 0.61, 0.70, 0.73, 0.76, 0.78, 0.81, 0.84, 0.86, 0.88])
+    steps = np.arange(10, 110, 10, dtype=np.int64)
+    train = series(0.5 * np.exp(-np.arange(1, 101) / 15.0), start=1)
+    f = OverfitDetector().check(steps, val, tag="v", train=train)
+    assert f is not None and f.evidence["best_step"] == 10
 
 
 def test_overfit_needs_training_below_its_level_when_validation_was_best() -> None:

@@ -98,14 +98,13 @@ class OverfitDetector:
         worse = signed[best_i + 1 :] > _SIGN[self.mode] * best + margin
         if worse.size < self.patience or not bool(np.all(worse[-self.patience :])):
             return None
-        if best_i == 0:  # validation never improved on its first value: a run that never
-            return None  # learned (too high an LR, a bug), which stopping would not fix
         train_trend = self._train_trend(train, since=int(s[best_i]))
         if train_trend is None:
             return None
         # Overfitting means training goes *past* where it was when validation was best; a
         # training loss merely recovering from a blow-up after that point is not it.
-        before = _median_between(train, after=int(s[best_i - 1]), upto=int(s[best_i]))
+        after = int(s[best_i - 1]) if best_i > 0 else None
+        before = _median_between(train, after=after, upto=int(s[best_i]))
         if before is None or not train_trend[3] < before:
             return None
         val_trend = kendall(s[best_i:].astype(np.float64), v[best_i:])
@@ -153,8 +152,13 @@ class OverfitDetector:
         return (trend[0], trend[1], change, now) if math.isfinite(change) else None
 
 
-def _median_between(train: Window, *, after: int, upto: int) -> float | None:
-    """Median training loss over the steps that led to an evaluation (``after`` < s <= ``upto``)."""
+def _median_between(train: Window, *, after: int | None, upto: int) -> float | None:
+    """Median training loss over the steps that led to an evaluation (``after`` < s <= ``upto``).
+
+    None without such points, e.g. a best evaluation taken before the first step: a run whose
+    validation never beat its untrained value has not overfitted, it has not learned.
+    """
     s, v = as_window(*train)
-    v = v[(s > after) & (s <= upto) & np.isfinite(v)]
+    keep = (s <= upto) & np.isfinite(v) if after is None else (s > after) & (s <= upto)
+    v = v[keep & np.isfinite(v)]
     return float(np.median(v)) if v.size else None
