@@ -132,7 +132,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small files, well under a minute")
     args = parser.parse_args()
-    n_ours, n_base, rounds = (100_000, 20_000, 2) if args.quick else (1_000_000, 50_000, 2)
+    n_ours, n_base, rounds = (100_000, 20_000, 3) if args.quick else (1_000_000, 50_000, 2)
     print(f"values: lrwatch {n_ours:,}, TensorBoard baselines {n_base:,} (rates are per value)")
     with tempfile.TemporaryDirectory() as tmp:
         for per_event in (1, 100):

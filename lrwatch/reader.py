@@ -12,10 +12,12 @@ second without TensorFlow (its pure-Python record reader plus the ``data_compat`
 every value to a tensor), far too slow to replay a million-scalar run in seconds. Here the
 framing is a loop over one buffer with ``struct``, checksums use the C ``crc32c`` package (header
 CRCs are cached per record length; data CRCs are always checked), and the payload is parsed by
-TensorBoard's own compiled ``event_pb2.Event`` (protobuf upb). Measured side by side (CPU time,
-shared 2-core machine): EventFileLoader 22-24k values/s with one value per event and 38-40k with
-100 per event; this reader 190-270k and 740-770k (9-11x and 19x). What remains is protobuf
-field access and building the frozen ``Scalar`` values, not framing or CRCs.
+TensorBoard's own compiled ``event_pb2.Event`` (protobuf upb), except for the one-value
+``simple_value`` event, whose exact byte layout is read with ``struct`` once protobuf has
+vouched for its tag (see :mod:`lrwatch.records`). Measured side by side (``--quick``, CPU time,
+shared 2-core machine, noisy): one value per event, EventFileLoader 22-28k values/s, this reader
+460-770k (20-35x; 220-280k, 10-14x, with protobuf alone); 100 per event, 45-49k and 1.13-1.18M
+(25x), where protobuf field access and building the ``Scalar`` values dominate.
 
 A replaced file (a new inode, or different first bytes) is read again from the start, so its
 scalars can be yielded a second time; downstream, :class:`~lrwatch.history.History` treats
@@ -61,6 +63,7 @@ logger = logging.getLogger(__name__)
 _CHUNK = 4 << 20  # bytes per read(): bounds memory on huge files, amortises syscalls
 _SIGNATURE = 64  # first bytes of a file remembered to notice a rewrite in place
 _RECENT_S = 2.0  # a directory changed this recently is listed on every poll (mtime granularity)
+_Chunk = tuple[list[Scalar], list[int], list[int], int]  # see EventFileReader._frames
 
 
 @contextlib.contextmanager
@@ -105,7 +108,7 @@ class EventFileReader:
 
     def read(self) -> Generator[Scalar, None, None]:
         """Yield every scalar not yielded before; stopping early loses nothing."""
-        for values, ends, marks in self._records():
+        for values, ends, marks, _ in self._records(marking=True):
             lo = 0
             for next_offset, hi in zip(ends, marks, strict=True):
                 first, lo = lo, hi
@@ -130,16 +133,19 @@ class EventFileReader:
         return out
 
     def _read_into(self, out: list[Scalar]) -> None:
-        for values, ends, marks in self._records():
-            if not ends:
-                continue
+        # Per-record ends are only needed to drop records from before a truncation point; the
+        # first record's already-yielded values are simply the first ``self._skip`` values.
+        marking = self._suppress > self._offset
+        for values, ends, marks, chunk_end in self._records(marking=marking):
+            if chunk_end == self._offset:
+                continue  # no complete record in this chunk yet
             # Records ending at or before the truncation point were yielded before the cut.
-            dropped = bisect.bisect_right(ends, self._suppress)
+            dropped = bisect.bisect_right(ends, self._suppress) if marking else 0
             start = marks[dropped - 1] if dropped else self._skip
             out.extend(values[start:] if start else values)
-            self._offset, self._skip = ends[-1], 0
+            self._offset, self._skip = chunk_end, 0
 
-    def _records(self) -> Iterator[tuple[list[Scalar], list[int], list[int]]]:
+    def _records(self, *, marking: bool) -> Iterator[_Chunk]:
         """Yield, per chunk, the records past ``self._offset`` (see :meth:`_frames`).
 
         Changes no position itself: the callers advance it as they hand values out.
@@ -165,7 +171,7 @@ class EventFileReader:
                 self._restart("was rewritten in place", st)
                 self._same_start(f, st.st_size)
             f.seek(self._offset)
-            yield from self._frames(f)
+            yield from self._frames(f, marking=marking)
 
     def _check_identity(self, st: os.stat_result) -> None:
         if self._inode is not None and st.st_ino != self._inode:
@@ -190,19 +196,21 @@ class EventFileReader:
         if not suppress:
             self._suppress = 0
 
-    def _frames(self, f: Any) -> Iterator[tuple[list[Scalar], list[int], list[int]]]:
+    def _frames(self, f: Any, *, marking: bool) -> Iterator[_Chunk]:
         """Split the bytes after ``self._offset`` into records, decoded one chunk at a time.
 
-        Yields, per chunk read, (values, ends, marks): record ``i`` ends at file offset
-        ``ends[i]`` and holds ``values[marks[i-1]:marks[i]]``. Flat lists rather than one list
-        per record, and the fast layout of :mod:`lrwatch.records` decoded inline: this loop is
-        the benchmark's hot path (one Python call per record cost about 0.1 us of ~2).
+        Yields, per chunk read, (values, ends, marks, chunk_end): with ``marking``, record ``i``
+        ends at file offset ``ends[i]`` and holds ``values[marks[i-1]:marks[i]]``; without it
+        both lists stay empty (their two appends were 16% of a bulk read). ``chunk_end`` is the
+        file offset after the last complete record. Flat lists rather than one per record, and
+        the fast layout of :mod:`lrwatch.records` decoded inline (no call per record): this
+        loop is the benchmark's hot path, about 1.3 us per one-value record.
         """
         base = self._offset  # file offset of buf[0]
         buf = b""
         parse, crc, new = event_pb2.Event.FromString, crc32c.crc32c, tuple.__new__
         unpack_header, unpack_footer = HEADER.unpack_from, FOOTER.unpack_from
-        crcs, layouts = self._header_crcs, self._layouts
+        crcs, layouts, wall, value = self._header_crcs, self._layouts, WALL_TIME, SIMPLE_VALUE
         while chunk := f.read(_CHUNK):
             buf = buf + chunk if buf else chunk
             n, pos = len(buf), 0
@@ -216,18 +224,17 @@ class EventFileReader:
                     if masked_crc(buf[pos : pos + 8]) != header_crc or length > MAX_RECORD:
                         self._warn_corrupt(base + pos, "header CRC mismatch")
                         pos = resync(buf, pos)
-                        ends.append(base + pos)
-                        marks.append(len(values))
+                        if marking:
+                            ends.append(base + pos)
+                            marks.append(len(values))
                         continue
                     crcs[length] = header_crc
                 end = pos + 12 + length
                 if end + 4 > n:
                     break  # partial record: complete it with the next chunk or a later read
                 data = buf[pos + 12 : end]
-                c = crc(data)
-                if (((c >> 15) | (c << 17)) + MASK_DELTA) & 0xFFFFFFFF != unpack_footer(buf, end)[
-                    0
-                ]:
+                c, (footer,) = crc(data), unpack_footer(buf, end)
+                if (((c >> 15) | (c << 17)) + MASK_DELTA) & 0xFFFFFFFF != footer:
                     self._warn_corrupt(base + pos, "data CRC mismatch")
                 else:
                     tag = None  # the fast layout (records.split_layout, inlined)
@@ -250,26 +257,17 @@ class EventFileReader:
                         if b < 0x80:
                             tag = layouts.get(data[p:-4])
                     if tag is not None:
-                        add(
-                            new(
-                                Scalar,
-                                (
-                                    tag,
-                                    step,
-                                    WALL_TIME(data, 1)[0],
-                                    SIMPLE_VALUE(data, length - 4)[0],
-                                ),
-                            )
-                        )
+                        add(new(Scalar, (tag, step, wall(data, 1)[0], value(data, length - 4)[0])))
                     else:
                         try:
                             decode_learning(data, values, layouts, parse)
                         except DecodeError:
                             self._warn_corrupt(base + pos, "undecodable event")
                 pos = end + 4
-                ends.append(base + pos)
-                marks.append(len(values))
-            yield values, ends, marks
+                if marking:
+                    ends.append(base + pos)
+                    marks.append(len(values))
+            yield values, ends, marks, base + pos
             base += pos
             buf = buf[pos:]
 

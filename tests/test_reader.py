@@ -316,3 +316,77 @@ def test_reader_any_split_of_appends_yields_each_value_once(
         last = max(last, cut)
         got += reader.read_all() if cut % 2 else list(reader.read())
     assert got == [s for i in range(8) for s in expected(i, {"a": float(i), "b": -1.0})]
+
+
+def protobuf_scalars(data: bytes) -> list[tuple[str, int, float, float]]:
+    """What protobuf itself says one event's simple values are (independent of lrwatch)."""
+    ev = event_pb2.Event.FromString(data)
+    return [
+        (v.tag, ev.step, ev.wall_time, v.simple_value)
+        for v in ev.summary.value
+        if v.WhichOneof("value") == "simple_value"
+    ]
+
+
+def comparable(row: tuple[str, int, float, float]) -> tuple[object, ...]:
+    # NaN != NaN, and sign/payload bits of a NaN are not part of the contract; -0.0 is.
+    return tuple(
+        (struct.pack("<d", x) if x == x else "nan") if isinstance(x, float) else x for x in row
+    )
+
+
+# The fast path engages from a tag's second record, so events draw from a few tags each.
+_tags = st.text(max_size=130) | st.sampled_from(["", "loss", "lrwatch/loss", "é/∑/😀", "a" * 118])
+_events = st.lists(
+    st.tuples(
+        st.integers(min_value=0, max_value=3),
+        st.integers(min_value=-(2**63), max_value=2**63 - 1)
+        | st.integers(min_value=-3, max_value=2**22),
+        st.floats(width=64) | st.sampled_from([0.0, -0.0, 1.7e9]),
+        st.floats(width=32) | st.sampled_from([0.0, -0.0, float("inf"), float("nan")]),
+        st.integers(min_value=1, max_value=2),
+    ),
+    min_size=1,
+    max_size=40,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(tags=st.lists(_tags, min_size=4, max_size=4), events=_events)
+def test_reader_fast_layout_gives_exactly_what_protobuf_gives(
+    tmp_path_factory: pytest.TempPathFactory,
+    tags: list[str],
+    events: list[tuple[int, int, float, float, int]],
+) -> None:
+    datas = []
+    for tag_i, step, wall_time, value, n_values in events:
+        ev = event_pb2.Event(wall_time=wall_time, step=step)
+        for k in range(n_values):  # two values per event must take the protobuf path
+            ev.summary.value.add(tag=tags[(tag_i + k) % 4], simple_value=value)
+        datas.append(ev.SerializeToString())
+    path = tmp_path_factory.mktemp("fast") / "events.out.tfevents.1.x"
+    path.write_bytes(b"".join(frame_record(d) for d in datas * 2))
+    want = [comparable(row) for d in datas * 2 for row in protobuf_scalars(d)]
+    assert [comparable(s) for s in EventFileReader(path).read_all()] == want
+    assert [comparable(s) for s in EventFileReader(path).read()] == want
+
+
+def test_reader_fast_layout_is_used_and_falls_back_on_other_layouts(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ev = event_pb2.Event(wall_time=5.0, step=300)
+    ev.summary.value.add(tag="loss", simple_value=0.5)
+    plain = ev.SerializeToString()
+    # Same tag and numbers with an unknown field appended, and the fields in another order:
+    # valid protobuf that the fast layout must not match.
+    extra = plain + b"\x98\x06\x01"  # field 99 varint
+    reordered = plain[9:] + plain[:9]
+    bad_utf8 = plain.replace(b"loss", b"\xff\xfe\xfd\xfc")  # protobuf rejects it: so must we
+    records = [plain, plain, extra, reordered, bad_utf8, plain]
+    path = tmp_path / "events.out.tfevents.1.x"
+    path.write_bytes(b"".join(frame_record(d) for d in records))
+    reader = EventFileReader(path)
+    with caplog.at_level(logging.WARNING):
+        assert reader.read_all() == [Scalar("loss", 300, 5.0, 0.5)] * 5
+    assert "undecodable event" in caplog.text
+    assert list(reader._layouts.values()) == ["loss"]  # the fast path was learnt, and only once
