@@ -294,6 +294,7 @@ def format_status(statuses: Sequence[RunStatus], *, logdir: Path | None = None) 
         )
     if len(rows) == 1:
         return "no runs found"
+    rows = [tuple(_clip(c) for c in r) for r in rows]  # one odd run must not widen every line
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     right = {2, 3, 4, 5}  # numbers align right
     lines = [
@@ -304,3 +305,8 @@ def format_status(statuses: Sequence[RunStatus], *, logdir: Path | None = None) 
         for r in rows
     ]
     return "\n".join(lines)
+
+
+def _clip(cell: str, width: int = 48) -> str:
+    """``cell`` cut to ``width`` characters, keeping its end (a run's leaf, a number's digits)."""
+    return cell if len(cell) <= width else "…" + cell[-(width - 1) :]
