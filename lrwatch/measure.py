@@ -42,6 +42,7 @@ class Pending:
     g_plan: Plan | None = None
     g: Tensor | None = None  # per-tensor gradient norms
     g_total: Tensor | None = None
+    grads: list[Tensor | None] | None = None  # read by start, reused by the same pre-hook
 
 
 class Measurer:
@@ -68,20 +69,23 @@ class Measurer:
         With a closure the gradients do not exist yet: every trainable parameter may move.
         """
         params = all_params(self.optimizer)
+        grads = [p.grad for p in params]
         moving = tuple(
             i
-            for i, p in enumerate(params)
-            if p.grad is not None or (closure_step and p.requires_grad)
+            for i, (p, g) in enumerate(zip(params, grads, strict=True))
+            if g is not None or (closure_step and p.requires_grad)
         )
         plan = self._plan(moving, params)
         weights = [params[i] for i in moving]
-        return Pending(
-            params,
-            weights,
-            plan,
-            stats.foreach_norms(weights, plan.groups),
-            stats.snapshot(weights, self.buffers),
-        )
+        with torch.no_grad():  # weights require grad: no autograd node per norm
+            return Pending(
+                params,
+                weights,
+                plan,
+                stats.foreach_norms(weights, plan.groups),
+                stats.snapshot(weights, self.buffers),
+                grads=None if closure_step else grads,  # a closure makes the grads in step()
+            )
 
     def grad_checks(self, pending: Pending | None) -> list[Tensor]:
         """Tensors whose finiteness is this step's flag (no sync).
@@ -89,10 +93,11 @@ class Measurer:
         On a logging step the total gradient norm (a full check); otherwise the norms of the
         checked gradients (see ``nonfinite``).
         """
-        if pending is not None:
-            return self._grad_norms(pending)
-        grads = [p.grad for p in self._check_params() if p.grad is not None]
-        return [torch.stack(torch._foreach_norm(grads))] if grads else []
+        with torch.no_grad():  # a grad of a grad (create_graph=True) would build a graph
+            if pending is not None:
+                return self._grad_norms(pending)
+            grads = [p.grad for p in self._check_params() if p.grad is not None]
+            return [torch.stack(torch._foreach_norm(grads))] if grads else []
 
     def finish(
         self, pending: Pending, *, preclip: Tensor | None, per_layer: bool, keep_buffers: bool
@@ -102,6 +107,15 @@ class Measurer:
         Few kernels on purpose: on a model of many small tensors the per-op overhead, not the
         arithmetic, is what a logging step costs beyond the floor.
         """
+        with torch.no_grad():  # the weights require grad: keep autograd out of every op
+            block = self._block(pending, preclip=preclip, per_layer=per_layer)
+        self.buffers = pending.snapshot if keep_buffers else None
+        return block
+
+    def _block(
+        self, pending: Pending, *, preclip: Tensor | None, per_layer: bool
+    ) -> tuple[list[str], Tensor] | None:
+        """The values of :meth:`finish`, in one ``cat`` at the end."""
         weights, plan, w_before = pending.weights, pending.plan, pending.w_before
         tags: list[str] = []
         head: list[Tensor] = []
@@ -115,11 +129,14 @@ class Measurer:
         if weights:
             u = stats.update_norms(pending.snapshot, weights, plan.groups)
             w_after = stats.foreach_norms(weights, plan.groups)
-            totals = torch.linalg.vector_norm(torch.stack([u, w_before, w_after]), dim=1)
-            ratios = stats.ratio(torch.cat([totals[:1], u]), torch.cat([totals[1:2], w_before]))
+            # Rows (update, weight before, weight after), each led by its total: one stack, one
+            # norm, one cat and one ratio for the global and every per-tensor value at once.
+            per = torch.stack([u, w_before, w_after])
+            full = torch.cat([torch.linalg.vector_norm(per, dim=1, keepdim=True), per], dim=1)
+            ratios = stats.ratio(full[0], full[1])
             tags += [schema.UPDATE_RATIO, schema.WEIGHT_NORM]
-            head += [ratios[:1], totals[2:]]
-            tail += [ratios[1:], w_after]
+            head += [ratios[:1], full[2, :1]]
+            tail += [ratios[1:], full[2, 1:]]
         if per_layer:
             if pending.g is not None and pending.g_plan is not None:
                 tags += pending.g_plan.grad_tags
@@ -127,17 +144,18 @@ class Measurer:
             if weights:
                 tags += plan.update_tags + plan.weight_tags
                 head += tail
-        self.buffers = pending.snapshot if keep_buffers else None
         return (tags, torch.cat(head)) if tags else None
 
     def _grad_norms(self, pending: Pending) -> list[Tensor]:
         """Per-tensor norms of the gradients stepped with; their total is the full check."""
         params = pending.params
-        with_grad = tuple(i for i, p in enumerate(params) if p.grad is not None)
+        every = pending.grads if pending.grads is not None else [p.grad for p in params]
+        pending.grads = None
+        with_grad = tuple(i for i, g in enumerate(every) if g is not None)
         if not with_grad:
             return []
         plan = pending.g_plan = self._plan(with_grad, params)
-        grads = [g for i in with_grad if (g := params[i].grad) is not None]
+        grads = [g for g in every if g is not None]
         pending.g = stats.foreach_norms(grads, plan.groups)
         pending.g_total = stats.total_norm(pending.g).reshape(1)
         return [pending.g_total]

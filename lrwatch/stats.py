@@ -41,12 +41,13 @@ def foreach_norms(tensors: Sequence[Tensor], groups: list[list[int]] | None = No
     if groups is None:
         groups = group_by_device_dtype(tensors)
     device = tensors[0].device
+    if len(groups) == 1:  # the common case: no regrouping, one kernel and one stack
+        norms = torch.stack(torch._foreach_norm(list(tensors)))
+        return norms if norms.dtype == torch.float32 else norms.to(torch.float32)
     parts = [
         torch.stack(torch._foreach_norm([tensors[i] for i in idx])).to(device, torch.float32)
         for idx in groups
     ]
-    if len(parts) == 1:
-        return parts[0]
     order = torch.tensor([i for idx in groups for i in idx], device=device)
     return torch.empty(len(tensors), device=device).index_copy_(0, order, torch.cat(parts))
 
@@ -63,7 +64,7 @@ def snapshot(tensors: Sequence[Tensor], buffers: list[Tensor] | None = None) -> 
     Reused buffers avoid allocating (and, on CPU, page-faulting) a model-sized block at every
     logging step; fresh copies cost nothing between logging steps once dropped.
     """
-    src = [t.detach() for t in tensors]
+    src = _detached(tensors)
     fits = buffers is not None and len(buffers) == len(src)
     if fits and buffers is not None:
         fits = all(
@@ -83,8 +84,15 @@ def update_norms(
 
     In place so that the update costs no second model-sized block.
     """
-    torch._foreach_sub_(before, [t.detach() for t in after])
+    torch._foreach_sub_(before, _detached(after))
     return foreach_norms(before, groups)
+
+
+def _detached(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """``tensors`` cut from autograd; under ``no_grad`` (the monitor's case) as they are."""
+    if torch.is_grad_enabled():
+        return [t.detach() for t in tensors]
+    return list(tensors)
 
 
 def ratio(num: Tensor, den: Tensor) -> Tensor:
