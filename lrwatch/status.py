@@ -277,7 +277,7 @@ def _ack(s: RunStatus) -> str:
 def format_status(statuses: Sequence[RunStatus], *, logdir: Path | None = None) -> str:
     """An aligned table, one run per line; run names relative to ``logdir`` when given."""
     head = ("RUN", "HEALTH", "STEP", "AGE", "LR", "CUT", "LAST FINDING", "LAST DECISION", "ACK")
-    rows = [head]
+    rows: list[tuple[str, ...]] = [head]
     for s in statuses:
         name = s.run
         if logdir is not None:
