@@ -383,6 +383,13 @@ def test_overfit_needs_training_below_its_level_when_validation_was_best() -> No
     assert f is not None and f.evidence["train_now"] < f.evidence["train_at_best"]
 
 
+def test_overfit_is_not_a_lucky_low_evaluation_followed_by_a_flat_stretch() -> None:
+    # One evaluation dipped while the LR was too high; after a cut validation sits flat a little
+    # above it while training improves: worse than the best, but not turning up.
+    val = np.array([1.2, 0.437, 0.48, 0.47, 0.475, 0.47, 0.476, 0.472, 0.474, 0.473])
+    assert OverfitDetector().check(_VAL_STEPS, val, tag="v", train=_train()) is None
+
+
 def test_overfit_needs_training_points_since_the_best() -> None:
     val = np.array([2.0, 1.5, 1.2, 1.1, 1.05, 1.1, 1.2, 1.3, 1.4, 1.5])
     short = series(np.linspace(1.0, 0.5, 5), start=995)

@@ -1,14 +1,16 @@
 """Overfit detector: the validation metric worsens while the training loss keeps improving.
 
 Validation points are few (one per evaluation), so the rule counts evaluations, as
-EarlyStopping does, rather than testing a trend it has no power to see:
+EarlyStopping does, and adds what EarlyStopping lacks to tell overfitting from noise:
 
 1. the last ``patience`` evaluations are all worse than the best one by more than a margin
    (``min_delta_rel * |best| + min_delta_abs``; sign-safe, unlike a purely relative threshold);
-2. the training loss since the best evaluation is still falling: Kendall's tau against the step
-   is negative with one-sided p < ``alpha``.
-
-Kendall's tau over the evaluations since the best one is reported as evidence, not required.
+2. validation is turning up since the best evaluation: Kendall's tau of the evaluations from the
+   best one on, one-sided p < ``alpha`` (a lucky low evaluation in a noisy phase followed by a
+   flat stretch is not overfitting; with ``patience`` 3 this needs the 4 points to rise
+   monotonically, or more evaluations);
+3. the training loss since the best evaluation is still falling (Kendall, one-sided p <
+   ``alpha``) and is now below its level over the steps that led to the best evaluation.
 ``mode`` says whether the validation metric is a loss (``min``) or a score (``max``); the training
 series is always a loss.
 
@@ -107,7 +109,12 @@ class OverfitDetector:
         before = _median_between(train, after=after, upto=int(s[best_i]))
         if before is None or not train_trend[3] < before:
             return None
-        val_trend = kendall(s[best_i:].astype(np.float64), v[best_i:])
+        # Worse than the best is not enough: a lucky low evaluation in a noisy or oscillating
+        # phase stays "the best" while the run is fine. Validation must be turning up.
+        rising = "greater" if self.mode == "min" else "less"
+        val_trend = kendall(s[best_i:].astype(np.float64), v[best_i:], alternative=rising)
+        if val_trend is None or not val_trend[1] < self.alpha:
+            return None
         evidence = {
             "value": float(v[-1]),
             "best": best,
@@ -115,7 +122,8 @@ class OverfitDetector:
             "margin": margin,
             "evals_worse": int(worse.sum()),
             "evals_since_best": int(worse.size),
-            "val_tau": None if val_trend is None else val_trend[0],
+            "val_tau": val_trend[0],
+            "val_p": val_trend[1],
             "train_tau": train_trend[0],
             "train_p": train_trend[1],
             "train_change": train_trend[2],
