@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from lrwatch import ranks
 from lrwatch.applied import Applied
 from lrwatch.control import read_control
 from lrwatch.errors import ConfigError, ControlFileError
@@ -67,7 +68,7 @@ class Controller:
         self._written: list[Any] = []  # what lrwatch set, to spot a step that never finished
         self._synced = False
         self._warned: set[str] = set()
-        if self.run_dir is not None and _rank() == 0:
+        if self.run_dir is not None and ranks.rank() == 0:
             self._load_applied(self.run_dir / APPLIED_FILENAME)
 
     # ------------------------------------------------------------------ what is in force
@@ -184,18 +185,13 @@ class Controller:
     # ------------------------------------------------------------------ reading the file
     def _check(self, step: int) -> list[Action]:
         """Find new actions; under DDP rank 0 reads and every rank gets the same ones."""
-        if not _distributed():
+        if not ranks.distributed():
             return self._poll(step)
-        import torch.distributed as dist
-
-        payload: list[Any] = [None]
-        if dist.get_rank() == 0:
+        if ranks.rank() == 0:
             new = self._poll(step)
-            payload = [(self.state_dict(), new)]
-        dist.broadcast_object_list(payload, src=0)
-        if dist.get_rank() == 0:
+            ranks.from_rank0((self.state_dict(), new))
             return new
-        state, new = payload[0]
+        state, new = ranks.from_rank0(None)
         self._applied = Applied.from_json(state)
         return list(new)
 
@@ -260,7 +256,7 @@ class Controller:
             logger.info("lrwatch: resumed control state from %s: %s", path, applied.to_json())
 
     def _save_applied(self) -> None:
-        if self.run_dir is None or _rank() != 0:
+        if self.run_dir is None or ranks.rank() != 0:
             return
         try:
             self._applied.save(self.run_dir / APPLIED_FILENAME)
@@ -287,15 +283,3 @@ def _describe(action: Action) -> str:
         ActionKind.UNDO: f" of {action.target}",
     }.get(action.action, "")
     return f"action {action.id} ({action.action.value}{detail})"
-
-
-def _distributed() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 import torch
 
+from lrwatch import ranks
 from lrwatch._amp import skip_counter
 from lrwatch.cadence import Cadence
 from lrwatch.capture import share
@@ -126,7 +127,7 @@ class Monitor:
         self._skips = skip_counter(scaler)
         self._closure_step = False
         self._recorder: Recorder | None = None  # only the writing rank records
-        writer = self._open_writer() if _rank() == 0 else None
+        writer = self._open_writer() if ranks.rank() == 0 else None
         if writer is not None:
             self._recorder = Recorder(
                 writer,
@@ -345,9 +346,3 @@ def _run_dir(logdir: str | os.PathLike[str] | None, writer: Any) -> Path:
     if writer is not None:
         return Path(writer.get_logdir() if hasattr(writer, "get_logdir") else writer.log_dir)
     return Path(logdir) if logdir is not None else default_logdir()
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

@@ -1,0 +1,54 @@
+"""Which rank this process is, and rank 0's view handed to every rank.
+
+Under DDP only rank 0 writes event files and reads the control file; the other ranks receive
+what rank 0 read, so every rank applies the same action at the same step.
+
+Why the exit guard: a gloo (or NCCL) worker thread releases the tensors of a finished
+collective on its own thread, and releasing a tensor that Python has seen needs the GIL. If the
+interpreter starts finalising before that thread got the GIL, libtorch aborts the process
+("terminate called without an active exception", SIGABRT in ``ProcessGroupGloo::runLoop``).
+A script whose last control-file check falls within a few milliseconds of its exit hit this in
+about one run in eight here. Sleeping briefly in an ``atexit`` handler, which runs while the
+interpreter is still whole, lets the worker thread finish; it is registered only by processes
+that ran such a broadcast.
+"""
+
+from __future__ import annotations
+
+import atexit
+import time
+from typing import Any
+
+EXIT_GRACE_S = 0.05
+_guard_registered = False
+
+
+def rank() -> int:
+    """This process's rank in the default process group; 0 when not distributed."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def distributed() -> bool:
+    """True inside an initialised process group of more than one rank."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def from_rank0(value: Any) -> Any:
+    """``value`` as rank 0 has it, on every rank (a collective: every rank must call it)."""
+    import torch.distributed as dist
+
+    payload = [value if dist.get_rank() == 0 else None]
+    _guard_exit()
+    dist.broadcast_object_list(payload, src=0)
+    return payload[0]
+
+
+def _guard_exit() -> None:
+    global _guard_registered
+    if not _guard_registered:
+        _guard_registered = True
+        atexit.register(time.sleep, EXIT_GRACE_S)
