@@ -16,11 +16,11 @@ that ran such a broadcast.
 from __future__ import annotations
 
 import atexit
+import functools
 import time
 from typing import Any
 
 EXIT_GRACE_S = 0.05
-_guard_registered = False
 
 
 def rank() -> int:
@@ -47,8 +47,7 @@ def from_rank0(value: Any) -> Any:
     return payload[0]
 
 
+@functools.cache
 def _guard_exit() -> None:
-    global _guard_registered
-    if not _guard_registered:
-        _guard_registered = True
-        atexit.register(time.sleep, EXIT_GRACE_S)
+    """Register the exit grace once per process (cached: later calls do nothing)."""
+    atexit.register(time.sleep, EXIT_GRACE_S)
