@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from lrwatch import schema
-from lrwatch.analyze import RunAnalyzer
+from lrwatch.analysis.analyzer import RunAnalyzer
 from lrwatch.schema import Scalar
 
 

@@ -40,9 +40,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from lrwatch import schema  # noqa: E402
-from lrwatch.daemon import STATE_FILENAME  # noqa: E402
-from lrwatch.report import read_audit  # noqa: E402
-from lrwatch.writer import EventWriter  # noqa: E402
+from lrwatch.daemon.outputs import read_audit  # noqa: E402
+from lrwatch.daemon.watched_run import STATE_FILENAME  # noqa: E402
+from lrwatch.events.writer import EventWriter  # noqa: E402
 
 HISTORY = 40  # healthy steps before the NaN: enough for every detector's warm-up
 TAGS = [schema.LOSS, schema.NONFINITE, schema.LR, schema.GRAD_NORM]

@@ -24,7 +24,7 @@ from sklearn.datasets import load_diabetes, load_digits
 from torch import nn
 
 import lrwatch
-from lrwatch.lr_suggest import RULES
+from lrwatch.lr_finder.suggest import RULES
 
 Tensor = torch.Tensor
 

@@ -28,8 +28,8 @@ from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.compat.proto import event_pb2
 
-from lrwatch.reader import EventFileReader, RunReader
-from lrwatch.records import frame_record
+from lrwatch.events.decode import frame_record
+from lrwatch.events.reader import EventFileReader, RunReader
 
 # CPU time of this process, not wall time: the benchmark machine is shared, and a reader that is
 # descheduled for a while should not look slower than one that was lucky. Everything timed here

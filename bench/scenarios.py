@@ -1,7 +1,7 @@
 """Labelled scenario suite: does lrwatch find what a practitioner would, and nothing else?
 
 Every scenario is a real small training (``bench/scenario_runs.py``) recorded with the real hook
-and replayed through ``lrwatch.analyze.RunAnalyzer`` at its defaults. Printed:
+and replayed through ``lrwatch.analysis.analyzer.RunAnalyzer`` at its defaults. Printed:
 
 1. per scenario: the kinds expected, the findings (severity, first step), the decisions;
 2. per detector: precision, recall and detection delay in steps (onsets below);
@@ -49,9 +49,9 @@ from scenario_runs import (  # noqa: E402
 )
 
 from lrwatch import schema  # noqa: E402
-from lrwatch.analyze import RunAnalyzer  # noqa: E402
-from lrwatch.config import AnalyzerConfig, load_config  # noqa: E402
-from lrwatch.reader import read_run  # noqa: E402
+from lrwatch.analysis.analyzer import RunAnalyzer  # noqa: E402
+from lrwatch.analysis.config import AnalyzerConfig, load_config  # noqa: E402
+from lrwatch.events.reader import read_run  # noqa: E402
 from lrwatch.schema import ActionKind, Scalar, Severity  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out" / "scenarios"

@@ -39,9 +39,9 @@ import torch
 
 import lrwatch
 from lrwatch import schema
-from lrwatch.reader import read_run
-from lrwatch.report import read_audit
-from lrwatch.tb_layout import layout_charts, write_layout
+from lrwatch.daemon.outputs import read_audit
+from lrwatch.daemon.tb_layout import layout_charts, write_layout
+from lrwatch.events.reader import read_run
 
 BIN = Path(sys.executable).parent
 OUT = Path(__file__).with_name("out")

@@ -35,8 +35,8 @@ from tensorboard.compat.proto import event_pb2
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 from torch.utils.tensorboard import SummaryWriter
 
-from lrwatch._eventfile import encode_scalar_rows
-from lrwatch.writer import EventWriter
+from lrwatch.events.encode import encode_scalar_rows
+from lrwatch.events.writer import EventWriter
 
 SIZES = (1, 100, 1000)
 ROWS = 64  # steps per add_rows call, as the monitor batches its per-step rows

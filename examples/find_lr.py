@@ -19,7 +19,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 import lrwatch
-from lrwatch.lr_suggest import RULES
+from lrwatch.lr_finder.suggest import RULES
 
 
 def main() -> None:

@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from lrwatch import schema
-from lrwatch.reader import read_run
-from lrwatch.report import read_audit
+from lrwatch.daemon.outputs import read_audit
+from lrwatch.events.reader import read_run
 
 HERE = Path(__file__).resolve().parent
 MISTUNED = HERE / "mistuned.py"

@@ -15,19 +15,19 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from lrwatch.lr_finder import LRFinderResult, find_lr
-    from lrwatch.monitor import Monitor, StopTraining, watch
+    from lrwatch.hook.monitor import Monitor, StopTraining, watch
+    from lrwatch.lr_finder.finder import LRFinderResult, find_lr
 
 __version__ = "0.1.0"
 
 __all__ = ["LRFinderResult", "Monitor", "StopTraining", "__version__", "find_lr", "watch"]
 
 _LAZY = {
-    "LRFinderResult": "lrwatch.lr_finder",
-    "find_lr": "lrwatch.lr_finder",
-    "Monitor": "lrwatch.monitor",
-    "StopTraining": "lrwatch.monitor",
-    "watch": "lrwatch.monitor",
+    "LRFinderResult": "lrwatch.lr_finder.finder",
+    "find_lr": "lrwatch.lr_finder.finder",
+    "Monitor": "lrwatch.hook.monitor",
+    "StopTraining": "lrwatch.hook.monitor",
+    "watch": "lrwatch.hook.monitor",
 }
 
 

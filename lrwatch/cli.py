@@ -88,9 +88,10 @@ def analyze(
     settings: dict[str, Any],
 ) -> None:
     """Replay RUN_DIR's history through the detectors and the policy; print what they say."""
-    from lrwatch.analyze import analyze_run, format_table
-    from lrwatch.config import load_config, merge
+    from lrwatch.analysis.analyzer import analyze_run
+    from lrwatch.analysis.config import load_config, merge
     from lrwatch.errors import ConfigError
+    from lrwatch.views.analysis_table import format_table
 
     overrides: dict[str, Any] = merge(settings, {})
     if metric is not None:
@@ -263,15 +264,15 @@ def serve(
     """Watch the runs under LOGDIRS (and runs that appear later), and advise or act on them."""
     import functools
 
-    from lrwatch.analyze import RunAnalyzer
-    from lrwatch.config import load_config
+    from lrwatch.analysis.analyzer import RunAnalyzer
+    from lrwatch.analysis.config import load_config
+    from lrwatch.daemon.notify import HookRunner, validate_hooks
+    from lrwatch.daemon.rails import Rails
+    from lrwatch.daemon.serve import Daemon, serve_forever
     from lrwatch.errors import ConfigError
-    from lrwatch.notify import HookRunner, validate_hooks
-    from lrwatch.rails import Rails
-    from lrwatch.serve import Daemon, serve_forever
 
     # Decisions and the runs being watched are what the daemon is for: show them without -v.
-    for name in ("lrwatch.report", "lrwatch.serve"):
+    for name in ("lrwatch.daemon.outputs", "lrwatch.daemon.serve"):
         logging.getLogger(name).setLevel(min(logging.INFO, logging.getLogger().level))
     try:
         config = load_config(config_file, overrides={} if metric is None else {"metric": metric})
@@ -320,7 +321,7 @@ def serve(
 )
 def status(logdir: pathlib.Path, as_json: bool, stale_after: float) -> None:
     """One line per run under LOGDIR: health, LR, cut, last finding and decision, last step."""
-    from lrwatch.status import collect_status, format_status
+    from lrwatch.views.status import collect_status, format_status
 
     try:
         statuses = collect_status(logdir, stale_after=stale_after)
@@ -345,12 +346,12 @@ def status(logdir: pathlib.Path, as_json: bool, stale_after: float) -> None:
 def report(run_dir: pathlib.Path, output: pathlib.Path) -> None:
     """Draw RUN_DIR: loss, LR, grad norm, update ratio, with every finding and decision marked."""
     from lrwatch.errors import ConfigError
-    from lrwatch.report_page import PICTURE_SUFFIXES
+    from lrwatch.views.report_page import PICTURE_SUFFIXES
 
     if output.suffix.lower() not in (*PICTURE_SUFFIXES, ".html", ".htm"):
         raise click.BadParameter("use a .png, .svg, .pdf or .html file name", param_hint="-o")
     try:
-        from lrwatch.report_page import write_report
+        from lrwatch.views.report_page import write_report
 
         data = write_report(run_dir, output)
     except ConfigError as err:  # matplotlib missing: say how to install it

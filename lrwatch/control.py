@@ -1,10 +1,10 @@
 """The control file: a strict reader and an atomic, locked writer.
 
 The daemon and ``lrwatch apply`` append actions to ``RUN_DIR/lrwatch_control.json``; the hook
-(:mod:`lrwatch.controller`) reads it. The file is a trust boundary, so the reader refuses anything
-it cannot fully vouch for (one :class:`~lrwatch.errors.ControlFileError` naming the reason), and
-the writer never leaves a half-written file for the hook to see: it writes a temporary file in the
-same directory and renames it over the old one.
+(:mod:`lrwatch.hook.controller`) reads it. The file is a trust boundary, so the reader refuses
+anything it cannot fully vouch for (one :class:`~lrwatch.errors.ControlFileError` naming the
+reason), and the writer never leaves a half-written file for the hook to see: it writes a
+temporary file in the same directory and renames it over the old one.
 """
 
 from __future__ import annotations

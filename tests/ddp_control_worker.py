@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from lrwatch.control import append_action
-from lrwatch.controller import Controller
+from lrwatch.hook.controller import Controller
 from lrwatch.schema import CONTROL_FILENAME, ActionKind
 
 

@@ -12,11 +12,12 @@ import pytest
 from torch.utils.tensorboard import SummaryWriter
 
 from lrwatch import schema
-from lrwatch.analyze import NoUsableTags, RunAnalyzer, analyze_run, format_table
-from lrwatch.config import load_config
+from lrwatch.analysis.analyzer import NoUsableTags, RunAnalyzer, analyze_run
+from lrwatch.analysis.config import load_config
+from lrwatch.analysis.roles import assign
 from lrwatch.errors import LrwatchError, RunGone
-from lrwatch.roles import assign
 from lrwatch.schema import Kind, Scalar, Severity
+from lrwatch.views.analysis_table import format_table
 
 
 def run_series(n: int, *, seed: int = 0, blowup_at: int | None = None) -> list[Scalar]:

@@ -15,7 +15,7 @@ def test_all_names_resolve_and_nothing_else_is_lazily_public() -> None:
 
 
 def test_watch_is_the_monitor_entry_point() -> None:
-    from lrwatch.monitor import Monitor, watch
+    from lrwatch.hook.monitor import Monitor, watch
 
     assert lrwatch.watch is watch and lrwatch.Monitor is Monitor
 
@@ -35,7 +35,10 @@ def test_import_lrwatch_leaves_daemon_dependencies_unloaded() -> None:
 
 
 def test_the_cli_and_the_daemon_side_do_not_import_torch() -> None:
-    loaded = _loaded_after("import lrwatch.cli, lrwatch.serve, lrwatch.report, lrwatch.analyze")
+    loaded = _loaded_after(
+        "import lrwatch.cli, lrwatch.daemon.serve, lrwatch.daemon.outputs,"
+        " lrwatch.analysis.analyzer"
+    )
     assert "torch" not in loaded
 
 
@@ -46,3 +49,39 @@ def test_integrations_load_on_first_attribute_access() -> None:
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert out.stdout.strip() == "lrwatch.hf"
+
+
+def test_public_names_are_pinned() -> None:
+    """The names users import: changing one is a breaking change, so it must be deliberate."""
+    assert sorted(lrwatch.__all__) == [
+        "LRFinderResult", "Monitor", "StopTraining", "__version__", "find_lr", "watch",
+    ]  # fmt: skip
+    from lrwatch.hf import LRWatchCallback
+    from lrwatch.lightning import LRWatch
+
+    assert LRWatch.__module__ == "lrwatch.integrations.lightning"
+    assert LRWatchCallback.__module__ == "lrwatch.integrations.hf"
+
+
+def test_the_cli_commands_are_pinned() -> None:
+    from lrwatch.cli import main
+
+    assert sorted(main.commands) == ["analyze", "apply", "report", "serve", "status"]
+
+
+def test_readme_development_tree_names_every_module() -> None:
+    """The file list is the architecture: README's tree must show every module that exists."""
+    from pathlib import Path
+
+    root = Path(lrwatch.__file__).parent
+    readme = (root.parent / "README.md").read_text()
+    tree = readme[readme.index("## Development") :]
+    tree = tree[: tree.index("```", tree.index("```") + 3)]
+    missing = [
+        str(p.relative_to(root))
+        for p in sorted(root.rglob("*.py"))
+        if p.name not in ("__init__.py", "__main__.py", "_window.py")
+        and p.parent.name != "detectors"
+        and p.stem not in tree
+    ]
+    assert not missing, f"modules missing from README's Development tree: {missing}"

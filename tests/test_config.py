@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from lrwatch.config import TABLES, AnalyzerConfig, build_config, load_config, settings_of
-from lrwatch.detectors.explosion import ExplosionDetector
-from lrwatch.detectors.plateau import PlateauTracker
+from lrwatch.analysis.config import TABLES, AnalyzerConfig, build_config, load_config, settings_of
+from lrwatch.analysis.detectors.explosion import ExplosionDetector
+from lrwatch.analysis.detectors.plateau import PlateauTracker
 from lrwatch.errors import ConfigError
 
 

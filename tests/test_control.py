@@ -18,8 +18,8 @@ from click.testing import CliRunner
 from lrwatch import control as control_mod
 from lrwatch.cli import main
 from lrwatch.control import MAX_CONTROL_BYTES, append_action, read_control
-from lrwatch.controller import Controller
 from lrwatch.errors import ConfigError, ControlFileError, RunGone
+from lrwatch.hook.controller import Controller
 from lrwatch.schema import APPLIED_FILENAME, CONTROL_FILENAME, ActionKind
 
 CUT, CLIP, STOP, UNDO = ActionKind.LR_CUT, ActionKind.CLIP, ActionKind.STOP, ActionKind.UNDO

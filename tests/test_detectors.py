@@ -13,13 +13,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lrwatch import schema
-from lrwatch.detectors.amp import AmpDetector
-from lrwatch.detectors.explosion import ExplosionDetector
-from lrwatch.detectors.nonfinite import NonfiniteDetector
-from lrwatch.detectors.oscillation import OscillationDetector
-from lrwatch.detectors.overfit import OverfitDetector
-from lrwatch.detectors.ratio import RatioDetector, aggregate, weight_matrix_tags
-from lrwatch.detectors.schedule import ScheduleDetector
+from lrwatch.analysis.detectors.amp import AmpDetector
+from lrwatch.analysis.detectors.explosion import ExplosionDetector
+from lrwatch.analysis.detectors.nonfinite import NonfiniteDetector
+from lrwatch.analysis.detectors.oscillation import OscillationDetector
+from lrwatch.analysis.detectors.overfit import OverfitDetector
+from lrwatch.analysis.detectors.ratio import RatioDetector, aggregate, weight_matrix_tags
+from lrwatch.analysis.detectors.schedule import ScheduleDetector
 from lrwatch.errors import ConfigError
 
 W = schema.Severity.WARNING

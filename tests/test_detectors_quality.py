@@ -10,13 +10,13 @@ import pytest
 from scipy import stats
 
 from lrwatch import schema
-from lrwatch.analyze import RunAnalyzer
-from lrwatch.config import load_config
-from lrwatch.detectors._window import kendall
-from lrwatch.detectors.explosion import ExplosionDetector
-from lrwatch.detectors.oscillation import OscillationDetector
-from lrwatch.detectors.ratio import RatioDetector
-from lrwatch.policy import Policy
+from lrwatch.analysis.analyzer import RunAnalyzer
+from lrwatch.analysis.config import load_config
+from lrwatch.analysis.detectors._window import kendall
+from lrwatch.analysis.detectors.explosion import ExplosionDetector
+from lrwatch.analysis.detectors.oscillation import OscillationDetector
+from lrwatch.analysis.detectors.ratio import RatioDetector
+from lrwatch.policy.policy import Policy
 from lrwatch.schema import ActionKind, Finding, Kind, Scalar, Severity
 
 

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 from lrwatch import schema
-from lrwatch.detectors.amp import AmpDetector
-from lrwatch.detectors.explosion import ExplosionDetector
-from lrwatch.detectors.oscillation import OscillationDetector
+from lrwatch.analysis.detectors.amp import AmpDetector
+from lrwatch.analysis.detectors.explosion import ExplosionDetector
+from lrwatch.analysis.detectors.oscillation import OscillationDetector
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 CSV = SHARED / "realcurves" / "bigscience" / "chronicles_log_excerpts.csv"

@@ -28,9 +28,9 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lrwatch import schema
-from lrwatch.applied import Applied
 from lrwatch.control import append_action, read_control
-from lrwatch.report import read_audit
+from lrwatch.daemon.outputs import read_audit
+from lrwatch.hook.applied import Applied
 
 pytestmark = pytest.mark.slow
 

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lrwatch.analysis.history import History
 from lrwatch.errors import ConfigError
-from lrwatch.history import History
 from lrwatch.schema import Scalar
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from lrwatch.report import decision_record
+from lrwatch.daemon.outputs import decision_record
 from lrwatch.schema import ActionKind, Decision, Finding, Kind, Severity
 
 HOOKS = Path(__file__).resolve().parent.parent / "hooks"

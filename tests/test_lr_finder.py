@@ -19,8 +19,8 @@ from torch import nn
 
 import lrwatch
 from lrwatch.errors import ConfigError
-from lrwatch.lr_finder import LRFinderResult
-from lrwatch.lr_suggest import RULES
+from lrwatch.lr_finder.finder import LRFinderResult
+from lrwatch.lr_finder.suggest import RULES
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
 OPTIMIZERS: dict[str, Callable[[Any], torch.optim.Optimizer]] = {

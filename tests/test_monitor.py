@@ -15,9 +15,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 
 import lrwatch
-from lrwatch import schema, stats
+from lrwatch import schema
 from lrwatch.control import append_action
-from lrwatch.monitor import StopTraining
+from lrwatch.hook import stats
+from lrwatch.hook.monitor import StopTraining
 from lrwatch.schema import ActionKind
 
 
@@ -516,7 +517,7 @@ def test_watch_refuses_bad_settings(tmp_path: Path) -> None:
 
 
 def test_nice_cadences_are_readable_and_capped() -> None:
-    from lrwatch.cadence import MAX_EVERY, nice
+    from lrwatch.hook.cadence import MAX_EVERY, nice
 
     assert [nice(x) for x in (0.3, 1, 1.5, 3, 7, 11, 40, 51)] == [1, 1, 2, 5, 10, 20, 50, 100]
     assert nice(1e9) == MAX_EVERY

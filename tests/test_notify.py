@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from lrwatch.daemon.notify import HookResult, HookRunner, run_hook, validate_hooks
 from lrwatch.errors import ConfigError
-from lrwatch.notify import HookResult, HookRunner, run_hook, validate_hooks
 
 RECORD = {"version": 1, "step": 7, "action": "lr_cut", "factor": 2, "reason": "$(touch pwned)"}
 
@@ -75,7 +75,8 @@ def test_a_failing_hook_should_be_reported_with_its_stderr_and_exit_code(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     hook = make_hook(tmp_path, "fail", "sys.stderr.write('boom: no route\\n'); sys.exit(3)")
-    with caplog.at_level(logging.WARNING, logger="lrwatch.notify"), HookRunner([hook]) as runner:
+    logs = caplog.at_level(logging.WARNING, logger="lrwatch.daemon.notify")
+    with logs, HookRunner([hook]) as runner:
         [future] = runner.notify(RECORD)
         result = future.result(timeout=30)
     assert (result.returncode, result.timed_out, result.ok) == (3, False, False)
@@ -95,7 +96,7 @@ def test_a_hanging_hook_should_time_out_and_its_whole_process_group_be_killed(
         f"open({str(pids)!r}, 'w').write(f'{{os.getpid()}} {{child.pid}}')\n"
         "time.sleep(600)",
     )
-    with caplog.at_level(logging.WARNING, logger="lrwatch.notify"):
+    with caplog.at_level(logging.WARNING, logger="lrwatch.daemon.notify"):
         result = run_hook(hook, b"{}", timeout=1.0, kill_after=1.0)
     assert result.timed_out and result.returncode == -15  # SIGTERM was enough
     hook_pid, child_pid = map(int, pids.read_text().split())
@@ -157,7 +158,7 @@ def test_a_full_queue_should_drop_the_notification_with_a_warning(
         [running] = runner.notify(RECORD)
         wait_for(running.running)
         [queued] = runner.notify(RECORD)
-        with caplog.at_level(logging.WARNING, logger="lrwatch.notify"):
+        with caplog.at_level(logging.WARNING, logger="lrwatch.daemon.notify"):
             [dropped] = runner.notify(RECORD)
         assert dropped.cancelled()
         release.touch()
@@ -172,7 +173,7 @@ def test_a_hook_that_cannot_start_should_be_reported_and_the_runner_keep_going(
     broken.write_text("#!/nonexistent/interpreter\n")
     broken.chmod(0o755)
     with (
-        caplog.at_level(logging.WARNING, logger="lrwatch.notify"),
+        caplog.at_level(logging.WARNING, logger="lrwatch.daemon.notify"),
         HookRunner([broken], max_workers=1) as runner,
     ):
         for _ in range(2):

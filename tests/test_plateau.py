@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from scipy import stats
 
 from lrwatch import schema
-from lrwatch.detectors.plateau import PlateauTracker, PlateauTrend
+from lrwatch.analysis.detectors.plateau import PlateauTracker, PlateauTrend
 from lrwatch.errors import ConfigError
 
 # --------------------------------------------------------------------------------------------

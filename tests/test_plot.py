@@ -15,12 +15,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tiny_run import VAL_EVERY, train
 
 from lrwatch import schema
-from lrwatch.analyze import analyze_run
+from lrwatch.analysis.analyzer import analyze_run
 from lrwatch.cli import main
+from lrwatch.daemon.outputs import DecisionSink, read_audit
 from lrwatch.errors import ConfigError
-from lrwatch.plot import pyplot, report_data, thin
-from lrwatch.report import DecisionSink, read_audit
-from lrwatch.report_page import write_report
+from lrwatch.views.plot import pyplot, report_data, thin
+from lrwatch.views.report_page import write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

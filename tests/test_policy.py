@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from lrwatch.detectors.plateau import PlateauTracker
+from lrwatch.analysis.detectors.plateau import PlateauTracker
 from lrwatch.errors import ConfigError
-from lrwatch.policy import Policy
+from lrwatch.policy.policy import Policy
 from lrwatch.schema import ActionKind, Decision, Finding, Kind, Severity
 
 CUT, CLIP, STOP, ADVICE = (

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from lrwatch.daemon.rails import Issued, Ledger, Rails
 from lrwatch.errors import ConfigError
-from lrwatch.rails import Issued, Ledger, Rails
 from lrwatch.schema import ActionKind, Decision
 
 CUT = ActionKind.LR_CUT

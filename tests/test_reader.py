@@ -23,8 +23,8 @@ from tensorboard.util import tensor_util
 from torch.utils.tensorboard import SummaryWriter
 
 from lrwatch.errors import RunGone
-from lrwatch.reader import EventFileReader, RunReader, find_runs, read_run
-from lrwatch.records import frame_record
+from lrwatch.events.decode import frame_record
+from lrwatch.events.reader import EventFileReader, RunReader, find_runs, read_run
 from lrwatch.schema import DAEMON_SUBRUN, Scalar
 
 
@@ -198,7 +198,7 @@ def test_reader_replaced_file_is_read_again_from_the_start(
     fresh = events.with_name("tmp")
     fresh.write_bytes(header_record() + record(5, {"b": 7.0}))
     os.replace(fresh, events)
-    with caplog.at_level(logging.WARNING, logger="lrwatch.reader"):
+    with caplog.at_level(logging.WARNING, logger="lrwatch.events.reader"):
         assert list(reader.read()) == expected(5, {"b": 7.0})
     assert sum("replaced" in r.message for r in caplog.records) == 1
 
@@ -236,7 +236,7 @@ def test_reader_corrupted_record_warns_once_and_resynchronises(
     bad3[offset] ^= 0x10
     append(events, good[0] + bytes(bad) + good[2] + bytes(bad3) + good[4])
     reader = EventFileReader(events)
-    with caplog.at_level(logging.WARNING, logger="lrwatch.reader"):
+    with caplog.at_level(logging.WARNING, logger="lrwatch.events.reader"):
         got = list(reader.read())
         append(events, good[5])
         got += list(reader.read())

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lrwatch import schema
-from lrwatch.config import TABLES, settings_of
+from lrwatch.analysis.config import TABLES, settings_of
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 

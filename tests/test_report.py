@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lrwatch import report, schema
+from lrwatch import schema
+from lrwatch.daemon import outputs
+from lrwatch.daemon.outputs import DecisionSink, read_audit
 from lrwatch.errors import ConfigError
-from lrwatch.report import DecisionSink, read_audit
 from lrwatch.schema import ActionKind, Decision, Finding, Kind, Severity
 
 PLATEAU = Finding(
@@ -62,11 +63,11 @@ def test_emit_should_append_one_audit_line_per_decision_with_evidence(tmp_path: 
     with DecisionSink(tmp_path, mode="apply", clock=_clock) as sink:
         sink.emit(CUT, action_id=3)
         sink.emit(STOP, action_id=None)
-    lines = (tmp_path / report.AUDIT_FILENAME).read_text().splitlines()
+    lines = (tmp_path / outputs.AUDIT_FILENAME).read_text().splitlines()
     assert len(lines) == 2
     first = json.loads(lines[0])  # strict JSON: a NaN in the evidence is spelled as a string
     assert first == {
-        "version": report.RECORD_VERSION,
+        "version": outputs.RECORD_VERSION,
         "event": "decision",
         "run": str(tmp_path),
         "mode": "apply",
@@ -109,9 +110,9 @@ def test_read_audit_should_skip_a_torn_last_line_and_warn_on_a_bad_middle_line(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     good = {"event": "decision", "step": 1}
-    path = tmp_path / report.AUDIT_FILENAME
+    path = tmp_path / outputs.AUDIT_FILENAME
     path.write_text(json.dumps(good) + "\nnot json\n" + json.dumps(good) + '\n{"event": "dec')
-    with caplog.at_level(logging.WARNING, logger="lrwatch.report"):
+    with caplog.at_level(logging.WARNING, logger="lrwatch.daemon.outputs"):
         assert read_audit(tmp_path) == [good, good]
     assert [r.getMessage() for r in caplog.records] == [f"{path} line 2 is not JSON; skipped"]
     assert read_audit(tmp_path / "missing") == []
@@ -171,11 +172,11 @@ def test_emit_should_log_one_console_line_at_a_sensible_level(
     caplog: pytest.LogCaptureFixture,
     decision: Decision,
     action_id: int | None,
-    mode: report.Mode,
+    mode: outputs.Mode,
     level: int,
     text: str,
 ) -> None:
-    with caplog.at_level(logging.DEBUG, logger="lrwatch.report"):
+    with caplog.at_level(logging.DEBUG, logger="lrwatch.daemon.outputs"):
         DecisionSink(tmp_path, mode=mode, writer_factory=_NullWriter).emit(
             decision, action_id=action_id, held_back="budget" if mode == "apply" else None
         )
@@ -214,7 +215,7 @@ class _BrokenWriter(_NullWriter):
 def test_a_failing_tensorboard_writer_should_not_stop_the_audit_log(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="lrwatch.report"):
+    with caplog.at_level(logging.WARNING, logger="lrwatch.daemon.outputs"):
         DecisionSink(tmp_path, mode="recommend", writer_factory=_BrokenWriter).emit(
             CUT, action_id=None
         )
@@ -228,7 +229,7 @@ def test_a_vanished_run_should_log_a_warning_not_raise(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     gone = tmp_path / "gone"
-    with caplog.at_level(logging.WARNING, logger="lrwatch.report"):
+    with caplog.at_level(logging.WARNING, logger="lrwatch.daemon.outputs"):
         DecisionSink(gone, mode="recommend", writer_factory=_NullWriter).emit(CUT, action_id=None)
     assert any("cannot append to the audit log" in r.getMessage() for r in caplog.records)
 

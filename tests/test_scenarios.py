@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from lrwatch import schema
-from lrwatch.analyze import RunAnalyzer
-from lrwatch.reader import read_run
+from lrwatch.analysis.analyzer import RunAnalyzer
+from lrwatch.events.reader import read_run
 from lrwatch.schema import Kind, Severity
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))

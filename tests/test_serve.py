@@ -1,8 +1,9 @@
 """The daemon: run_once on real event files, restarts, the watch loop, and `lrwatch serve`.
 
-The unit tests use a small stand-in analyzer with :class:`lrwatch.analyze.RunAnalyzer`'s API
-whose decisions are obvious (cut whenever the loss exceeds a bound), so each test can say exactly
-which actions must exist; the subprocess tests run the real analyzer.
+The unit tests use a small stand-in analyzer with the API of
+:class:`lrwatch.analysis.analyzer.RunAnalyzer`, whose decisions are obvious (cut whenever the
+loss exceeds a bound), so each test can say exactly which actions must exist; the subprocess
+tests run the real analyzer.
 """
 
 from __future__ import annotations
@@ -31,13 +32,13 @@ from watchdog.events import (
 
 from lrwatch import schema
 from lrwatch.control import read_control
-from lrwatch.daemon import WatchedRun, run_once
-from lrwatch.notify import HookRunner
-from lrwatch.rails import Rails
-from lrwatch.report import read_audit
+from lrwatch.daemon.notify import HookRunner
+from lrwatch.daemon.outputs import read_audit
+from lrwatch.daemon.rails import Rails
+from lrwatch.daemon.serve import Daemon, Shutdown, Waker, watch
+from lrwatch.daemon.watched_run import WatchedRun, run_once
+from lrwatch.events.writer import EventWriter
 from lrwatch.schema import ActionKind, Decision, Finding, Kind, Scalar, Severity
-from lrwatch.serve import Daemon, Shutdown, Waker, watch
-from lrwatch.writer import EventWriter
 
 HOOKS = Path(__file__).resolve().parent.parent / "hooks"
 
@@ -257,7 +258,7 @@ def test_daemon_should_find_new_runs_and_drop_vanished_ones(tmp_path: Path) -> N
 def test_daemon_should_give_each_new_run_one_tensorboard_layout(tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from lrwatch import tb_layout
+    from lrwatch.daemon import tb_layout
 
     daemon = Daemon([tmp_path], mode="recommend", analyzer_factory=LossAbove, rails=RAILS)
     write(tmp_path / "a", losses((1, 2.0)))

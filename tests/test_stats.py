@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lrwatch import stats
+from lrwatch.hook import stats
 
 
 def mixed_tensors() -> list[torch.Tensor]:

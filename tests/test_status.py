@@ -14,7 +14,7 @@ from lrwatch import schema
 from lrwatch.cli import main
 from lrwatch.control import append_action
 from lrwatch.schema import ActionKind
-from lrwatch.status import RunStatus, collect_status, format_status, run_status
+from lrwatch.views.status import RunStatus, collect_status, format_status, run_status
 
 JSON_KEYS = set(RunStatus.__dataclass_fields__)
 

@@ -16,8 +16,8 @@ from tensorboard.plugins.scalar import scalars_plugin
 from tiny_run import train
 
 from lrwatch import schema
-from lrwatch.reader import find_runs, read_run
-from lrwatch.tb_layout import BAND, BAND_TAG_FMT, LAYOUT_TAG, layout_charts, write_layout
+from lrwatch.daemon.tb_layout import BAND, BAND_TAG_FMT, LAYOUT_TAG, layout_charts, write_layout
+from lrwatch.events.reader import find_runs, read_run
 
 
 @pytest.fixture(scope="module")

@@ -24,11 +24,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 
-import lrwatch._eventsink
-from lrwatch._eventfile import encode_scalar_rows
-from lrwatch.writer import EventWriter
+import lrwatch.events.sink
+from lrwatch.events.encode import encode_scalar_rows
+from lrwatch.events.writer import EventWriter
 
-LOGGER = "lrwatch.writer"
+LOGGER = "lrwatch.events.writer"
 
 
 @pytest.fixture
@@ -178,7 +178,7 @@ def test_negative_zero_wall_time_is_encoded_like_protobuf() -> None:
 def test_writer_unwritable_logdir_warns_once_and_recovers(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(lrwatch._eventsink, "RETRY_SECS", 0.0)
+    monkeypatch.setattr(lrwatch.events.sink, "RETRY_SECS", 0.0)
     blocker = tmp_path / "not_a_dir"
     blocker.write_text("a regular file where the logdir's parent should be")
     with caplog.at_level(logging.WARNING, LOGGER):

@@ -1,0 +1,228 @@
+"""Replay a run through history -> detectors -> policy: `lrwatch analyze` and the daemon's engine.
+
+:class:`RunAnalyzer` is fed scalars in any batch size (a whole run at once, or what one poll
+found) and evaluates, step by step, the detectors whose input tag got a new point, exactly as if
+it had watched the run live. It has no side effects: the daemon decides what to do with the
+decisions it returns.
+
+The parts: :mod:`.run_tags` (which tag plays which role), :mod:`.role_checks` (which detectors
+run on a new point, reporting each condition once), :mod:`.cut_tracking` (whether the last cut
+took effect) and the policy. This module joins them, step by step, and saves and restores their
+state. The printed table is a view (:mod:`lrwatch.views.analysis_table`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import operator
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from lrwatch import schema
+from lrwatch.analysis import roles
+from lrwatch.analysis.config import AnalyzerConfig
+from lrwatch.analysis.cut_tracking import HELD_WHEN_UNAPPLIED, LastCut
+from lrwatch.analysis.explosion_gate import ExplosionGate
+from lrwatch.analysis.history import History
+from lrwatch.analysis.role_checks import RoleChecks
+from lrwatch.analysis.run_tags import RunTags
+from lrwatch.errors import LrwatchError
+from lrwatch.schema import Analysis, Decision, Finding, Scalar
+
+__all__ = ["NoUsableTags", "RunAnalyzer", "analyze_run"]
+
+logger = logging.getLogger(__name__)
+
+_STEP = operator.attrgetter("step")
+
+
+class NoUsableTags(LrwatchError):
+    """A run has scalars, but none the analyzer knows how to read."""
+
+
+class RunAnalyzer:
+    """Findings and decisions for one run, fed its scalars in step order.
+
+    Example::
+
+        analyzer = RunAnalyzer(load_config())
+        for decision in analyzer.feed(read_run(Path("runs/a"))):
+            print(decision.step, decision.action.value, decision.reason)
+    """
+
+    def __init__(self, config: AnalyzerConfig | None = None) -> None:
+        self.config = config or AnalyzerConfig()
+        self.history = History()
+        self.policy = self.config.new_policy()
+        self.decisions: list[Decision] = []
+        self._tags = RunTags()
+        self._checks = RoleChecks(
+            self.config, self.history, self._tags, fresh_after=self._fresh_after
+        )
+        self.plateau = self._checks.plateau
+        self._cut: LastCut | None = None
+
+    # ---------------------------------------------------------------- public surface
+    @property
+    def findings(self) -> list[Finding]:
+        """Every condition reported so far, once each (again when it worsened)."""
+        return self._checks.findings
+
+    @property
+    def metric(self) -> str | None:
+        """The monitored metric: the configured one, else validation loss, else the loss."""
+        return self._tags.metric(self.config.metric)
+
+    @property
+    def advice_only(self) -> bool:
+        """True for a run not written by lrwatch's hook: nothing in it can apply an action."""
+        return not roles.is_lrwatch_run(self._tags.tags)
+
+    @property
+    def tags(self) -> frozenset[str]:
+        """Every tag the run has shown so far."""
+        return frozenset(self._tags.tags)
+
+    @property
+    def usable(self) -> bool:
+        """Whether any tag the detectors read has been seen."""
+        return bool(self._tags.roles)
+
+    def feed(self, scalars: Iterable[Scalar]) -> list[Decision]:
+        """Take new scalars (any order within the batch); returns the decisions they led to.
+
+        Tags are learned in step order, so a replay sees the run exactly as a live watcher
+        did: the monitored metric is the training loss until a validation loss first appears.
+        """
+        batch = list(scalars)
+        tags = {s.tag for s in batch}
+        self._tags.tags |= tags
+        keep = {t for t in tags if self._tags.is_useful(t, metric=self.config.metric)}
+        mine = sorted((s for s in batch if s.tag in keep), key=_STEP)
+        out: list[Decision] = []
+        for step, group in itertools.groupby(mine, key=_STEP):
+            points = list(group)
+            self._tags.learn((p.tag for p in points), metric=self.config.metric)
+            self.history.extend(points)
+            out.extend(self._at_step(step, points))
+        self.decisions.extend(out)
+        return out
+
+    # ---------------------------------------------------------------- one step
+    def _at_step(self, step: int, points: list[Scalar]) -> list[Decision]:
+        touched = self._tags.touch(points)
+        found = [f for role, point in touched.items() for f in self._checks.check(role, point)]
+        if "loss_scale" in touched or "skipped" in touched:
+            amp = self._checks.amp()  # one check for both series of GradScaler
+            found.extend([amp] if amp is not None else [])
+        # The policy hears every metric check, quiet ones too: that is how it learns that a
+        # worsening validation loss stopped worsening. Quiet loss steps are not checks of it.
+        if not found and "metric" not in touched:
+            return []
+        return self._decide(step, found)
+
+    def _decide(self, step: int, found: list[Finding]) -> list[Decision]:
+        point = self._last_lr()
+        lr = None if point is None else point.value
+        if self._cut_unapplied():
+            found = [f for f in found if f.kind not in HELD_WHEN_UNAPPLIED]
+        out = self.policy.decide(
+            step,
+            found,
+            lr=lr,
+            warmup=self._holds_back(),
+            grad_norms=self._tags.window(self.history, "grad_norm", 512),
+        )
+        for d in out:
+            if d.action is schema.ActionKind.LR_CUT and d.factor is not None:
+                known_lr = lr if lr is not None and math.isfinite(lr) else None
+                self._cut = LastCut(step, known_lr, d.factor)
+        return out
+
+    def _last_lr(self) -> Scalar | None:
+        tag = self._tags.roles.get("lr")
+        return None if tag is None else self.history.last(tag)
+
+    def _cut_unapplied(self) -> bool:
+        """Whether the run's own data shows that the last cut never took effect."""
+        if self._cut is None:
+            return False
+        ack = self.history.last(schema.LR_FACTOR)
+        return self._cut.unapplied(advice_only=self.advice_only, ack=ack, lr=self._last_lr())
+
+    def _fresh_after(self) -> int | None:
+        """The step after which points may judge the LR: the last cut's, once applied."""
+        if self._cut is None or self._cut_unapplied():
+            return None
+        return self._cut.step
+
+    def _holds_back(self) -> bool:
+        """Whether the LR schedule is itself moving (warm-up, a recent cut, a decay): the
+        policy then leaves plateau cuts and raise-the-LR advice to the schedule."""
+        lr = self._tags.window(self.history, "lr", self.config.schedule.window)
+        if lr is None:
+            return False
+        phase = self.config.schedule.check(*lr, tag=self._tags.roles["lr"])
+        return phase.phase in ("warmup", "cut", "decaying")
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue where this analyzer stopped (strict-JSON safe)."""
+        return {
+            "history": self.history.state_dict(),
+            "plateau": self.plateau.state_dict(),
+            "policy": self.policy.state_dict(),
+            "tags": sorted(self._tags.tags),
+            "known": sorted(self._tags.known),
+            "counts": dict(self._tags.counts),
+            "active": self._checks.conditions.state(),
+            "gates": {tag: g.state() for tag, g in self._checks.gates.items()},
+            "cut": None if self._cut is None else self._cut.state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history.load_state_dict(state["history"])
+        self.plateau.load_state_dict(state["plateau"])
+        self.policy.load_state_dict(state["policy"])
+        self._tags.reset(
+            tags=state["tags"],
+            known=state["known"],
+            counts={str(k): int(v) for k, v in state["counts"].items()},
+            metric=self.config.metric,
+        )
+        self._checks.conditions.load_state(state["active"])
+        self._checks.gates = {tag: ExplosionGate.from_state(g) for tag, g in state["gates"].items()}
+        # "cut" is absent from states saved before it existed
+        self._cut = LastCut.from_state(state.get("cut"))
+
+
+def analyze_run(run_dir: Path, config: AnalyzerConfig | None = None) -> Analysis:
+    """Replay a whole run; raises RunGone / NoUsableTags / LrwatchError with a one-line reason."""
+    from lrwatch.events.reader import read_run
+
+    run_dir = Path(run_dir)
+    scalars = read_run(run_dir)
+    if not scalars:
+        raise LrwatchError(f"{run_dir} holds no scalars (no event files, or empty ones)")
+    analyzer = RunAnalyzer(config)
+    analyzer.feed(scalars)
+    wanted = analyzer.config.metric
+    if wanted is not None and wanted not in analyzer.tags:
+        some = ", ".join(sorted(analyzer.tags)[:8])
+        raise NoUsableTags(f"{run_dir} has no tag {wanted!r} to monitor; it has {some}...")
+    if not analyzer.usable:
+        some = ", ".join(sorted({s.tag for s in scalars})[:5])
+        raise NoUsableTags(
+            f"{run_dir} has no tag lrwatch can analyse (saw {some}...); name the metric "
+            "with --metric TAG"
+        )
+    return Analysis(
+        run=str(run_dir),
+        findings=tuple(analyzer.findings),
+        decisions=tuple(analyzer.decisions),
+        metric=analyzer.metric or "",
+        extra={"advice_only": analyzer.advice_only},
+    )

@@ -1,0 +1,157 @@
+"""Which detectors run when a tag gets a new point, and with which windows.
+
+The gating per role (:mod:`.analyzer` owns the run as a whole: tags, cuts, the policy). Cost is
+bounded per point: every detector reads a bounded window, the explosion check sits behind a
+cheap gate, and the rank-based loss detectors that need many points anyway (oscillation, the
+plateau trend) run every few points only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+
+from lrwatch import schema
+from lrwatch.analysis.conditions import Conditions
+from lrwatch.analysis.config import AnalyzerConfig
+from lrwatch.analysis.explosion_gate import ExplosionGate
+from lrwatch.analysis.history import History
+from lrwatch.analysis.roles import Role
+from lrwatch.analysis.run_tags import RunTags
+from lrwatch.schema import Finding, Kind, Scalar, Severity
+
+# The rank-based loss detectors (oscillation, plateau trend) rank a whole window per check
+# (~0.1-0.3 ms each), so they run every half of the oscillation's jitter window (its verdict
+# is about those points) or every quarter of the trend window: a condition is still seen well
+# within one window of arising, at a small fraction of the cost of checking every step.
+_OSCILLATION_STRIDE = 2  # checks per oscillation jitter window
+_TREND_STRIDE = 4  # checks per plateau-trend window
+
+Window = tuple[np.ndarray, np.ndarray]
+
+
+class RoleChecks:
+    """The detectors of one run, run per role; new findings are appended to ``findings``.
+
+    ``fresh_after`` gives the step after which points may judge the LR (the step of the last
+    applied cut), or None for all points: the LR-judging detectors read only those.
+    """
+
+    def __init__(
+        self,
+        config: AnalyzerConfig,
+        history: History,
+        tags: RunTags,
+        *,
+        fresh_after: Callable[[], int | None],
+    ) -> None:
+        self.config, self.history, self.tags = config, history, tags
+        self.plateau = config.new_plateau()
+        self.findings: list[Finding] = []
+        self.conditions = Conditions()
+        self.gates: dict[str, ExplosionGate] = {}
+        self._fresh_after = fresh_after
+
+    def check(self, role: Role, point: Scalar) -> list[Finding]:
+        """Run the detectors that read ``role``'s tag, now that it has a new point."""
+        c, tag = self.config, point.tag
+        n = self.tags.counts[tag]
+        out: list[Finding | None] = []
+        if role in ("loss", "grad_norm", "nonfinite"):
+            out.append(self._nonfinite(tag, point.value))
+        if role in ("loss", "grad_norm"):
+            out.append(self._explosion(tag, point.value))
+        if role == "loss" and n % max(c.oscillation.jitter_window // _OSCILLATION_STRIDE, 1) == 0:
+            ratio = self._window_of("update_ratio", c.oscillation.window)
+            f = c.oscillation.check(*self._fresh(tag, c.oscillation.window), tag=tag, ratio=ratio)
+            out.append(self._note(Kind.OSCILLATION, tag, f))
+        trend_every = max(c.plateau_trend.window // _TREND_STRIDE, 1)
+        if role == "loss" and self.tags.metric(c.metric) == tag and n % trend_every == 0:
+            f = c.plateau_trend.check(*self._fresh(tag, c.plateau_trend.window), tag=tag)
+            out.append(self._note(Kind.PLATEAU, tag, f))
+        if role == "metric" and tag != self.tags.roles.get("loss"):
+            out.extend(self._metric_checks(point))
+        if role == "update_ratio":
+            out.append(self._ratio(tag))
+        return [f for f in out if f is not None]
+
+    def amp(self) -> Finding | None:
+        """GradScaler's health, once for both of its series (loss scale, skipped steps)."""
+        scale = self._window_of("loss_scale", 512)
+        skipped = self._window_of("skipped", 512)
+        loss = self._window_of("loss", 8)
+        tag = self.tags.roles.get("loss_scale", schema.LOSS_SCALE)
+        f = self.config.amp.check(scale=scale, skipped=skipped, loss=loss, tag=tag)
+        if f is not None and f.evidence.get("amp") == "nonfinite_loss":
+            if self.conditions.ongoing(Kind.NONFINITE, self.tags.roles.get("loss")):
+                f = None  # the non-finite detector already reported this loss, at this step
+        # Its findings are non-finite or explosion kinds; one AMP condition at a time per tag.
+        for kind in (Kind.NONFINITE, Kind.EXPLOSION):
+            if f is None or f.kind is not kind:
+                self.conditions.end(kind, tag)
+        return None if f is None else self._note(f.kind, tag, f)
+
+    def _metric_checks(self, point: Scalar) -> list[Finding | None]:
+        tag = point.tag
+        # The tracker fires once per plateau and resets, so its findings are all new ones.
+        f = self.plateau.update(point.step, point.value, tag=tag)
+        if f is not None:
+            self.conditions.end(Kind.PLATEAU, tag)
+        out = [self._note(Kind.PLATEAU, tag, f) if f is not None else None]
+        loss = self._window_of("loss", 4096)
+        if loss is not None:  # overfitting is a relation between validation and training
+            f = self.config.overfit.check(*self.history.window(tag), tag=tag, train=loss)
+            out.append(self._note(Kind.OVERFIT, tag, f))
+        return out
+
+    def _ratio(self, tag: str) -> Finding | None:
+        window = self._fresh(tag, 512)
+        f = self.config.ratio.check(*window, tag=tag)
+        if f is not None and f.kind is Kind.RATIO_HIGH and f.severity is Severity.WARNING:
+            # Only then does the loss matter (a clear fall makes it info): read it only then.
+            loss = self._window_of("loss", 4096)
+            f = self.config.ratio.check(*window, tag=tag, loss=loss)
+        for kind in (Kind.RATIO_HIGH, Kind.RATIO_LOW):
+            if f is None or kind != f.kind:
+                self.conditions.end(kind, tag)
+        return None if f is None else self._note(f.kind, tag, f)
+
+    def _explosion(self, tag: str, value: float) -> Finding | None:
+        """The explosion check, behind a gate that lets through only points that could fire."""
+        e = self.config.explosion
+        gate = self.gates.setdefault(tag, ExplosionGate())
+        ongoing = self.conditions.ongoing(Kind.EXPLOSION, tag)
+        if not (gate.admits(value, runaway_rises=e.growth_points - 1) or ongoing):
+            return None
+        steps, values = self.history.window(tag, e.window + e.confirm)
+        gate.rebase(values, e)
+        return self._note(Kind.EXPLOSION, tag, e.check(steps, values, tag=tag))
+
+    def _nonfinite(self, tag: str, value: float) -> Finding | None:
+        bad = not math.isfinite(value) or (tag == schema.NONFINITE and value > 0.5)
+        if not bad:
+            self.conditions.end(Kind.NONFINITE, tag)
+            return None
+        skipped = self._window_of("skipped", 64)
+        f = self.config.nonfinite.check(*self.history.window(tag, 256), tag=tag, skipped=skipped)
+        return self._note(Kind.NONFINITE, tag, f)
+
+    def _note(self, kind: Kind, tag: str, f: Finding | None) -> Finding | None:
+        """Record ``f`` unless it continues a condition already reported; pass it on either way."""
+        if self.conditions.report(kind, tag, f) and f is not None:
+            self.findings.append(f)
+        return f
+
+    def _window_of(self, role: Role, n: int) -> Window | None:
+        return self.tags.window(self.history, role, n)
+
+    def _fresh(self, tag: str, n: int) -> Window:
+        """The window of an LR-judging detector: only points logged after an applied cut."""
+        steps, values = self.history.window(tag, n)
+        after = self._fresh_after()
+        if after is not None:
+            keep = steps > after
+            steps, values = steps[keep], values[keep]
+        return steps, values

@@ -1,0 +1,328 @@
+"""Where the daemon's decisions go: an audit log, TensorBoard markers and one console line.
+
+Each run gets three records of every decision, so a person can answer "what did lrwatch do to my
+run, and why?" from whichever place they look first:
+
+1. ``<run>/lrwatch_audit.jsonl``: append-only, one JSON object per line (see
+   :func:`decision_record` for the fields), plus an ``acknowledged`` line when the hook's ack is
+   read back from the event files. :func:`read_audit` reads it back.
+2. TensorBoard: scalar markers and a text summary in the sub-run ``<run>/lrwatch_daemon/``, at the
+   decision's step, so they line up with the trainer's own charts.
+3. The console, through :mod:`logging`: one line per decision.
+
+An output that fails (a full disk, a vanished run) logs a warning and never stops the daemon.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from lrwatch import schema
+from lrwatch.schema import ActionKind, Decision, Finding, Severity
+
+logger = logging.getLogger(__name__)
+
+AUDIT_FILENAME = "lrwatch_audit.jsonl"
+RECORD_VERSION = 1  # of the audit lines and of the JSON that hook executables receive
+
+Mode = Literal["recommend", "apply"]
+MODES: tuple[Mode, ...] = ("recommend", "apply")
+
+# Marker value of a finding: 0 stays free for "nothing", so a chart's baseline means no finding.
+SEVERITY_LEVEL = {Severity.INFO: 1, Severity.WARNING: 2, Severity.CRITICAL: 3}
+
+
+class MarkerWriter(Protocol):
+    """What :class:`DecisionSink` needs from :class:`lrwatch.events.writer.EventWriter`."""
+
+    def add_scalars(
+        self, step: int, tags: list[str], values: list[float], *, wall_time: float | None = None
+    ) -> None: ...
+
+    def add_text(
+        self, step: int, tag: str, text: str, *, wall_time: float | None = None
+    ) -> None: ...
+
+    def flush(self, timeout: float = 10.0) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+def audit_path(run_dir: Path) -> Path:
+    """The audit log of a run."""
+    return Path(run_dir) / AUDIT_FILENAME
+
+
+def decision_record(
+    decision: Decision,
+    *,
+    run: str,
+    mode: Mode,
+    action_id: int | None,
+    wall_time: float,
+    held_back: str | None = None,
+) -> dict[str, Any]:
+    """The JSON document of one decision: an audit line, and what hook executables get on stdin.
+
+    ``decision.to_json()`` (step, action, factor | max_norm, reason, findings with evidence) plus
+    ``version``, ``event`` ("decision"), ``run``, ``mode``, ``applied`` (an action was written to
+    the control file), ``action_id`` (its id, else null), ``held_back`` (in apply mode, why it
+    was not applied, else null), ``wall_time`` (Unix seconds), ``time`` (the same, ISO 8601 UTC)
+    and ``lrwatch_version``.
+    """
+    from lrwatch import __version__
+
+    return {
+        "version": RECORD_VERSION,
+        "event": "decision",
+        "run": run,
+        "mode": mode,
+        "applied": action_id is not None,
+        "action_id": action_id,
+        "held_back": held_back,
+        "wall_time": wall_time,
+        "time": _iso(wall_time),
+        "lrwatch_version": __version__,
+        **decision.to_json(),
+    }
+
+
+def ack_record(
+    action_id: int, *, run: str, step: int, lr: float | None, wall_time: float
+) -> dict[str, Any]:
+    """The audit line written when the hook's acknowledgement of ``action_id`` is read back."""
+    return {
+        "version": RECORD_VERSION,
+        "event": "acknowledged",
+        "run": run,
+        "action_id": action_id,
+        "step": step,
+        "lr": lr if lr is None or math.isfinite(lr) else str(lr),  # strict JSON, as in schema
+        "wall_time": wall_time,
+        "time": _iso(wall_time),
+    }
+
+
+def append_audit(run_dir: Path, record: dict[str, Any]) -> None:
+    """Append one line to the run's audit log.
+
+    One ``write`` on an ``O_APPEND`` descriptor, so a concurrent reader or a second writer never
+    sees half a line interleaved with another.
+    """
+    line = (json.dumps(record, sort_keys=False, allow_nan=False) + "\n").encode()
+    fd = os.open(audit_path(run_dir), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+def read_audit(run_dir: Path) -> list[dict[str, Any]]:
+    """Every record of a run's audit log, oldest first; ``[]`` when there is none.
+
+    A torn last line (the daemon killed mid-write) is skipped silently; any other unreadable line
+    is skipped with a warning, and records from a newer major version are kept as they are.
+    """
+    try:
+        data = audit_path(run_dir).read_bytes()
+    except FileNotFoundError:
+        return []
+    records: list[dict[str, Any]] = []
+    lines = data.split(b"\n")
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            if number < len(lines):  # the last piece without "\n" is a write in progress
+                logger.warning("%s line %d is not JSON; skipped", audit_path(run_dir), number)
+            continue
+        if isinstance(doc, dict):
+            records.append(doc)
+    return records
+
+
+def _iso(wall_time: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(wall_time))
+
+
+def console_line(record: dict[str, Any]) -> str:
+    """The one-line human summary of a decision record."""
+    what = record["action"]
+    if "factor" in record:
+        what += f" /{record['factor']}"
+    if "max_norm" in record:
+        what += f" max_norm={record['max_norm']}"
+    if record["applied"]:
+        status = f"applied as action #{record['action_id']}"
+    else:
+        held = record.get("held_back")
+        status = f"recommended (not applied: {held})" if held else "recommended"
+    return f"{record['run']} step {record['step']}: {what} {status}: {record['reason']}"
+
+
+def console_level(decision: Decision, *, applied: bool) -> int:
+    """WARNING when something critical was seen or the running job is being changed, else INFO."""
+    critical = any(f.severity is Severity.CRITICAL for f in decision.findings)
+    if critical or applied or decision.action is ActionKind.STOP:
+        return logging.WARNING
+    return logging.INFO
+
+
+def finding_markers(findings: Iterable[Finding]) -> dict[int, dict[str, float]]:
+    """TensorBoard markers of findings by step: the severity level (1 info, 2 warning, 3 critical).
+
+    When one kind repeats at one step, the worst severity wins.
+    """
+    by_step: dict[int, dict[str, float]] = {}
+    for finding in findings:
+        tag = schema.FINDING_TAG_FMT.format(finding.kind.value)
+        at = by_step.setdefault(finding.step, {})
+        at[tag] = max(float(SEVERITY_LEVEL[finding.severity]), at.get(tag, 0.0))
+    return by_step
+
+
+def decision_markers(decision: Decision) -> dict[int, dict[str, float]]:
+    """Markers of a decision and its findings: the decision's value is its factor, max_norm or 1."""
+    by_step = finding_markers(decision.findings)
+    value = decision.factor if decision.factor is not None else decision.max_norm
+    tag = schema.DECISION_TAG_FMT.format(decision.action.value)
+    by_step.setdefault(decision.step, {})[tag] = float(value if value is not None else 1.0)
+    return by_step
+
+
+def decision_text(record: dict[str, Any]) -> str:
+    """The markdown shown in TensorBoard's Text tab for one decision."""
+    lines = [f"**{console_line(record)}**", ""]
+    for f in record["findings"]:
+        evidence = ", ".join(f"{k}={v}" for k, v in f["evidence"].items())
+        lines.append(
+            f"- {f['severity']} {f['kind']} on `{f['tag']}` at step {f['step']}: "
+            f"{f['message']} ({evidence})"
+        )
+    return "\n".join(lines)
+
+
+def _event_writer(logdir: Path) -> MarkerWriter:
+    from lrwatch.events.writer import EventWriter  # the daemon's only use of the hook-side writer
+
+    return EventWriter(logdir, filename_suffix=".lrwatch_daemon")
+
+
+class DecisionSink:
+    """Sends each decision of one run to the audit log, TensorBoard and the console.
+
+    Args:
+        run_dir: the run the decisions are about.
+        mode: ``"recommend"`` or ``"apply"``, recorded with every decision.
+        writer_factory: builds the TensorBoard writer for the daemon's sub-run (tests pass their
+            own); it is called on the first decision, so quiet runs get no extra event file.
+
+    Example::
+
+        sink = DecisionSink(run_dir, mode="apply")
+        record = sink.emit(decision, action_id=3)   # the hook JSON, ready for notify
+        sink.close()
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        mode: Mode,
+        writer_factory: Callable[[Path], MarkerWriter] = _event_writer,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if mode not in MODES:
+            from lrwatch.errors import ConfigError
+
+            raise ConfigError(f"mode must be one of {MODES}, not {mode!r}")
+        self.run_dir = Path(run_dir)
+        self.mode: Mode = mode
+        self._writer_factory = writer_factory
+        self._clock = clock
+        self._writer: MarkerWriter | None = None
+
+    def emit(
+        self, decision: Decision, *, action_id: int | None, held_back: str | None = None
+    ) -> dict[str, Any]:
+        """Record one decision everywhere; returns its record (the JSON for hook executables).
+
+        ``action_id`` is the control-file id when the decision was applied; ``held_back`` says
+        why an apply-mode decision was not.
+        """
+        now = self._clock()
+        record = decision_record(
+            decision,
+            run=str(self.run_dir),
+            mode=self.mode,
+            action_id=action_id,
+            wall_time=now,
+            held_back=held_back,
+        )
+        logger.log(console_level(decision, applied=action_id is not None), console_line(record))
+        self._append(record)
+        self._write(decision_markers(decision), (decision.step, decision_text(record)), now)
+        return record
+
+    def mark_findings(self, findings: Iterable[Finding]) -> None:
+        """Put findings that led to no decision on the TensorBoard step axis too."""
+        self._write(finding_markers(findings), None, self._clock())
+
+    def acknowledge(self, action_id: int, *, step: int, lr: float | None = None) -> None:
+        """Record that the trainer applied ``action_id`` at ``step`` (read back from its events)."""
+        now = self._clock()
+        logger.info(
+            "%s: action #%d acknowledged at step %d (lr %s)", self.run_dir, action_id, step, lr
+        )
+        self._append(ack_record(action_id, run=str(self.run_dir), step=step, lr=lr, wall_time=now))
+
+    def close(self) -> None:
+        """Flush and close the TensorBoard writer, if one was opened."""
+        if self._writer is not None:
+            writer, self._writer = self._writer, None
+            try:
+                writer.close()
+            except Exception as err:  # broad: closing must not take the daemon down
+                logger.warning("%s: closing the TensorBoard writer failed: %s", self.run_dir, err)
+
+    def __enter__(self) -> DecisionSink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _append(self, record: dict[str, Any]) -> None:
+        try:
+            append_audit(self.run_dir, record)
+        except (OSError, ValueError) as err:
+            logger.warning("%s: cannot append to the audit log: %s", self.run_dir, err)
+
+    def _write(
+        self, by_step: dict[int, dict[str, float]], text: tuple[int, str] | None, wall_time: float
+    ) -> None:
+        if not by_step:
+            return
+        try:
+            if self._writer is None:
+                self._writer = self._writer_factory(self.run_dir / schema.DAEMON_SUBRUN)
+            for step, values in sorted(by_step.items()):
+                self._writer.add_scalars(
+                    step, list(values), list(values.values()), wall_time=wall_time
+                )
+            if text is not None:
+                self._writer.add_text(
+                    text[0], schema.DECISION_TEXT_TAG, text[1], wall_time=wall_time
+                )
+            # The daemon's markers are rare and the user is looking now: do not batch them.
+            self._writer.flush(timeout=5.0)
+        except Exception as err:  # broad: TensorBoard output is best effort, the audit log is not
+            logger.warning("%s: cannot write TensorBoard markers: %s", self.run_dir, err)

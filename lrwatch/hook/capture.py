@@ -1,0 +1,124 @@
+"""Where a step's loss comes from: forward hooks on the criterion or the model, or ``mon.log``.
+
+The loss of an optimizer step is the mean of the losses of the grad-enabled forwards since the
+previous step (gradient accumulation gives several). They are found, in order of preference, in
+the values the user logs, the outputs of the ``criterion`` module, or a model output carrying
+``.loss`` (Hugging Face style). Forwards under ``no_grad`` are evaluation and never count.
+Everything stays a device tensor: capturing a loss queues no host transfer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch.utils.hooks import RemovableHandle
+
+from lrwatch import schema
+from lrwatch.events.writer import EventWriter
+from lrwatch.hook.rows import RowBuffer
+
+Tensor = torch.Tensor
+
+
+class LossCapture:
+    """The losses seen since the last optimizer step."""
+
+    def __init__(self) -> None:
+        self.captured: list[Tensor] = []  # from the forward hooks
+        self._explicit: list[Tensor] = []  # from mon.log(loss=...) before the step
+        self._forwards = 0  # grad-enabled model forwards since the step
+        self._has_criterion = False
+
+    def attach(self, model: torch.nn.Module, criterion: torch.nn.Module | None) -> list[Any]:
+        """Register the forward hooks; the caller keeps (and later removes) the handles."""
+        handles: list[RemovableHandle] = [model.register_forward_hook(self._on_model_forward)]
+        if criterion is not None:
+            self._has_criterion = True
+            handles.append(criterion.register_forward_hook(self._on_criterion))
+        return handles
+
+    def take(self) -> Tensor | None:
+        """The step's loss (explicit values win over captured ones); starts the next step."""
+        losses = self._explicit or self.captured
+        loss = mean(losses) if losses else None
+        self._explicit, self.captured, self._forwards = [], [], 0
+        return loss
+
+    def take_share(self, share: int) -> Tensor | None:
+        """The loss of a GradScaler-skipped iteration: the first ``share`` captured forwards."""
+        if not share:
+            return None
+        loss = mean(self.captured[:share])
+        del self.captured[:share]
+        return loss
+
+    def log(
+        self,
+        loss: Tensor | float,
+        step: int | None,
+        *,
+        current: int,
+        rows: RowBuffer,
+        writer: EventWriter,
+    ) -> None:
+        """Route ``mon.log(loss=...)`` to the step it belongs to (``current``: steps so far).
+
+        Logged between a forward and the next step it is that step's loss; logged after
+        ``optimizer.step()`` it replaces the just-taken step's; with an explicit ``step`` that
+        has no row waiting it is written as is.
+        """
+        t = scalar(loss) if isinstance(loss, Tensor) else torch.tensor(float(loss))
+        last = rows.last()
+        if step is not None and (last is None or last.step != step):
+            writer.add_scalars(int(step), [schema.LOSS], t.reshape(1).float())
+        elif step is None and (self._forwards or last is None or last.step != current):
+            self._explicit.append(t)  # logged before its step: that step's loss
+        elif last is not None:  # logged after optimizer.step(): the step just taken
+            last.loss = t
+
+    def _on_criterion(self, module: Any, inputs: Any, output: Any) -> None:
+        if torch.is_grad_enabled() and isinstance(output, Tensor):  # no_grad: evaluation
+            self.captured.append(scalar(output))
+
+    def _on_model_forward(self, module: Any, inputs: Any, output: Any) -> None:
+        if not torch.is_grad_enabled():
+            return
+        self._forwards += 1
+        if self._has_criterion:
+            return
+        loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
+        if isinstance(loss, Tensor):
+            self.captured.append(scalar(loss))
+
+
+def write_named(writer: EventWriter, step: int, scalars: Mapping[str, Tensor | float]) -> None:
+    """``mon.log(**{"val/loss": v})``: tensors stacked on their device, floats as they are."""
+    tensors = {k: scalar(v) for k, v in scalars.items() if isinstance(v, Tensor)}
+    floats = {k: float(v) for k, v in scalars.items() if not isinstance(v, Tensor)}
+    if tensors:
+        device = next(iter(tensors.values())).device
+        values = torch.stack([v.to(device, torch.float32) for v in tensors.values()])
+        writer.add_scalars(step, list(tensors), values)
+    if floats:
+        writer.add_scalars(step, list(floats), list(floats.values()))
+
+
+def share(n_captured: int, n_skipped: int) -> int:
+    """Forwards per iteration when ``n_captured`` split evenly over the skips and the step.
+
+    0 when they do not: the losses then all go to the real step rather than being guessed.
+    """
+    n_iterations = n_skipped + 1
+    return n_captured // n_iterations if n_captured % n_iterations == 0 else 0
+
+
+def mean(losses: list[Tensor]) -> Tensor:
+    return losses[0] if len(losses) == 1 else torch.stack([t.float() for t in losses]).mean()
+
+
+def scalar(t: Tensor) -> Tensor:
+    """A detached 0-d loss (a per-sample loss vector is averaged)."""
+    t = t.detach()
+    return t if t.dim() == 0 else t.float().mean()

@@ -1,0 +1,285 @@
+"""The hook side of the control file: apply each new action once, at a step boundary.
+
+The monitor calls :meth:`Controller.before_step` from the optimizer's step pre-hook and
+:meth:`Controller.after_step` from its post-hook. An LR cut is applied by dividing every param
+group's lr just before the step and putting the scheduler's value back just after it. The user's
+scheduler therefore never sees lrwatch's cut: chainable schedulers that read ``group["lr"]``
+(StepLR, LinearLR, ReduceLROnPlateau, ...) keep their own sequence, and the LR the optimizer
+steps with is always "the scheduler's value divided by the cumulative factor".
+
+A clip acts on the gradients the optimizer steps with. Without a closure they exist before
+``step()``, so the pre-hook clips them. With ``optimizer.step(closure)`` they are computed inside
+``step()``: clipping in the pre-hook would touch the previous step's gradients, which the closure
+then overwrites. The pre-hook instead hands the optimizer :meth:`Controller.clipping_closure`,
+the user's closure followed by the clip, through the step pre-hook's documented way of replacing
+``step``'s arguments (``optimizer.step`` itself is never patched). An optimizer that calls its
+closure several times per step (LBFGS) sees clipped gradients after each call, as if the user
+clipped inside the closure.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lrwatch.control import read_control
+from lrwatch.errors import ConfigError, ControlFileError
+from lrwatch.hook import ranks
+from lrwatch.hook.applied import Applied
+from lrwatch.schema import APPLIED_FILENAME, CONTROL_FILENAME, Action, ActionKind
+
+logger = logging.getLogger(__name__)
+
+
+class Controller:
+    """Applies control-file actions (LR cut, clip, stop, undo) to one optimizer.
+
+    Args:
+        run_dir: directory holding the control file; None disables reading (state only).
+        check_every: steps between two looks at the control file (each look is one ``lstat``).
+        min_lr: a cut never takes a group's LR below this (nor raises one already below it).
+
+    Example::
+
+        ctl = Controller(Path("runs/exp1"))
+        ctl.before_step(optimizer, step)   # in the step pre-hook
+        optimizer.step()                   # step(closure): see clipping_closure
+        ctl.after_step(optimizer)          # in the step post-hook
+    """
+
+    def __init__(self, run_dir: Path | None, *, check_every: int = 10, min_lr: float = 0.0) -> None:
+        if not isinstance(check_every, int) or check_every < 1:
+            raise ConfigError(f"check_every must be an integer >= 1, got {check_every!r}")
+        if not isinstance(min_lr, int | float) or not math.isfinite(min_lr) or min_lr < 0:
+            raise ConfigError(f"min_lr must be a finite number >= 0, got {min_lr!r}")
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.check_every = check_every
+        self.min_lr = float(min_lr)
+        self.preclip_norm: torch.Tensor | None = None
+        self._applied = Applied()
+        self._signature: tuple[int, int, int] | None = None  # control file (ino, mtime, size)
+        self._stash: list[Any] | None = None  # scheduler's lr per group while lrwatch's is set
+        self._written: list[Any] = []  # what lrwatch set, to spot a step that never finished
+        self._synced = False
+        self._warned: set[str] = set()
+        if self.run_dir is not None and ranks.rank() == 0:
+            self._load_applied(self.run_dir / APPLIED_FILENAME)
+
+    # ------------------------------------------------------------------ what is in force
+    @property
+    def lr_factor(self) -> float:
+        """Cumulative divisor of the scheduler's LR (cuts compound; 1.0 = none)."""
+        return self._applied.lr_factor
+
+    @property
+    def max_norm(self) -> float | None:
+        """max_norm of the clip in force (the most recent clip not undone), or None."""
+        return self._applied.max_norm
+
+    @property
+    def should_stop(self) -> bool:
+        """True once a stop action has been applied."""
+        return self._applied.stop
+
+    @property
+    def applied_ids(self) -> list[int]:
+        """Ids of every action applied so far, oldest first."""
+        return list(self._applied.ids)
+
+    # ------------------------------------------------------------------ the hook
+    def before_step(
+        self, optimizer: torch.optim.Optimizer, step: int, *, closure: bool = False
+    ) -> list[Action]:
+        """Apply new actions (on check steps), then set this step's LR and clip the gradients.
+
+        With ``closure=True`` the step's gradients do not exist yet: nothing is clipped here,
+        the step must run :meth:`clipping_closure` instead of its closure.
+        """
+        new: list[Action] = []
+        self.preclip_norm = None
+        try:
+            self._restore_unfinished(optimizer)
+            if not self._synced or step % self.check_every == 0:
+                self._synced = True
+                new = self._check(step)
+            self._set_lr(optimizer)
+            if not closure:
+                self._clip(optimizer)
+        except Exception as err:  # noqa: BLE001 - the user's training must never break
+            self._warn_once(f"control step failed: {err!r}")
+        return new
+
+    def clipping_closure(
+        self, optimizer: torch.optim.Optimizer, closure: Callable[[], Any]
+    ) -> Callable[[], Any]:
+        """``closure`` followed by the clip in force (``closure`` itself when there is none).
+
+        The closure's own exceptions reach the optimizer as before; a failing clip is one
+        warning and unclipped gradients.
+        """
+        if self.max_norm is None:
+            return closure
+
+        def clipped() -> Any:
+            loss = closure()
+            try:
+                self._clip(optimizer)
+            except Exception as err:  # noqa: BLE001 - the user's training must never break
+                self._warn_once(f"clipping the closure's gradients failed: {err!r}")
+            return loss
+
+        return clipped
+
+    def after_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Put back the scheduler's LR values, so the scheduler never sees lrwatch's cut."""
+        try:
+            if self._stash is not None:
+                for group, lr in zip(optimizer.param_groups, self._stash, strict=True):
+                    group["lr"] = lr
+        except Exception as err:  # noqa: BLE001 - the user's training must never break
+            self._warn_once(f"restoring the scheduler's lr failed: {err!r}")
+        finally:
+            self._stash = None
+
+    def _restore_unfinished(self, optimizer: torch.optim.Optimizer) -> None:
+        """Undo the previous before_step if its optimizer.step raised (no after_step came).
+
+        If nobody changed a group's lr since lrwatch set it, the scheduler's value is the stash;
+        if something did (a scheduler step), that new value is taken as the scheduler's.
+        """
+        if self._stash is None:
+            return
+        for group, mine, theirs in zip(
+            optimizer.param_groups, self._written, self._stash, strict=False
+        ):
+            if group["lr"] is mine:
+                group["lr"] = theirs
+        self._stash = None
+
+    def _set_lr(self, optimizer: torch.optim.Optimizer) -> None:
+        factor = self.lr_factor
+        if factor == 1.0:
+            return
+        self._stash = [group["lr"] for group in optimizer.param_groups]
+        self._written = []
+        for group, lr in zip(optimizer.param_groups, self._stash, strict=True):
+            group["lr"] = _divided(lr, factor, self.min_lr)
+            self._written.append(group["lr"])
+
+    def _clip(self, optimizer: torch.optim.Optimizer) -> None:
+        self.preclip_norm = None
+        max_norm = self.max_norm
+        if max_norm is None:
+            return
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if params:
+            # The total norm stays a tensor: reading it here would force a device sync.
+            self.preclip_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+
+    # ------------------------------------------------------------------ reading the file
+    def _check(self, step: int) -> list[Action]:
+        """Find new actions; under DDP rank 0 reads and every rank gets the same ones."""
+        if not ranks.distributed():
+            return self._poll(step)
+        if ranks.rank() == 0:
+            new = self._poll(step)
+            ranks.from_rank0((self.state_dict(), new))
+            return new
+        state, new = ranks.from_rank0(None)
+        self._applied = Applied.from_json(state)
+        return list(new)
+
+    def _poll(self, step: int) -> list[Action]:
+        """One lstat; parse only if the file changed; apply what is new. Never raises."""
+        if self.run_dir is None:
+            return []
+        path = self.run_dir / CONTROL_FILENAME
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return []
+        except OSError as err:
+            self._warn_once(f"cannot stat {path}: {err.strerror}")
+            return []
+        signature = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if signature == self._signature:
+            return []
+        self._signature = signature  # a bad version is refused once, retried when it changes
+        try:
+            control = read_control(path)
+        except ControlFileError as err:
+            self._warn_once(f"control file refused, nothing applied: {err}")
+            return []
+        new = [a for a in control.actions if a.id > self._applied.last_id]
+        for action in new:
+            self._applied.apply(action)
+            logger.info(
+                "lrwatch: applied %s at step %d: %r", _describe(action), step, action.reason
+            )
+        if new:
+            self._save_applied()
+        return new
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """What has been applied: enough for a resumed run to neither reapply nor lose."""
+        return self._applied.to_json()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from ``state`` (ValueError if malformed) unless newer actions are known.
+
+        The run directory's record (loaded at construction) can be newer than a checkpoint:
+        the newest knowledge wins, so nothing applied after the checkpoint is applied twice.
+        """
+        applied = Applied.from_json(state)
+        if applied.last_id < self._applied.last_id:
+            return
+        self._applied = applied
+        self._signature = None  # re-read the control file (and re-sync ranks) at the next step
+        self._synced = False
+        self._save_applied()
+
+    def _load_applied(self, path: Path) -> None:
+        try:
+            applied = Applied.load(path)
+        except (OSError, ValueError) as err:
+            self._warn_once(f"ignoring unreadable {path} (actions may be applied again): {err}")
+            return
+        if applied is not None:
+            self._applied = applied
+            logger.info("lrwatch: resumed control state from %s: %s", path, applied.to_json())
+
+    def _save_applied(self) -> None:
+        if self.run_dir is None or ranks.rank() != 0:
+            return
+        try:
+            self._applied.save(self.run_dir / APPLIED_FILENAME)
+        except OSError as err:
+            self._warn_once(f"cannot record applied actions in {self.run_dir}: {err}")
+
+    def _warn_once(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            logger.warning("lrwatch: %s", message)
+
+
+def _divided(lr: Any, factor: float, min_lr: float) -> Any:
+    """lr / factor, floored at min_lr without raising an lr already below the floor."""
+    if isinstance(lr, torch.Tensor):
+        return torch.maximum(lr / factor, torch.clamp(lr, max=min_lr))
+    return max(lr / factor, min(lr, min_lr))
+
+
+def _describe(action: Action) -> str:
+    detail = {
+        ActionKind.LR_CUT: f" /{action.factor}",
+        ActionKind.CLIP: f" max_norm={action.max_norm}",
+        ActionKind.UNDO: f" of {action.target}",
+    }.get(action.action, "")
+    return f"action {action.id} ({action.action.value}{detail})"

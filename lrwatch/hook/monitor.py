@@ -1,0 +1,348 @@
+"""The one-line hook: ``mon = lrwatch.watch(model, optimizer, logdir=...)``.
+
+Every ``optimizer.step()`` is observed through the optimizer's step pre- and post-hooks (never by
+patching ``step``). Each step leaves one small row (loss, non-finite flag, LR, loss scale) whose
+tensors stay on the device until a batch of rows is handed to the background writer; on logging
+steps the norms of gradients, weights and the update are computed with batched foreach kernels
+(:mod:`.stats`) and written as one event. Nothing here calls ``.item()`` on a device tensor
+on the hot path, and no exception raised inside lrwatch reaches the training step.
+
+This module is the wiring every rank runs: the hooks and their handles, the step count, the
+control file (:mod:`.controller`), ``close`` and ``state_dict``. The writing rank's work
+is in :mod:`.recorder`, which wires :mod:`.capture` (where the loss comes from),
+:mod:`.measure` (what a logging step computes) and the rows to the writer thread;
+:mod:`.cadence` decides when a step logs.
+
+What ``step`` counts: the optimizer steps of the run, GradScaler-skipped ones included (the HF
+Trainer's ``global_step``). The n-th step is recorded at step n (1-based); ``mon.step`` is the
+number of steps so far, so ``mon.log()`` after ``optimizer.step()`` lands on the step just taken.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
+
+import torch
+
+from lrwatch.errors import ConfigError
+from lrwatch.events.writer import EventWriter
+from lrwatch.hook import ranks
+from lrwatch.hook.amp import skip_counter
+from lrwatch.hook.cadence import Cadence
+from lrwatch.hook.capture import share
+from lrwatch.hook.controller import Controller
+from lrwatch.hook.recorder import Recorder
+
+logger = logging.getLogger(__name__)
+
+Tensor = torch.Tensor
+StepArgs = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+class StopTraining(Exception):  # noqa: N818  (a signal, not an error)
+    """Raised out of ``optimizer.step()`` after a stop action, with ``raise_on_stop=True``."""
+
+
+def default_logdir() -> Path:
+    """``runs/<date>_<host>``, the directory ``SummaryWriter`` would pick."""
+    now = datetime.datetime.now().strftime("%b%d_%H-%M-%S")
+    return Path("runs") / f"{now}_{socket.gethostname()}"
+
+
+def watch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, **kwargs: Any) -> Monitor:
+    """Monitor ``model`` trained by ``optimizer`` from now on; see :class:`Monitor`."""
+    return Monitor(model, optimizer, **kwargs)
+
+
+class Monitor:
+    """Observes every optimizer step of a run and writes lrwatch's tags into its event files.
+
+    Args:
+        logdir: run directory (default ``runs/<date>_<host>``).
+        writer: an existing ``SummaryWriter``: lrwatch writes its own event file into its
+            ``log_dir``, which TensorBoard shows as the same run.
+        criterion: loss module whose grad-enabled forwards are the step's loss (mean over
+            gradient-accumulation forwards). Without it, a model output with ``.loss`` (or a
+            dict with ``"loss"``) is used, or ``mon.log(loss=...)``.
+        scaler: the run's ``torch.amp.GradScaler``: logs its scale and the steps it skipped.
+        log_every: steps between the norm computations, or ``"auto"``: adapted so their cost
+            stays within ``budget`` of the measured step time.
+        per_layer: also write per-tensor norms and ratios (global values are always written).
+        nonfinite: per step, check the loss and the small gradients (``"sentinel"``: biases and
+            norm gains, which a non-finite activation gradient reaches at every layer) or every
+            gradient (``"full"``, one memory pass). Logging steps always check every gradient.
+        control: apply the run directory's control file (LR cut, clip, stop). A clip with
+            ``optimizer.step(closure)`` acts on the gradients the closure computes.
+        raise_on_stop: raise :class:`StopTraining` from ``optimizer.step()`` after a stop.
+
+    Example::
+
+        with lrwatch.watch(model, optimizer, logdir="runs/exp1", criterion=loss_fn) as mon:
+            for x, y in loader:
+                loss_fn(model(x), y).backward()
+                optimizer.step()
+                optimizer.zero_grad()
+                if mon.should_stop:
+                    break
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        logdir: str | os.PathLike[str] | None = None,
+        writer: Any = None,
+        criterion: torch.nn.Module | None = None,
+        scaler: Any = None,
+        log_every: int | Literal["auto"] = "auto",
+        budget: float = 0.01,
+        per_layer: bool = True,
+        nonfinite: Literal["sentinel", "full"] = "sentinel",
+        control: bool = True,
+        control_every: int = 10,
+        min_lr: float = 0.0,
+        raise_on_stop: bool = False,
+        flush_secs: float = 1.0,
+    ) -> None:
+        _validate(log_every, budget, nonfinite, flush_secs)
+        self.model, self.optimizer = model, optimizer
+        self.per_layer, self.raise_on_stop = per_layer, raise_on_stop
+        self.run_dir = _run_dir(logdir, writer)
+        self._step = 0
+        self._closed = False
+        self._warned: set[str] = set()
+        self._cadence = Cadence(log_every, budget=budget)
+        self._controller = (
+            Controller(self.run_dir, check_every=control_every, min_lr=min_lr) if control else None
+        )
+        self._skips = skip_counter(scaler)
+        self._closure_step = False
+        self._recorder: Recorder | None = None  # only the writing rank records
+        writer = self._open_writer() if ranks.rank() == 0 else None
+        if writer is not None:
+            self._recorder = Recorder(
+                writer,
+                model,
+                optimizer,
+                criterion=criterion,
+                skips=self._skips,
+                full_check=nonfinite == "full",
+                flush_secs=flush_secs,
+            )
+        self._handles = [
+            optimizer.register_step_pre_hook(self._pre_hook),
+            optimizer.register_step_post_hook(self._post_hook),
+            *(self._recorder.handles if self._recorder else ()),
+        ]
+
+    # ------------------------------------------------------------------ public surface
+    @property
+    def step(self) -> int:
+        """Optimizer steps so far (GradScaler-skipped ones included)."""
+        return self._step
+
+    @property
+    def log_every(self) -> int:
+        """The current cadence of the norm computations, in steps."""
+        return self._cadence.every
+
+    @property
+    def should_stop(self) -> bool:
+        """True once a stop action was applied (from the control file)."""
+        return self._controller is not None and self._controller.should_stop
+
+    def log(self, step: int | None = None, **scalars: Tensor | float) -> None:
+        """Write ``scalars`` (tensors stay on device) under ``step`` (default: the current one).
+
+        ``loss`` is the training loss (tag ``lrwatch/loss``): logged after ``optimizer.step()``
+        it belongs to the step just taken, logged between a forward and the next step to that
+        step. Other names are written as given, e.g. ``mon.log(**{"val/loss": v})``.
+        """
+        if self._recorder is None:
+            return
+        try:
+            self._recorder.log(step, self._step, scalars)
+        except Exception as exc:  # the hook boundary: a bad value never breaks training
+            self._warn_once("log", "lrwatch: mon.log() dropped a value (%r)", exc)
+
+    def close(self) -> None:
+        """Write everything pending, detach every hook and close the event file. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for handle in self._handles:
+            handle.remove()
+        self._guard("close", self._finish, None)
+
+    def __enter__(self) -> Monitor:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Step count, cadence and the controller's applied actions, for a resumed run."""
+        return {
+            "version": 1,
+            "step": self._step,
+            "next_log": self._cadence.next_log,
+            "log_every": self._cadence.every,
+            "controller": self._controller.state_dict() if self._controller else None,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue a run's step count and control state (load the scaler's state first)."""
+        if state.get("version") != 1:
+            raise ConfigError(f"not an lrwatch Monitor state of version 1: {dict(state)!r:.80}")
+        self._step, self._cadence.every = int(state["step"]), int(state["log_every"])
+        self._cadence.next_log = int(state["next_log"])
+        if self._controller is not None and state.get("controller") is not None:
+            self._controller.load_state_dict(state["controller"])
+        if self._skips is not None:
+            self._skips.rebase()
+
+    # ------------------------------------------------------------------ optimizer hooks
+    def _pre_hook(
+        self, optimizer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> StepArgs | None:
+        now = time.perf_counter()
+        self._cadence.start_step(now)
+        rec = self._recorder
+        skipped = self._guard("AMP skip count", self._skips.at_step, []) if self._skips else []
+        n_share = share(len(rec.loss.captured), len(skipped)) if rec else 0
+        for scale in skipped:
+            self._step += 1
+            if rec is not None:
+                self._guard(
+                    "skipped-step row", rec.add_skipped_row, None, self._step, scale, n_share
+                )
+        self._step += 1
+        closure = args[1] if len(args) > 1 else kwargs.get("closure")  # args[0]: the optimizer
+        self._closure_step = closure is not None
+        actions: list[Any] = []
+        new_args: StepArgs | None = None
+        if self._controller is not None:  # never raises
+            actions = self._controller.before_step(
+                self.optimizer, self._step, closure=self._closure_step
+            )
+            if closure is not None and self._controller.max_norm is not None:
+                # The closure computes this step's gradients inside step(): clip after it.
+                clipped = self._controller.clipping_closure(self.optimizer, closure)
+                new_args = _with_closure(args, kwargs, clipped)
+        if rec is not None:
+            rec.pending = None
+            self._guard("pre-step logging", self._log_before, None, rec, actions)
+        self._cadence.pre_done(time.perf_counter() - now)
+        return new_args
+
+    def _post_hook(self, optimizer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        now = time.perf_counter()
+        if self._recorder is not None:
+            self._guard("post-step logging", self._log_after, None, self._recorder)
+        if self._controller is not None:
+            self._controller.after_step(self.optimizer)  # never raises
+        self._cadence.post_done(time.perf_counter() - now)
+        if self.raise_on_stop and self.should_stop:
+            raise StopTraining(f"lrwatch: stop action applied at step {self._step}")
+
+    def _log_before(self, rec: Recorder, actions: list[Any]) -> None:
+        rec.before_step(
+            self._step,
+            actions,
+            controller=self._controller,
+            cadence=self._cadence,
+            closure=self._closure_step,
+        )
+
+    def _log_after(self, rec: Recorder) -> None:
+        rec.after_step(
+            self._step,
+            cadence=self._cadence,
+            closure=self._closure_step,
+            preclip=self._controller.preclip_norm if self._controller else None,
+            per_layer=self.per_layer,
+        )
+
+    # ------------------------------------------------------------------ plumbing
+    def _finish(self) -> None:
+        rec = self._recorder
+        if rec is None:
+            return
+        rec.measure.buffers = None
+        try:
+            self._guard("closing skipped steps", self._close_skips, None, rec)
+            self._guard("writing the last rows", rec.rows.submit, None, rec.writer)
+        finally:
+            rec.writer.close()
+
+    def _close_skips(self, rec: Recorder) -> None:
+        """Iterations GradScaler skipped after the last real step."""
+        skipped = self._skips.at_end() if self._skips is not None else []
+        n_share = share(len(rec.loss.captured), len(skipped) - 1) if skipped else 0
+        for scale in skipped:
+            self._step += 1
+            rec.add_skipped_row(self._step, scale, n_share)
+
+    def _open_writer(self) -> EventWriter | None:
+        try:
+            return EventWriter(self.run_dir, filename_suffix=".lrwatch")
+        except Exception as exc:  # an unwritable logdir must not stop the training
+            logger.warning(
+                "lrwatch cannot write to %s (%r): training continues unlogged", self.run_dir, exc
+            )
+            return None
+
+    def _guard(self, what: str, fn: Any, default: Any, *args: Any) -> Any:
+        """Run ``fn``; any exception becomes one warning (per kind) and ``default``."""
+        try:
+            return fn(*args)
+        except Exception as exc:  # the hook boundary: lrwatch never breaks a training step
+            if self._recorder is not None:
+                self._recorder.pending = None
+            self._warn_once(what, "lrwatch: %s failed (%r); skipped, training continues", what, exc)
+            return default
+
+    def _warn_once(self, key: str, msg: str, *args: Any) -> None:
+        if key in self._warned:
+            logger.debug(msg, *args)
+        else:
+            self._warned.add(key)
+            logger.warning(msg, *args)
+
+
+def _with_closure(args: tuple[Any, ...], kwargs: dict[str, Any], closure: Any) -> StepArgs:
+    """``step``'s arguments (``args[0]``: the optimizer) with ``closure`` for the user's."""
+    if len(args) > 1:
+        return (args[0], closure, *args[2:]), kwargs
+    return args, {**kwargs, "closure": closure}
+
+
+def _validate(log_every: Any, budget: float, nonfinite: str, flush_secs: float) -> None:
+    if log_every != "auto" and (not isinstance(log_every, int) or log_every < 1):
+        raise ConfigError(f"log_every must be an integer >= 1 or 'auto', not {log_every!r}")
+    if not 0 < budget < 1:
+        raise ConfigError(f"budget is a fraction of the step time in (0, 1), not {budget!r}")
+    if nonfinite not in ("sentinel", "full"):
+        raise ConfigError(f"nonfinite must be 'sentinel' or 'full', not {nonfinite!r}")
+    if not flush_secs > 0:
+        raise ConfigError(f"flush_secs must be > 0, not {flush_secs!r}")
+
+
+def _run_dir(logdir: str | os.PathLike[str] | None, writer: Any) -> Path:
+    if writer is not None:
+        return Path(writer.get_logdir() if hasattr(writer, "get_logdir") else writer.log_dir)
+    return Path(logdir) if logdir is not None else default_logdir()

@@ -1,0 +1,158 @@
+"""Per-step rows of the monitor, kept on device until a batch of them is written.
+
+A row is what every optimizer step records: the loss, the tensors whose finiteness decides the
+non-finite flag, and host-side floats (LR per group, loss scale, skipped). Building a row queues
+no host transfer; :meth:`RowBuffer.submit` resolves the flags of all waiting rows in four kernels
+and hands a few stacked blocks (with the logging steps' events) to the writer thread, which
+moves them to the host.
+
+The host-side columns (:class:`HostColumns`) and the acknowledgement of control actions
+(:func:`write_acks`) are here too: they are what a step writes besides the device values.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lrwatch import schema
+from lrwatch.events.writer import EventWriter
+from lrwatch.hook import stats
+
+
+@dataclass(slots=True)
+class Row:
+    """One optimizer step's record (``loss`` may be replaced by ``mon.log`` until submitted)."""
+
+    step: int
+    wall_time: float
+    loss: torch.Tensor | None
+    grad_checks: list[torch.Tensor]
+    host_tags: tuple[str, ...]
+    host: list[float]
+
+
+class HostColumns:
+    """Tags and values of a row's host-side floats: LR per group, then loss scale and skipped.
+
+    The tags tuple is rebuilt only when the number of param groups changes, so rows of the
+    same shape share it and :meth:`RowBuffer.submit` writes them as one block.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, skips: Any) -> None:
+        self._optimizer = optimizer
+        self._skips = skips  # an _amp.SkipCounter, or None without a GradScaler
+        self._amp = (schema.LOSS_SCALE, schema.SKIPPED) if skips is not None else ()
+        self._tags: tuple[str, ...] = ()
+
+    def values(self, *, skipped_scale: float | None = None) -> tuple[tuple[str, ...], list[float]]:
+        """This step's LR per group (as the optimizer steps with it) and scale.
+
+        ``skipped_scale``: a GradScaler-skipped iteration, which ran with that scale.
+        """
+        groups = self._optimizer.param_groups
+        values = [float(g["lr"]) for g in groups]
+        if len(groups) != len(self._tags) - len(self._amp):
+            self._tags = tuple(schema.lr_group_tag(i) for i in range(len(groups))) + self._amp
+        if self._skips is not None:
+            if skipped_scale is None:
+                values += [self._skips.scale, 0.0]
+            else:
+                values += [skipped_scale, 1.0]
+        return self._tags, values
+
+
+def write_acks(
+    writer: EventWriter,
+    step: int,
+    actions: list[Any],
+    *,
+    controller: Any,
+    optimizer: torch.optim.Optimizer,
+) -> None:
+    """One event per control action applied at ``step``, on disk before training goes on.
+
+    The caller submits the rows before ``step`` first, so every tag's steps stay in order.
+    """
+    c = controller
+    groups = optimizer.param_groups
+    tags = [schema.CONTROL_ACK, schema.LR_FACTOR, schema.CLIP_MAX_NORM, schema.STOP]
+    tags += [schema.lr_group_tag(i) for i in range(len(groups))]
+    for action in actions:
+        values = [float(action.id), c.lr_factor, c.max_norm or 0.0, float(c.should_stop)]
+        values += [float(g["lr"]) for g in groups]
+        writer.add_scalars(step, tags, values)
+    writer.flush(timeout=2.0)
+
+
+class RowBuffer:
+    """Rows waiting to be written, oldest first."""
+
+    def __init__(self) -> None:
+        self.rows: list[Row] = []
+        self.events: dict[tuple[str, ...], list[tuple[int, float, torch.Tensor]]] = {}
+
+    def add_event(self, step: int, tags: list[str], values: torch.Tensor) -> None:
+        """A logging step's values (one event), written with the next batch of rows."""
+        self.events.setdefault(tuple(tags), []).append((step, time.time(), values))
+
+    def add(self, row: Row) -> None:
+        self.rows.append(row)
+
+    def last(self) -> Row | None:
+        return self.rows[-1] if self.rows else None
+
+    def submit(self, writer: EventWriter, *, before: int | None = None) -> None:
+        """Hand every row with ``step < before`` (all by default) to ``writer``."""
+        events, self.events = self.events, {}
+        for tags, evs in events.items():  # same tags: one hand-off for all their steps
+            writer.add_rows(
+                [e[0] for e in evs],
+                tags,
+                torch.stack([e[2] for e in evs]),
+                wall_times=[e[1] for e in evs],
+            )
+        n = len(self.rows) if before is None else sum(r.step < before for r in self.rows)
+        ready, self.rows = self.rows[:n], self.rows[n:]
+        if not ready:
+            return
+        parts: list[torch.Tensor] = []
+        owners: list[int] = []
+        for i, row in enumerate(ready):
+            checks = row.grad_checks if row.loss is None else [row.loss, *row.grad_checks]
+            parts += checks
+            owners += [i] * len(checks)
+        flags = stats.nonfinite_rows(parts, owners, len(ready))
+        with_loss = [i for i, r in enumerate(ready) if r.loss is not None]
+        without = [i for i, r in enumerate(ready) if r.loss is None]
+        if with_loss:
+            losses = torch.stack(
+                [
+                    ready[i].loss.to(flags.device, torch.float32)  # type: ignore[union-attr]
+                    for i in with_loss
+                ]
+            )
+            values = torch.stack([losses, flags[with_loss]], dim=1)
+            _rows_out(writer, ready, with_loss, (schema.LOSS, schema.NONFINITE), values)
+        if without:
+            _rows_out(writer, ready, without, (schema.NONFINITE,), flags[without].reshape(-1, 1))
+        by_tags: dict[tuple[str, ...], list[int]] = {}
+        for i, row in enumerate(ready):
+            by_tags.setdefault(row.host_tags, []).append(i)
+        for tags, idx in by_tags.items():
+            _rows_out(writer, ready, idx, tags, [ready[i].host for i in idx])
+
+
+def _rows_out(
+    writer: EventWriter,
+    rows: list[Row],
+    idx: list[int],
+    tags: tuple[str, ...],
+    values: torch.Tensor | list[list[float]],
+) -> None:
+    writer.add_rows(
+        [rows[i].step for i in idx], tags, values, wall_times=[rows[i].wall_time for i in idx]
+    )

@@ -1,0 +1,95 @@
+"""The policy's response table: what one finding asks for, before any state has its say.
+
+The table (finding kind -> rank, factor, reason) reads on one screen; the cooldown, floor and
+budget that decide whether a response happens live in :mod:`.policy` and :mod:`.budget`.
+
+Responses, strongest first (a stronger one may act during a weaker one's cooldown):
+
+===========  ====================================================  ====
+finding      response                                              rank
+===========  ====================================================  ====
+nonfinite    cut by 10 + clip; advise resuming from a checkpoint   4
+explosion    cut by 10 (critical) or 5 (warning) + clip; with          3
+             ``clip_first``, a first spike gets the clip alone
+oscillation  cut by 10, or 5 when ``evidence["mild"]``             2
+ratio_high   cut by 5 (critical) or 2 (warning); not in warm-up    2
+plateau      cut by 2 (never during warm-up)                       1
+overfit      stop once reported at ``overfit_patience`` checks     1
+ratio_low    advise raising the LR (advice only, not in warm-up,   0
+             repeated at most every 10 cooldowns)
+===========  ====================================================  ====
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lrwatch.schema import Finding, Kind, Severity
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one finding asks for, before cooldown, floor and budget have their say."""
+
+    kind: Kind
+    rank: int
+    why: str
+    factor: int | None = None
+    clip: bool = False
+    stop: bool = False
+    advice: bool = False
+
+    def strength(self) -> tuple[int, bool, int, bool]:
+        """Order between plans: rank first, then a stop, a larger cut, a clip."""
+        return self.rank, self.stop, self.factor or 0, self.clip
+
+
+def plan_for(f: Finding, *, warmup: bool, clip_only: bool = False) -> Plan | None:
+    """The table of the module docstring, one finding at a time (overfit excepted: see below).
+
+    ``clip_only``: answer a spike (not a sustained climb) with clipping alone (``clip_first``).
+    """
+    critical = f.severity is Severity.CRITICAL
+    if f.kind is Kind.NONFINITE:
+        why = "the largest factor, for a step that overflowed; clipping bounds the next spike"
+        return Plan(f.kind, 4, why, factor=10, clip=True)
+    if f.kind is Kind.EXPLOSION and clip_only and f.evidence.get("rule") != "trend":
+        why = "a first spike: clipping bounds it; the LR is cut if explosions come back"
+        return Plan(f.kind, 3, why, clip=True)
+    if f.kind is Kind.EXPLOSION:
+        why = (
+            "10 for a sustained, large explosion"
+            if critical
+            else "5 for a spike, not (yet) sustained"
+        )
+        return Plan(f.kind, 3, why, factor=10 if critical else 5, clip=True)
+    if f.kind is Kind.OSCILLATION:
+        if f.evidence.get("mild", False):
+            return Plan(f.kind, 2, "5 because the oscillation is mild", factor=5)
+        return Plan(
+            f.kind, 2, "10 because a loss bouncing in a band means an LR far too high", factor=10
+        )
+    if f.kind is Kind.RATIO_HIGH and not warmup:  # early updates are large by design
+        factor = 5 if critical else 2
+        why = f"{factor} because updates far above ~1e-3 of the weights signal instability"
+        return Plan(f.kind, 2, why, factor=factor)
+    if f.kind is Kind.PLATEAU and not warmup:
+        return Plan(f.kind, 1, "halving is the gentle factor for a stalled metric", factor=2)
+    if f.kind is Kind.RATIO_LOW and not warmup:
+        return Plan(f.kind, 0, "updates far below ~1e-3 of the weights", advice=True)
+    return None
+
+
+def overfit_stop(checks: int) -> Plan:
+    """The stop an overfit finding asks for once it was reported at enough checks in a row."""
+    why = f"validation worsened at {checks} checks in a row"
+    return Plan(Kind.OVERFIT, 1, why, stop=True)
+
+
+def headline(findings: tuple[Finding, ...]) -> str:
+    """'plateau on val/loss at step 1200 (<message>)' for the first finding, '(+n more)'."""
+    f = findings[0]
+    text = f"{f.kind.value} on {f.tag} at step {f.step}"
+    if f.message:
+        text += f" ({f.message})"
+    return text + (f" (+{len(findings) - 1} more)" if len(findings) > 1 else "")
