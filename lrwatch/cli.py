@@ -1,6 +1,9 @@
 """The ``lrwatch`` command: thin click subcommands that parse options and call one function each.
 
-Heavy imports stay inside the subcommands so ``lrwatch --help`` is instant.
+Heavy imports stay inside the subcommands so ``lrwatch --help`` is instant. Exit codes, the same
+for every command: 0 done; 1 lrwatch could not do it (one line saying why, e.g. an unreadable
+run); 2 the command line is wrong (a bad option, or a path that is not what the command needs:
+a missing directory, a log directory of runs where one run is needed, a directory with no run).
 """
 
 from __future__ import annotations
@@ -18,8 +21,15 @@ from lrwatch.errors import LrwatchError
 logger = logging.getLogger(__name__)
 
 
+EPILOG = (
+    "Exit codes: 0 done; 1 lrwatch could not do it (one line says why); 2 bad usage, including "
+    "a path that is not a run where a run is needed."
+)
+
+
 @click.group(
-    context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "LRWATCH"}
+    context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "LRWATCH"},
+    epilog=EPILOG,
 )
 @click.version_option(__version__, prog_name="lrwatch")
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
@@ -34,7 +44,44 @@ def fail(err: LrwatchError) -> None:
     raise click.ClickException(str(err)) from err
 
 
-# Subcommands are added below by their owners: analyze, apply, serve.
+class PathError(click.ClickException):
+    """A path that is not what the command needs: one line, exit code 2 (usage), no usage dump."""
+
+    exit_code = 2
+
+
+def _run_dir(ctx: click.Context, param: click.Parameter, value: pathlib.Path) -> pathlib.Path:
+    """A run directory: it exists and holds event files itself. A log directory of runs is
+    refused with their names, so ``lrwatch apply runs/`` never writes a control file that
+    nothing will read and ``report runs/`` never draws an empty picture."""
+    from lrwatch.events.reader import find_runs
+
+    if not value.exists():
+        raise PathError(f"{value} does not exist")
+    if not value.is_dir():
+        raise PathError(f"{value} is not a directory")
+    runs = find_runs(value)
+    if value in runs:
+        return value
+    if runs:
+        names = ", ".join(str(r.relative_to(value)) for r in runs[:5])
+        more = f" and {len(runs) - 5} more" if len(runs) > 5 else ""
+        raise PathError(
+            f"{value} is a log directory holding {len(runs)} run(s), not a run: "
+            f"give one of {names}{more}"
+        )
+    raise PathError(
+        f"{value} holds no event files: it is not a run (yet). Point at the directory given to "
+        "lrwatch.watch(logdir=...)"
+    )
+
+
+def _log_dir(ctx: click.Context, param: click.Parameter, value: pathlib.Path) -> pathlib.Path:
+    """A directory that exists (it may hold no run yet: the daemon waits for them)."""
+    if not value.is_dir():
+        problem = "is not a directory" if value.exists() else "does not exist"
+        raise PathError(f"{value} {problem}")
+    return value
 
 
 # -------------------------------------------------------------------------------- analyze (H6)
@@ -57,7 +104,7 @@ def _setting(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
 
 
 @main.command()
-@click.argument("run_dir", type=click.Path(path_type=pathlib.Path))
+@click.argument("run_dir", type=click.Path(path_type=pathlib.Path), callback=_run_dir)
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON document instead of a table.")
 @click.option(
     "--config",
@@ -132,7 +179,7 @@ def _max_norm(ctx: click.Context, param: click.Parameter, value: float | None) -
 
 
 @main.command()
-@click.argument("run_dir", type=click.Path(path_type=pathlib.Path))
+@click.argument("run_dir", type=click.Path(path_type=pathlib.Path), callback=_run_dir)
 @click.option("--lr-cut", type=int, callback=_lr_cut, help="Divide the LR by N (2, 5 or 10).")
 @click.option("--clip", type=float, callback=_max_norm, help="Clip gradients at this max norm.")
 @click.option("--stop", is_flag=True, help="Make the run stop (mon.should_stop becomes true).")
@@ -180,7 +227,8 @@ def apply(
     "logdirs",
     nargs=-1,
     required=True,
-    type=click.Path(exists=True, file_okay=False, path_type=pathlib.Path),
+    type=click.Path(path_type=pathlib.Path),
+    callback=lambda ctx, param, values: tuple(_log_dir(ctx, param, v) for v in values),
 )
 @click.option(
     "--apply",
@@ -287,6 +335,8 @@ def serve(
     # it off the first decision's latency.
     import scipy.stats  # noqa: F401
 
+    if not once:
+        click.echo(_banner(logdirs, apply_=apply_, poll=poll, rails=rails, hooks=len(hooks)))
     daemon = Daemon(
         logdirs,
         mode="apply" if apply_ else "recommend",
@@ -307,9 +357,32 @@ def serve(
         runner.close()
 
 
+def _banner(
+    logdirs: tuple[pathlib.Path, ...], *, apply_: bool, poll: float | None, rails: Any, hooks: int
+) -> str:
+    """What a person leaving ``serve`` open in a terminal needs to know it is doing its job."""
+    from lrwatch.events.reader import find_runs
+
+    found = ", ".join(f"{d} ({len(find_runs(d))} runs)" for d in logdirs)
+    how = f"polling every {poll:g} s" if poll else "file events (inotify)"
+    if apply_:
+        mode = (
+            f"APPLY mode: decisions are written to each run's control file; rails: LR floor "
+            f"{rails.min_lr:g}, cooldown {rails.cooldown} steps, {rails.budget} actions per "
+            f"{rails.window} steps"
+        )
+    else:
+        mode = "recommend mode: decisions are recorded, nothing is changed (--apply to act)"
+    return (
+        f"lrwatch serve {__version__}: {mode}\n"
+        f"watching {found} with {how}; {hooks} hook executable(s); new runs are picked up; "
+        "Ctrl-C to stop"
+    )
+
+
 # ------------------------------------------------------------------------- status, report (H12)
 @main.command()
-@click.argument("logdir", type=click.Path(exists=True, file_okay=False, path_type=pathlib.Path))
+@click.argument("logdir", type=click.Path(path_type=pathlib.Path), callback=_log_dir)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one object per run.")
 @click.option(
     "--stale-after",
@@ -334,7 +407,7 @@ def status(logdir: pathlib.Path, as_json: bool, stale_after: float) -> None:
 
 
 @main.command()
-@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=pathlib.Path))
+@click.argument("run_dir", type=click.Path(path_type=pathlib.Path), callback=_run_dir)
 @click.option(
     "-o",
     "--output",

@@ -116,13 +116,13 @@ def test_cli_analyze_missing_empty_and_unusable_runs_fail_in_one_line(tmp_path: 
     (tmp_path / "empty").mkdir()
     with SummaryWriter(str(tmp_path / "odd")) as w:
         w.add_scalar("accuracy", 0.5, 1)
-    for run, words in [
-        ("missing", "does not exist"),
-        ("empty", "no scalars"),
-        ("odd", "no tag lrwatch can analyse"),
+    for run, words, code in [
+        ("missing", "does not exist", 2),  # not a run: usage
+        ("empty", "holds no event files", 2),
+        ("odd", "no tag lrwatch can analyse", 1),  # a run lrwatch cannot analyse
     ]:
         result = CliRunner().invoke(main, ["analyze", str(tmp_path / run)])
-        assert result.exit_code == 1
+        assert result.exit_code == code
         assert words in result.output
         assert len(result.output.strip().splitlines()) == 1
 

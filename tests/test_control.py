@@ -519,7 +519,17 @@ def test_controller_refuses_bad_settings() -> None:
 
 
 # ---------------------------------------------------------------------------- the CLI
+def _a_run(run_dir: Path) -> Path:
+    """``apply`` needs a run (a directory with an event file), as a started trainer leaves."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(run_dir)) as w:
+        w.add_scalar("loss", 1.0, 0)
+    return run_dir
+
+
 def test_apply_writes_each_action_and_prints_it(tmp_path: Path) -> None:
+    _a_run(tmp_path)
     runner = CliRunner()
     out = [runner.invoke(main, ["apply", str(tmp_path), *args]) for args in (
         ["--lr-cut", "5", "--reason", "plateau"], ["--clip", "1.0"], ["--undo", "1"], ["--stop"],
@@ -550,6 +560,7 @@ def test_apply_writes_each_action_and_prints_it(tmp_path: Path) -> None:
          "two-actions"],
 )  # fmt: skip
 def test_apply_refuses_bad_values_with_exit_code_2(tmp_path: Path, args: list[str]) -> None:
+    _a_run(tmp_path)
     result = CliRunner().invoke(main, ["apply", str(tmp_path), *args])
     assert result.exit_code == 2, result.output
     assert not (tmp_path / CONTROL_FILENAME).exists()
@@ -557,8 +568,8 @@ def test_apply_refuses_bad_values_with_exit_code_2(tmp_path: Path, args: list[st
 
 def test_apply_on_a_missing_run_dir_fails_with_one_line(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["apply", str(tmp_path / "gone"), "--stop"])
-    assert result.exit_code == 1
-    assert len(result.output.strip().splitlines()) == 1 and "no such run directory" in result.output
+    assert result.exit_code == 2  # a path that is not a run is a usage error (tests/test_cli.py)
+    assert len(result.output.strip().splitlines()) == 1 and "does not exist" in result.output
 
 
 # ---------------------------------------------------------------------------- DDP

@@ -199,6 +199,18 @@ class RunAnalyzer:
         self._cut = LastCut.from_state(state.get("cut"))
 
 
+def _tag_hint(wanted: str, tags: Iterable[str]) -> str:
+    """A "did you mean" for a mistyped tag, then the run's tags, run-level before per-layer."""
+    import difflib
+
+    per_layer = tuple(f"{prefix}/" for prefix in schema.PER_TENSOR_PREFIXES.values())
+    names = sorted(set(tags), key=lambda t: (t.startswith(per_layer), t.count("/"), t))
+    close = difflib.get_close_matches(wanted, names, n=3, cutoff=0.5)
+    listed = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+    guess = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
+    return f"{guess}it has {listed}"
+
+
 def analyze_run(run_dir: Path, config: AnalyzerConfig | None = None) -> Analysis:
     """Replay a whole run; raises RunGone / NoUsableTags / LrwatchError with a one-line reason."""
     from lrwatch.events.reader import read_run
@@ -211,8 +223,9 @@ def analyze_run(run_dir: Path, config: AnalyzerConfig | None = None) -> Analysis
     analyzer.feed(scalars)
     wanted = analyzer.config.metric
     if wanted is not None and wanted not in analyzer.tags:
-        some = ", ".join(sorted(analyzer.tags)[:8])
-        raise NoUsableTags(f"{run_dir} has no tag {wanted!r} to monitor; it has {some}...")
+        raise NoUsableTags(
+            f"{run_dir} has no tag {wanted!r} to monitor; {_tag_hint(wanted, analyzer.tags)}"
+        )
     if not analyzer.usable:
         some = ", ".join(sorted({s.tag for s in scalars})[:5])
         raise NoUsableTags(
