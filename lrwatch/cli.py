@@ -272,14 +272,16 @@ def apply(
     default=1e-8,
     show_default=True,
     type=click.FloatRange(min=0.0),
-    help="Apply mode: never cut the effective LR below this.",
+    help="Apply mode rail: never cut the effective LR below this (the policy's own "
+    "[policy] min_lr, 0 by default, bounds its advice first; the higher floor wins).",
 )
 @click.option(
     "--cooldown",
     default=100,
     show_default=True,
     type=click.IntRange(min=0),
-    help="Apply mode: steps between automatic decisions.",
+    help="Apply mode rail: steps between automatic decisions (the policy's own "
+    "[policy] cooldown_steps, 200 by default, applies first; the longer wait wins).",
 )
 @click.option(
     "--budget",

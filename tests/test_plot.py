@@ -8,6 +8,7 @@ import re
 import struct
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -19,7 +20,7 @@ from lrwatch.analysis.analyzer import analyze_run
 from lrwatch.cli import main
 from lrwatch.daemon.outputs import DecisionSink, read_audit
 from lrwatch.errors import ConfigError
-from lrwatch.views.plot import pyplot, report_data, thin
+from lrwatch.views.plot import ReportData, _panels, key_lines, pyplot, report_data, thin
 from lrwatch.views.report_page import write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -137,3 +138,68 @@ def test_thin_should_keep_the_extremes_and_bound_the_points(n: int) -> None:
     assert len(kept) <= (n if n <= 1000 else 1000)
     assert max(kept) == max(values) and min(kept) == min(values)
     assert kept_steps == sorted(kept_steps)
+
+
+def test_report_should_mark_the_step_the_trainer_applied_a_decision(
+    blow: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    run = tmp_path / "run"
+    shutil.copytree(blow, run)
+    first = analyze_run(run).decisions[0]
+    with DecisionSink(run, mode="apply") as sink:
+        sink.emit(first, action_id=7)
+    with SummaryWriter(str(run), filename_suffix=".ack") as w:  # the hook's ack, 3 steps later
+        w.add_scalar(schema.CONTROL_ACK, 7.0, first.step + 3)
+    data = report_data(run)
+    [decision] = [m for m in data.markers if m.kind == "decision"]
+    assert (decision.step, decision.applied_step) == (first.step, first.step + 3)
+    assert f"[applied at step {first.step + 3}]" in "\n".join(key_lines(data.markers))
+
+
+def _drawn_axes(data: ReportData) -> list[Any]:
+    plt = pyplot()
+    fig, axes = plt.subplots(4, 1)
+    _panels(list(axes), data)
+    return [fig, *axes]
+
+
+def test_grad_norm_panel_should_go_log_when_a_preclip_spike_spans_decades() -> None:
+    steps = list(range(100))
+    clipped = [0.5 + 0.01 * (i % 7) for i in steps]
+    preclip = [v if i != 60 else 3e6 for i, v in zip(steps, clipped, strict=True)]
+    data = ReportData(
+        run="r",
+        series={"grad_norm": (steps, clipped), "grad_norm_preclip": (steps, preclip)},
+        tags={"grad_norm": schema.GRAD_NORM, "grad_norm_preclip": schema.GRAD_NORM_PRECLIP},
+        markers=[],
+        source="analysis",
+    )
+    fig, _loss, _lr, grad, _ratio = _drawn_axes(data)
+    try:
+        assert grad.get_yscale() == "log"
+        # the healthy clipped norms stay readable: the axis stops at 1e4 x their median
+        assert grad.get_ylim()[1] <= 1e4 * 0.6
+    finally:
+        pyplot().close(fig)
+
+
+def test_clip_threshold_of_zero_is_no_line_at_zero() -> None:
+    steps = [0, 10, 20]
+    data = ReportData(
+        run="r",
+        series={"clip_max_norm": (steps, [0.0, 1.5, 0.0])},
+        tags={"clip_max_norm": schema.CLIP_MAX_NORM},
+        markers=[],
+        source="analysis",
+    )
+    fig, _loss, _lr, grad, _ratio = _drawn_axes(data)
+    try:
+        [line] = [ln for ln in grad.get_lines() if "clip threshold" in str(ln.get_label())]
+        ys = [y for y in line.get_ydata() if not math.isnan(y)]
+        assert ys == [1.5]  # "no clip" (0) is a gap, never a threshold drawn at 0
+    finally:
+        pyplot().close(fig)

@@ -237,3 +237,18 @@ def test_a_vanished_run_should_log_a_warning_not_raise(
 def test_sink_should_refuse_an_unknown_mode(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="mode must be one of"):
         DecisionSink(tmp_path, mode="act")  # type: ignore[arg-type]
+
+
+def test_decision_text_should_print_evidence_to_four_significant_digits(tmp_path: Path) -> None:
+    noisy = Finding(
+        kind=Kind.EXPLOSION, step=120, tag=schema.LOSS, severity=Severity.WARNING,
+        evidence={"value": 2.164363384246826, "robust_z": 6.419288452966186, "history": 79},
+        message="spike",
+    )  # fmt: skip
+    decision = Decision(step=120, action=ActionKind.LR_CUT, reason="x", factor=5, findings=(noisy,))
+    with DecisionSink(tmp_path, mode="recommend") as sink:
+        sink.emit(decision, action_id=None)
+    text = _texts(tmp_path / schema.DAEMON_SUBRUN)[120]
+    assert "value=2.164, robust_z=6.419, history=79" in text
+    # the audit log keeps every digit
+    assert read_audit(tmp_path)[0]["findings"][0]["evidence"]["value"] == 2.164363384246826

@@ -199,11 +199,16 @@ def decision_markers(decision: Decision) -> dict[int, dict[str, float]]:
     return by_step
 
 
+def _short_number(value: Any) -> Any:
+    """4 significant digits for a person (the audit log keeps every digit)."""
+    return f"{value:.4g}" if isinstance(value, float) else value
+
+
 def decision_text(record: dict[str, Any]) -> str:
     """The markdown shown in TensorBoard's Text tab for one decision."""
     lines = [f"**{console_line(record)}**", ""]
     for f in record["findings"]:
-        evidence = ", ".join(f"{k}={v}" for k, v in f["evidence"].items())
+        evidence = ", ".join(f"{k}={_short_number(v)}" for k, v in f["evidence"].items())
         lines.append(
             f"- {f['severity']} {f['kind']} on `{f['tag']}` at step {f['step']}: "
             f"{f['message']} ({evidence})"

@@ -41,6 +41,7 @@ class Marker:
     detail: str  # the full message or reason (HTML table)
     severity: str  # finding severity; "decision" for decisions
     applied: bool | None = None  # decisions from the audit log: written to the control file
+    applied_step: int | None = None  # the step the hook acknowledged applying it, when it did
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ def report_data(run_dir: Path, *, config: Any = None) -> ReportData:
     snap = load_snapshot(Path(run_dir), config=config)
     tags = _tags(snap)
     series = {name: snap.series[tag] for name, tag in tags.items()}
-    markers = _finding_markers(snap) + _decision_markers(snap)
+    markers = _finding_markers(snap) + _decision_markers(snap, _ack_steps(snap))
     return ReportData(
         run=str(run_dir),
         series=series,
@@ -108,7 +109,16 @@ def _finding_markers(snap: Snapshot) -> list[Marker]:
     return out
 
 
-def _decision_markers(snap: Snapshot) -> list[Marker]:
+def _ack_steps(snap: Snapshot) -> dict[int, int]:
+    """Action id -> the first step whose events carry the hook's acknowledgement of it."""
+    out: dict[int, int] = {}
+    for step, value in zip(*snap.series.get(schema.CONTROL_ACK, ([], [])), strict=True):
+        if math.isfinite(value):
+            out.setdefault(int(value), step)
+    return out
+
+
+def _decision_markers(snap: Snapshot, acks: dict[int, int]) -> list[Marker]:
     out = []
     for i, doc in enumerate(sorted(snap.decisions, key=lambda d: int(d["step"])), start=1):
         seen: dict[str, None] = {}
@@ -126,6 +136,7 @@ def _decision_markers(snap: Snapshot) -> list[Marker]:
                 detail=str(doc.get("reason", "")),
                 severity="decision",
                 applied=applied,
+                applied_step=acks.get(int(doc["action_id"])) if doc.get("action_id") else None,
             )
         )
     return out
@@ -172,7 +183,9 @@ def key_lines(markers: Sequence[Marker]) -> list[str]:
     lines = []
     for m in markers:
         status = ""
-        if m.applied is not None:
+        if m.applied_step is not None:
+            status = f" [applied at step {m.applied_step}]"
+        elif m.applied is not None:
             status = " [applied]" if m.applied else " [recommended]"
         lines.append(f"{m.label:>4} step {m.step:>7}  {m.what}{status}: {m.reason}")
     if len(lines) > MAX_KEY:
@@ -209,12 +222,21 @@ def _log_if_wide(ax: Any, values: Sequence[float]) -> None:
 
 
 def _line(
-    ax: Any, data: ReportData, name: str, *, hold_to: int | None = None, **style: Any
+    ax: Any,
+    data: ReportData,
+    name: str,
+    *,
+    hold_to: int | None = None,
+    zero_is_gap: bool = False,
+    **style: Any,
 ) -> None:
     """Plot one series; ``hold_to`` extends a value logged only when it changes (the clip
-    threshold) to that step, since it stays in force until the next change."""
+    threshold) to that step, since it stays in force until the next change; with
+    ``zero_is_gap`` a 0 breaks the line (nothing in force) instead of drawing it at 0."""
     if name in data.series:
         steps, values = thin(*data.series[name])
+        if zero_is_gap:
+            values = [math.nan if v == 0 else v for v in values]
         if hold_to is not None and steps and steps[-1] < hold_to:
             steps, values = [*steps, hold_to], [*values, values[-1]]
         ax.plot(steps, values, label=f"{style.pop('label', name)} ({data.tags[name]})", **style)
@@ -245,6 +267,7 @@ def _panels(axes: Sequence[Any], data: ReportData) -> None:
         grad,
         data,
         "clip_max_norm",
+        zero_is_gap=True,  # 0 means "no clip in force", not a threshold at 0
         hold_to=end,
         color="tab:red",
         lw=1.2,
@@ -254,8 +277,9 @@ def _panels(axes: Sequence[Any], data: ReportData) -> None:
     ratio.axhspan(BAND[0], BAND[2], color="tab:green", alpha=0.12, label="healthy band 1e-4..1e-2")
     ratio.axhline(BAND[1], color="tab:green", ls="--", lw=1.0, label="1e-3")
     _line(ratio, data, "update_ratio", color="tab:blue", lw=0.8, label="update/weight ratio")
-    for ax, name in ((lr, "lr"), (grad, "grad_norm"), (ratio, "update_ratio")):
-        _log_if_wide(ax, data.series.get(name, ([], []))[1])
+    scaled = ((lr, ("lr",)), (grad, ("grad_norm", "grad_norm_preclip")), (ratio, ("update_ratio",)))
+    for ax, names in scaled:  # a pre-clip spike of 1e6 must not flatten the clipped norms
+        _log_if_wide(ax, [v for n in names for v in data.series.get(n, ([], []))[1]])
     ratio.set_yscale("log")  # the band spans two decades
     for ax, title in zip(
         axes, ("loss", "learning rate", "gradient norm", "update / weight"), strict=True
@@ -284,10 +308,17 @@ def _timeline(strip: Any, axes: Sequence[Any], data: ReportData, span: float) ->
     for m in decisions:
         for ax in (strip, *axes):
             ax.axvline(m.step, color="black", lw=1.1, ls=(0, (4, 2)), alpha=0.8)
+        if m.applied_step is not None and m.applied_step != m.step:  # where the trainer acted
+            for ax in (strip, *axes):
+                ax.axvline(m.applied_step, color="tab:green", lw=1.0, alpha=0.8)
     for x, text in _groups(findings, span):
         strip.text(x, 0.3, text, ha="center", va="bottom", fontsize=7, color="0.25", bbox=_WHITE)
     for x, text in _groups(decisions, span):
         strip.text(x, 0.62, text, ha="center", va="bottom", fontsize=8, weight="bold", bbox=_WHITE)
+    strip.text(  # the legend of the strip's own line styles
+        1.0, 1.02, "dashed: decided   green: applied by the trainer", transform=strip.transAxes,
+        ha="right", va="bottom", fontsize=7, color="0.3",
+    )  # fmt: skip
 
 
 def draw(
