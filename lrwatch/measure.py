@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lrwatch import schema, stats
+from lrwatch import ranks, schema, stats
 
 Tensor = torch.Tensor
 
@@ -22,8 +22,11 @@ Tensor = torch.Tensor
 class Plan:
     """How to reduce one set of parameters: foreach groups and the tags of its values."""
 
-    def __init__(self, groups: list[list[int]], names: list[str]) -> None:
+    def __init__(
+        self, groups: list[list[int]], names: list[str], shares: Tensor | None = None
+    ) -> None:
         self.groups = groups
+        self.shares = shares  # sharded: 1 / copies of each tensor's local values
         self.grad_tags = [schema.per_tensor_tag("grad_norm", n) for n in names]
         self.update_tags = [schema.per_tensor_tag("update_ratio", n) for n in names]
         self.weight_tags = [schema.per_tensor_tag("weight_norm", n) for n in names]
@@ -43,6 +46,7 @@ class Pending:
     g: Tensor | None = None  # per-tensor gradient norms
     g_total: Tensor | None = None
     grads: list[Tensor | None] | None = None  # read by start, reused by the same pre-hook
+    agreed: Tensor | None = None  # sharded: rank 0's proposed cadence, after the all-reduce
 
 
 class Measurer:
@@ -53,9 +57,15 @@ class Measurer:
     """
 
     def __init__(
-        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, full_check: bool
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        full_check: bool,
+        world: int = 0,
     ) -> None:
         self.optimizer = optimizer
+        self.world = world  # > 0: sharded, every rank measures and the norms are summed
         self.buffers: list[Tensor] | None = None  # a snapshot kept for the next logging step
         self._full_check = full_check
         self._names = param_names(model)
@@ -76,7 +86,7 @@ class Measurer:
             if g is not None or (closure_step and p.requires_grad)
         )
         plan = self._plan(moving, params)
-        weights = [params[i] for i in moving]
+        weights = [stats.local(params[i]) for i in moving]  # a shard's snapshot is the shard
         with torch.no_grad():  # weights require grad: no autograd node per norm
             return Pending(
                 params,
@@ -96,24 +106,80 @@ class Measurer:
         with torch.no_grad():  # a grad of a grad (create_graph=True) would build a graph
             if pending is not None:
                 return self._grad_norms(pending)
-            grads = [p.grad for p in self._check_params() if p.grad is not None]
+            grads = [stats.local(p.grad) for p in self._check_params() if p.grad is not None]
             return [torch.stack(torch._foreach_norm(grads))] if grads else []
 
     def finish(
-        self, pending: Pending, *, preclip: Tensor | None, per_layer: bool, keep_buffers: bool
+        self,
+        pending: Pending,
+        *,
+        preclip: Tensor | None,
+        per_layer: bool,
+        keep_buffers: bool,
+        proposal: int = 0,
     ) -> tuple[list[str], Tensor] | None:
         """After the step: update and weight norms, then one block with every value.
 
         Few kernels on purpose: on a model of many small tensors the per-op overhead, not the
-        arithmetic, is what a logging step costs beyond the floor.
+        arithmetic, is what a logging step costs beyond the floor. Sharded, the local norms
+        are summed over the ranks in one all-reduce, which also carries rank 0's ``proposal``
+        for the cadence (see :class:`lrwatch.cadence.Cadence`).
         """
         with torch.no_grad():  # the weights require grad: keep autograd out of every op
-            block = self._block(pending, preclip=preclip, per_layer=per_layer)
+            u, w_after = self._after(pending)
+            if self.world:
+                u, w_after = self._reduce(pending, u, w_after, proposal)
+            block = self._block(pending, u, w_after, preclip=preclip, per_layer=per_layer)
         self.buffers = pending.snapshot if keep_buffers else None
         return block
 
+    def _after(self, pending: Pending) -> tuple[Tensor, Tensor]:
+        """Per-tensor update norms and weight norms after the step (local shards if sharded)."""
+        if not pending.weights:
+            return torch.zeros(0), torch.zeros(0)
+        groups = pending.plan.groups
+        u = stats.update_norms(pending.snapshot, pending.weights, groups)
+        return u, stats.foreach_norms(pending.weights, groups)
+
+    def _reduce(
+        self, pending: Pending, u: Tensor, w_after: Tensor, proposal: int
+    ) -> tuple[Tensor, Tensor]:
+        """Global norms from local ones: squared, shared out, summed in ONE all-reduce.
+
+        Every rank calls this at the same steps with vectors of the same length (the same
+        parameters have gradients everywhere), so the collective always matches.
+        """
+        g, g_plan = pending.g, pending.g_plan
+        parts = [u, pending.w_before, w_after]
+        shares = [pending.plan.shares] * 3
+        if g is not None and g_plan is not None:
+            parts.append(g)
+            shares.append(g_plan.shares)
+        device = parts[0].device
+        squares = [
+            p.to(device).square() * s.to(device)
+            for p, s in zip(parts, shares, strict=True)
+            if s is not None
+        ]
+        slot = torch.tensor([float(proposal)], device=device)
+        packed = torch.cat([*squares, slot])
+        ranks.all_sum(packed)
+        sizes = [p.numel() for p in parts]
+        *norms, pending.agreed = torch.split(packed, [*sizes, 1])
+        u, pending.w_before, w_after = (n.sqrt() for n in norms[:3])
+        if g is not None and pending.g_total is not None:
+            pending.g = norms[3].sqrt()
+            pending.g_total.copy_(norms[3].sum().sqrt())  # the row's non-finite check reads it
+        return u, w_after
+
     def _block(
-        self, pending: Pending, *, preclip: Tensor | None, per_layer: bool
+        self,
+        pending: Pending,
+        u: Tensor,
+        w_after: Tensor,
+        *,
+        preclip: Tensor | None,
+        per_layer: bool,
     ) -> tuple[list[str], Tensor] | None:
         """The values of :meth:`finish`, in one ``cat`` at the end."""
         weights, plan, w_before = pending.weights, pending.plan, pending.w_before
@@ -127,8 +193,6 @@ class Measurer:
             tags.append(schema.GRAD_NORM_PRECLIP)
             head.append(preclip.detach().reshape(1).to(torch.float32))
         if weights:
-            u = stats.update_norms(pending.snapshot, weights, plan.groups)
-            w_after = stats.foreach_norms(weights, plan.groups)
             # Rows (update, weight before, weight after), each led by its total: one stack, one
             # norm, one cat and one ratio for the global and every per-tensor value at once.
             per = torch.stack([u, w_before, w_after])
@@ -155,9 +219,12 @@ class Measurer:
         if not with_grad:
             return []
         plan = pending.g_plan = self._plan(with_grad, params)
-        grads = [g for g in every if g is not None]
+        grads = [stats.local(g) for g in every if g is not None]
         pending.g = stats.foreach_norms(grads, plan.groups)
-        pending.g_total = stats.total_norm(pending.g).reshape(1)
+        if self.world:  # local norms: the total exists once finish has summed them over ranks
+            pending.g_total = torch.zeros(1, device=pending.g.device)
+        else:
+            pending.g_total = stats.total_norm(pending.g).reshape(1)
         return [pending.g_total]
 
     def _check_params(self) -> list[Tensor]:
@@ -179,7 +246,12 @@ class Measurer:
         if plan is None:
             tensors = [params[i] for i in key]
             names = [self._names.get(id(p)) or fallback_name(self.optimizer, p) for p in tensors]
-            plan = self._plans[key] = Plan(stats.group_by_device_dtype(tensors), names)
+            local = [stats.local(t) for t in tensors]
+            shares = None
+            if self.world:
+                shares = torch.tensor([1.0 / stats.copies(t, self.world) for t in tensors])
+                shares = shares.to(local[0].device) if local else shares
+            plan = self._plans[key] = Plan(stats.group_by_device_dtype(local), names, shares)
         return plan
 
 

@@ -38,7 +38,8 @@ from lrwatch.cadence import Cadence
 from lrwatch.capture import share
 from lrwatch.controller import Controller
 from lrwatch.errors import ConfigError
-from lrwatch.recorder import Recorder
+from lrwatch.measure import all_params
+from lrwatch.recorder import Peer, Recorder
 from lrwatch.writer import EventWriter
 
 logger = logging.getLogger(__name__)
@@ -127,6 +128,8 @@ class Monitor:
         self._skips = skip_counter(scaler)
         self._closure_step = False
         self._recorder: Recorder | None = None  # only the writing rank records
+        # Sharded (DTensor) parameters: every rank measures, and the norms are one all-reduce.
+        world = ranks.world() if ranks.sharded(all_params(optimizer)) else 0
         writer = self._open_writer() if ranks.rank() == 0 else None
         if writer is not None:
             self._recorder = Recorder(
@@ -137,7 +140,9 @@ class Monitor:
                 skips=self._skips,
                 full_check=nonfinite == "full",
                 flush_secs=flush_secs,
+                world=world,
             )
+        self._peer = Peer(model, optimizer, world) if world and writer is None else None
         self._handles = [
             optimizer.register_step_pre_hook(self._pre_hook),
             optimizer.register_step_post_hook(self._post_hook),
@@ -209,6 +214,7 @@ class Monitor:
         if state.get("version") != 1:
             raise ConfigError(f"not an lrwatch Monitor state of version 1: {dict(state)!r:.80}")
         self._step, self._cadence.every = int(state["step"]), int(state["log_every"])
+        self._cadence.proposal = self._cadence.every
         self._cadence.next_log = int(state["next_log"])
         if self._controller is not None and state.get("controller") is not None:
             self._controller.load_state_dict(state["controller"])
@@ -246,6 +252,8 @@ class Monitor:
         if rec is not None:
             rec.pending = None
             self._guard("pre-step logging", self._log_before, None, rec, actions)
+        elif self._peer is not None:
+            self._guard("pre-step measure", self._peer_before, None, self._peer)
         self._cadence.pre_done(time.perf_counter() - now)
         return new_args
 
@@ -253,6 +261,8 @@ class Monitor:
         now = time.perf_counter()
         if self._recorder is not None:
             self._guard("post-step logging", self._log_after, None, self._recorder)
+        elif self._peer is not None:
+            self._guard("post-step measure", self._peer_after, None, self._peer)
         if self._controller is not None:
             self._controller.after_step(self.optimizer)  # never raises
         self._cadence.post_done(time.perf_counter() - now)
@@ -276,6 +286,14 @@ class Monitor:
             preclip=self._controller.preclip_norm if self._controller else None,
             per_layer=self.per_layer,
         )
+
+    def _peer_before(self, peer: Peer) -> None:
+        peer.before_step(self._step, cadence=self._cadence, closure=self._closure_step)
+
+    def _peer_after(self, peer: Peer) -> None:
+        preclip = self._controller.preclip_norm if self._controller else None
+        cadence, closure = self._cadence, self._closure_step
+        peer.after_step(self._step, cadence=cadence, closure=closure, preclip=preclip)
 
     # ------------------------------------------------------------------ plumbing
     def _finish(self) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from lrwatch import ranks
 from lrwatch._rows import HostColumns, Row, RowBuffer, write_acks
 from lrwatch.cadence import Cadence
 from lrwatch.capture import LossCapture, write_named
@@ -41,12 +42,13 @@ class Recorder:
         skips: Any,
         full_check: bool,
         flush_secs: float,
+        world: int = 0,
     ) -> None:
         self.writer = writer
         self.optimizer = optimizer
         self.rows = RowBuffer()
         self.loss = LossCapture()
-        self.measure = Measurer(model, optimizer, full_check=full_check)
+        self.measure = Measurer(model, optimizer, full_check=full_check, world=world)
         self.pending: Pending | None = None  # a logging step between pre and post hook
         self.handles = self.loss.attach(model, criterion)
         self._host = HostColumns(optimizer, skips)
@@ -81,16 +83,9 @@ class Recorder:
             self.add_row(step)
         pending, self.pending = self.pending, None
         if pending is not None:
-            t0 = time.perf_counter()
-            try:
-                keep = cadence.every <= KEEP_BUFFERS_EVERY
-                block = self.measure.finish(
-                    pending, preclip=preclip, per_layer=per_layer, keep_buffers=keep
-                )
-                if block is not None:
-                    self.rows.add_event(step, *block)
-            finally:
-                cadence.logged(step, pending.cost + time.perf_counter() - t0)
+            block = finish(self.measure, pending, step, cadence, preclip, per_layer)
+            if block is not None:
+                self.rows.add_event(step, *block)
         # One hand-off per flush_secs, not per step: each wakes the writer thread, which then
         # competes with training for the GIL.
         if time.monotonic() - self._last_submit > self._flush_secs:
@@ -118,3 +113,56 @@ class Recorder:
             self.loss.log(loss, step, current=current, rows=self.rows, writer=self.writer)
         if scalars:
             write_named(self.writer, current if step is None else int(step), scalars)
+
+
+def finish(
+    measure: Measurer,
+    pending: Pending,
+    step: int,
+    cadence: Cadence,
+    preclip: torch.Tensor | None,
+    per_layer: bool,
+) -> tuple[list[str], torch.Tensor] | None:
+    """End a logging step (on a sharded run, every rank's), then tell the cadence its cost."""
+    t0 = time.perf_counter()
+    try:
+        keep = cadence.every <= KEEP_BUFFERS_EVERY
+        return measure.finish(
+            pending,
+            preclip=preclip,
+            per_layer=per_layer,
+            keep_buffers=keep,
+            proposal=cadence.proposal if ranks.rank() == 0 else 0,  # summed: rank 0's alone
+        )
+    finally:
+        cadence.logged(step, pending.cost + time.perf_counter() - t0, agreed=pending.agreed)
+
+
+class Peer:
+    """A non-writing rank of a sharded run: it measures its shards to join the all-reduce.
+
+    Only the sum over every rank is a norm, so every rank runs the logging steps' work at the
+    same steps (rank 0 alone would wait forever for the others); the results are rank 0's to
+    write and are dropped here.
+    """
+
+    def __init__(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, world: int
+    ) -> None:
+        self.measure = Measurer(model, optimizer, full_check=False, world=world)
+        self.pending: Pending | None = None
+
+    def before_step(self, step: int, *, cadence: Cadence, closure: bool) -> None:
+        """The pre-hook's half of a logging step, as :meth:`Recorder.before_step` does it."""
+        self.pending = None
+        if cadence.begin_logging(step):
+            self.pending = self.measure.start(closure_step=closure)
+            if not closure:
+                self.measure.grad_checks(self.pending)
+
+    def after_step(self, step: int, *, cadence: Cadence, closure: bool, preclip: Any) -> None:
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            if closure:
+                self.measure.grad_checks(pending)
+            finish(self.measure, pending, step, cadence, preclip, per_layer=False)
