@@ -110,6 +110,9 @@ def train_reference(args: argparse.Namespace, model: nn.Module, world: int) -> d
         crit(model(x), y).backward()
         params = list(model.parameters())
         put(schema.GRAD_NORM, step, torch.nn.utils.clip_grad_norm_(params, math.inf))
+        for name, p in zip(names, params, strict=True):
+            assert p.grad is not None
+            put(schema.per_tensor_tag("grad_norm", name), step, p.grad.norm())
         before = [p.detach().clone() for p in params]
         opt.step()
         opt.zero_grad()

@@ -78,3 +78,22 @@ def test_fsdp2_auto_cadence_is_agreed_by_every_rank(tmp_path: Path) -> None:
     check_against(got, json.loads((tmp_path / "expected.json").read_text()))
     counts = collectives_per_step(tmp_path, got)
     assert 0 < sum(counts) < 40  # auto logs some steps, and only those issue a collective
+
+
+@pytest.mark.slow
+def test_fsdp2_control_actions_apply_at_the_same_step_on_every_rank(tmp_path: Path) -> None:
+    logdir = tmp_path / "run"
+    torchrun("fsdp_control_worker.py", "--logdir", str(logdir))
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["last_step"] == r1["last_step"] and r0["lr"] == r1["lr"]
+    assert r0["grad_norm"] == pytest.approx(r1["grad_norm"], rel=1e-6)
+    lrs, norms = r0["lr"], r0["grad_norm"]
+    # Actions written after steps 3, 13, 23 are read at the next check (every 10 steps).
+    assert lrs[:9] == [0.1] * 9 and lrs[9:] == pytest.approx([0.05] * (len(lrs) - 9))
+    assert max(norms[:19]) > 0.05 and max(norms[19:]) <= 0.05 * (1 + 1e-4)
+    assert r0["last_step"] == 30
+    got = scalars(logdir)
+    assert {s for s, v in got[schema.STOP].items() if v == 1.0} == {30}
+    preclip = got[schema.GRAD_NORM_PRECLIP]
+    assert all(v > 0.05 for v in preclip.values())  # the clip acted on every logged step
+    assert got[schema.GRAD_NORM] == pytest.approx({s: norms[s - 1] for s in got[schema.GRAD_NORM]})
