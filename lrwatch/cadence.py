@@ -19,6 +19,10 @@ MAX_EVERY = 1000  # an adaptive cadence never logs the norms less often than thi
 # bench/hook_overhead.py measured the whole cost from outside at 1.3-2.8x the hooks' own figure,
 # so "auto" counts each logging step's measured work HIDDEN_COST times.
 HIDDEN_COST = 2.0
+# "auto" logs every one of the first DENSE_STEPS steps: the update-ratio detector judges a window
+# of 50 logged points (lrwatch/detectors/ratio.py), which a budget-fitted cadence of 100 would
+# fill only after 5000 steps. 50 steps are 17% of a 300-step run, 5% of a 1000-step one.
+DENSE_STEPS = 50
 
 
 class Cadence:
@@ -95,6 +99,8 @@ class Cadence:
                 self.every = max(1, min(MAX_EVERY, int(self._agreed.item())))
             self._agreed = agreed
         self.next_log = (step // self.every + 1) * self.every
+        if self.auto and step < DENSE_STEPS:
+            self.next_log = step + 1
 
 
 def nice(x: float) -> int:

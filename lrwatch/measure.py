@@ -2,15 +2,20 @@
 
 A logging step is a two-point quantity (cockpit's ``update_size``): :meth:`Measurer.start` takes
 the weights' norms and a snapshot before the step, :meth:`Measurer.finish` the update and the
-weights after it, and returns one block of values with their tags. Every other step only keeps
-the tensors whose finiteness decides the non-finite flag (:meth:`Measurer.grad_checks`). It is
-apart from the monitor because it is the part that costs: its few batched kernels (no
-``.item()``) are what ``bench/hook_overhead.py`` measures, while the monitor is wiring.
+weights after it, and returns one block of values with their tags. Every step has its gradient
+norms, taken where backward ended (:meth:`Measurer.on_backward`), so they are the norms before
+any clipping; their total is also the step's non-finite check of every gradient. It is apart
+from the monitor because it is the part that costs: its few batched kernels (no ``.item()``)
+are what ``bench/hook_overhead.py`` measures, while the monitor is wiring.
+
+Sharded parameters (DTensors: FSDP2, HSDP, tensor parallel) are measured on their local shards;
+:meth:`Measurer.reduce` sums the squares over the ranks in one all-reduce a step.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -33,19 +38,28 @@ class Plan:
 
 
 @dataclass(slots=True)
+class StepGrads:
+    """A step's gradient norms, taken where backward ended (before anyone clipped).
+
+    ``norms`` are per tensor; sharded, they are local until :meth:`Measurer.reduce` sums them,
+    and ``total`` (which the row already holds) is filled in place then.
+    """
+
+    plan: Plan
+    norms: Tensor
+    total: Tensor
+
+
+@dataclass(slots=True)
 class Pending:
     """A logging step between its pre- and post-hook; ``cost`` adds up its seconds of work."""
 
-    params: list[Tensor]
-    weights: list[Tensor]  # the parameters the step may move
+    weights: list[Tensor]  # the parameters the step may move (local shards)
     plan: Plan
     w_before: Tensor
     snapshot: list[Tensor]
     cost: float = 0.0
-    g_plan: Plan | None = None
-    g: Tensor | None = None  # per-tensor gradient norms
-    g_total: Tensor | None = None
-    grads: list[Tensor | None] | None = None  # read by start, reused by the same pre-hook
+    grads: StepGrads | None = None
     agreed: Tensor | None = None  # sharded: rank 0's proposed cadence, after the all-reduce
 
 
@@ -53,7 +67,9 @@ class Measurer:
     """The norms of one model's parameters under one optimizer.
 
     Args:
-        full_check: check every gradient each step rather than the small ones (``nonfinite``).
+        world: ranks of a sharded run (every rank measures its shards; one all-reduce a step),
+            0 otherwise.
+        scale: the GradScaler's scale tensor, or None: backward leaves scaled gradients.
     """
 
     def __init__(
@@ -61,53 +77,66 @@ class Measurer:
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
         *,
-        full_check: bool,
         world: int = 0,
+        scaler: Any = None,
     ) -> None:
         self.optimizer = optimizer
-        self.world = world  # > 0: sharded, every rank measures and the norms are summed
+        self.world = world
         self.buffers: list[Tensor] | None = None  # a snapshot kept for the next logging step
-        self._full_check = full_check
+        self.backward: StepGrads | None = None  # norms at the end of the latest backward
+        self._scaler = scaler
         self._names = param_names(model)
         self._plans: dict[tuple[int, ...], Plan] = {}
-        self._n_params = -1
-        self._sentinels: list[Tensor] = []
 
-    def start(self, *, closure_step: bool) -> Pending:
+    def on_backward(self) -> None:
+        """At the end of a backward pass: the norms of the gradients it left (on device).
+
+        With gradient accumulation the last backward before the step wins: the gradients
+        accumulate, so its norms are those of the gradients the step will use.
+        """
+        with torch.no_grad():
+            self.backward = self._grads_now()
+            scale = getattr(self._scaler, "_scale", None)
+            if self.backward is not None and isinstance(scale, Tensor):
+                self.backward.norms /= scale.to(self.backward.norms.device)  # unscaled, no sync
+
+    def step_grads(self) -> StepGrads | None:
+        """The step's gradient norms: from the end of backward, else measured now."""
+        sg, self.backward = self.backward, None
+        with torch.no_grad():  # a grad of a grad (create_graph=True) would build a graph
+            if sg is None:
+                sg = self._grads_now()
+            if sg is not None and not self.world:  # sharded: the total is known after reduce
+                sg.total = stats.total_norm(sg.norms).reshape(1)
+        return sg
+
+    def start(self, grads: StepGrads | None, *, closure_step: bool) -> Pending:
         """Weights before the step: their norms and a snapshot (dropped or reused after).
 
         With a closure the gradients do not exist yet: every trainable parameter may move.
         """
         params = all_params(self.optimizer)
-        grads = [p.grad for p in params]
         moving = tuple(
             i
-            for i, (p, g) in enumerate(zip(params, grads, strict=True))
-            if g is not None or (closure_step and p.requires_grad)
+            for i, p in enumerate(params)
+            if p.grad is not None or (closure_step and p.requires_grad)
         )
         plan = self._plan(moving, params)
         weights = [stats.local(params[i]) for i in moving]  # a shard's snapshot is the shard
         with torch.no_grad():  # weights require grad: no autograd node per norm
-            return Pending(
-                params,
-                weights,
-                plan,
-                stats.foreach_norms(weights, plan.groups),
-                stats.snapshot(weights, self.buffers),
-                grads=None if closure_step else grads,  # a closure makes the grads in step()
-            )
+            w_before = stats.foreach_norms(weights, plan.groups)
+            snapshot = stats.snapshot(weights, self.buffers)
+            return Pending(weights, plan, w_before, snapshot, grads=grads)
 
-    def grad_checks(self, pending: Pending | None) -> list[Tensor]:
-        """Tensors whose finiteness is this step's flag (no sync).
-
-        On a logging step the total gradient norm (a full check); otherwise the norms of the
-        checked gradients (see ``nonfinite``).
-        """
-        with torch.no_grad():  # a grad of a grad (create_graph=True) would build a graph
-            if pending is not None:
-                return self._grad_norms(pending)
-            grads = [stats.local(p.grad) for p in self._check_params() if p.grad is not None]
-            return [torch.stack(torch._foreach_norm(grads))] if grads else []
+    def _grads_now(self) -> StepGrads | None:
+        params = all_params(self.optimizer)
+        with_grad = tuple(i for i, p in enumerate(params) if p.grad is not None)
+        if not with_grad:
+            return None
+        plan = self._plan(with_grad, params)
+        grads = [stats.local(params[i].grad) for i in with_grad]  # type: ignore[arg-type]
+        norms = stats.foreach_norms(grads, plan.groups)
+        return StepGrads(plan, norms, torch.zeros(1, device=norms.device))
 
     def finish(
         self,
@@ -128,7 +157,10 @@ class Measurer:
         with torch.no_grad():  # the weights require grad: keep autograd out of every op
             u, w_after = self._after(pending)
             if self.world:
-                u, w_after = self._reduce(pending, u, w_after, proposal)
+                norms = [u, pending.w_before, w_after]
+                reduced = self.reduce(pending.grads, norms, pending.plan.shares, proposal)
+                u, pending.w_before, w_after = reduced[:3]
+                pending.agreed = reduced[3]
             block = self._block(pending, u, w_after, preclip=preclip, per_layer=per_layer)
         self.buffers = pending.snapshot if keep_buffers else None
         return block
@@ -141,36 +173,38 @@ class Measurer:
         u = stats.update_norms(pending.snapshot, pending.weights, groups)
         return u, stats.foreach_norms(pending.weights, groups)
 
-    def _reduce(
-        self, pending: Pending, u: Tensor, w_after: Tensor, proposal: int
-    ) -> tuple[Tensor, Tensor]:
+    def reduce(
+        self,
+        grads: StepGrads | None,
+        norms: list[Tensor],
+        shares: Tensor | None = None,
+        proposal: int = 0,
+    ) -> list[Tensor]:
         """Global norms from local ones: squared, shared out, summed in ONE all-reduce.
 
+        ``grads`` are reduced in place; ``norms`` (update, weights before and after, on a
+        logging step) come back global, followed by the reduced ``proposal`` (rank 0's cadence).
         Every rank calls this at the same steps with vectors of the same length (the same
         parameters have gradients everywhere), so the collective always matches.
         """
-        g, g_plan = pending.g, pending.g_plan
-        parts = [u, pending.w_before, w_after]
-        shares = [pending.plan.shares] * 3
-        if g is not None and g_plan is not None:
-            parts.append(g)
-            shares.append(g_plan.shares)
-        device = parts[0].device
+        parts, each = list(norms), [shares] * len(norms)  # ``shares``: see stats.copies
+        if grads is not None:
+            parts.append(grads.norms)
+            each.append(grads.plan.shares)
+        device = parts[0].device if parts else torch.device("cpu")
         squares = [
             p.to(device).square() * s.to(device)
-            for p, s in zip(parts, shares, strict=True)
+            for p, s in zip(parts, each, strict=True)
             if s is not None
         ]
-        slot = torch.tensor([float(proposal)], device=device)
-        packed = torch.cat([*squares, slot])
+        packed = torch.cat([*squares, torch.tensor([float(proposal)], device=device)])
         ranks.all_sum(packed)
-        sizes = [p.numel() for p in parts]
-        *norms, pending.agreed = torch.split(packed, [*sizes, 1])
-        u, pending.w_before, w_after = (n.sqrt() for n in norms[:3])
-        if g is not None and pending.g_total is not None:
-            pending.g = norms[3].sqrt()
-            pending.g_total.copy_(norms[3].sum().sqrt())  # the row's non-finite check reads it
-        return u, w_after
+        *summed, agreed = torch.split(packed, [*(p.numel() for p in parts), 1])
+        if grads is not None:
+            g2 = summed.pop()
+            grads.norms = g2.sqrt()
+            grads.total.copy_(g2.sum().sqrt().reshape(1))  # the row holds this very tensor
+        return [*(x.sqrt() for x in summed), agreed]
 
     def _block(
         self,
@@ -186,9 +220,6 @@ class Measurer:
         tags: list[str] = []
         head: list[Tensor] = []
         tail: list[Tensor] = []
-        if pending.g_total is not None:
-            tags.append(schema.GRAD_NORM)
-            head.append(pending.g_total)
         if preclip is not None:
             tags.append(schema.GRAD_NORM_PRECLIP)
             head.append(preclip.detach().reshape(1).to(torch.float32))
@@ -202,43 +233,13 @@ class Measurer:
             head += [ratios[:1], full[2, :1]]
             tail += [ratios[1:], full[2, 1:]]
         if per_layer:
-            if pending.g is not None and pending.g_plan is not None:
-                tags += pending.g_plan.grad_tags
-                head.append(pending.g)
+            if pending.grads is not None:
+                tags += pending.grads.plan.grad_tags
+                head.append(pending.grads.norms)
             if weights:
                 tags += plan.update_tags + plan.weight_tags
                 head += tail
         return (tags, torch.cat(head)) if tags else None
-
-    def _grad_norms(self, pending: Pending) -> list[Tensor]:
-        """Per-tensor norms of the gradients stepped with; their total is the full check."""
-        params = pending.params
-        every = pending.grads if pending.grads is not None else [p.grad for p in params]
-        pending.grads = None
-        with_grad = tuple(i for i, g in enumerate(every) if g is not None)
-        if not with_grad:
-            return []
-        plan = pending.g_plan = self._plan(with_grad, params)
-        grads = [stats.local(g) for g in every if g is not None]
-        pending.g = stats.foreach_norms(grads, plan.groups)
-        if self.world:  # local norms: the total exists once finish has summed them over ranks
-            pending.g_total = torch.zeros(1, device=pending.g.device)
-        else:
-            pending.g_total = stats.total_norm(pending.g).reshape(1)
-        return [pending.g_total]
-
-    def _check_params(self) -> list[Tensor]:
-        """Parameters whose gradients are checked every step (see ``nonfinite``)."""
-        n = sum(len(g["params"]) for g in self.optimizer.param_groups)
-        if n != self._n_params:
-            params = all_params(self.optimizer)
-            small = [p for p in params if p.dim() <= 1]
-            if self._full_check:
-                self._sentinels = params
-            else:
-                self._sentinels = small or sorted(params, key=lambda p: p.numel())[:1]
-            self._n_params = n
-        return self._sentinels
 
     def _plan(self, key: tuple[int, ...], params: list[Tensor]) -> Plan:
         """Foreach groups and tag names for a set of parameters (cached: it rarely changes)."""

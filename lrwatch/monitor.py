@@ -39,7 +39,7 @@ from lrwatch.capture import share
 from lrwatch.controller import Controller
 from lrwatch.errors import ConfigError
 from lrwatch.measure import all_params
-from lrwatch.recorder import Peer, Recorder
+from lrwatch.recorder import Recorder, StepMeasure
 from lrwatch.writer import EventWriter
 
 logger = logging.getLogger(__name__)
@@ -128,8 +128,6 @@ class Monitor:
         self._skips = skip_counter(scaler)
         self._closure_step = False
         self._recorder: Recorder | None = None  # only the writing rank records
-        # Sharded (DTensor) parameters: every rank measures, and the norms are one all-reduce.
-        world = ranks.world() if ranks.sharded(all_params(optimizer)) else 0
         writer = self._open_writer() if ranks.rank() == 0 else None
         if writer is not None:
             self._recorder = Recorder(
@@ -138,15 +136,18 @@ class Monitor:
                 optimizer,
                 criterion=criterion,
                 skips=self._skips,
-                full_check=nonfinite == "full",
                 flush_secs=flush_secs,
-                world=world,
             )
-        self._peer = Peer(model, optimizer, world) if world and writer is None else None
+        # Sharded (DTensor) parameters: every rank measures, and the norms are one all-reduce.
+        world = ranks.world() if ranks.sharded(all_params(optimizer)) else 0
+        self._steps: StepMeasure | None = None  # the ranks that measure
+        if writer is not None or world:
+            self._steps = StepMeasure(model, optimizer, world=world, scaler=scaler)
         self._handles = [
             optimizer.register_step_pre_hook(self._pre_hook),
             optimizer.register_step_post_hook(self._post_hook),
             *(self._recorder.handles if self._recorder else ()),
+            *(self._steps.handles if self._steps else ()),
         ]
 
     # ------------------------------------------------------------------ public surface
@@ -239,6 +240,9 @@ class Monitor:
         self._step += 1
         closure = args[1] if len(args) > 1 else kwargs.get("closure")  # args[0]: the optimizer
         self._closure_step = closure is not None
+        steps = self._steps
+        if steps is not None:  # before anything clips
+            self._guard("gradient norms", self._take_grads, None, steps)
         actions: list[Any] = []
         new_args: StepArgs | None = None
         if self._controller is not None:  # never raises
@@ -249,58 +253,55 @@ class Monitor:
                 # The closure computes this step's gradients inside step(): clip after it.
                 clipped = self._controller.clipping_closure(self.optimizer, closure)
                 new_args = _with_closure(args, kwargs, clipped)
+        if steps is not None:
+            self._guard("pre-step measure", self._begin, None, steps)
         if rec is not None:
-            rec.pending = None
             self._guard("pre-step logging", self._log_before, None, rec, actions)
-        elif self._peer is not None:
-            self._guard("pre-step measure", self._peer_before, None, self._peer)
         self._cadence.pre_done(time.perf_counter() - now)
         return new_args
 
     def _post_hook(self, optimizer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         now = time.perf_counter()
+        block = None
+        if self._steps is not None:
+            block = self._guard("post-step measure", self._end, None, self._steps)
         if self._recorder is not None:
-            self._guard("post-step logging", self._log_after, None, self._recorder)
-        elif self._peer is not None:
-            self._guard("post-step measure", self._peer_after, None, self._peer)
+            self._guard("post-step logging", self._log_after, None, self._recorder, block)
         if self._controller is not None:
             self._controller.after_step(self.optimizer)  # never raises
         self._cadence.post_done(time.perf_counter() - now)
         if self.raise_on_stop and self.should_stop:
             raise StopTraining(f"lrwatch: stop action applied at step {self._step}")
 
-    def _log_before(self, rec: Recorder, actions: list[Any]) -> None:
-        rec.before_step(
-            self._step,
-            actions,
-            controller=self._controller,
-            cadence=self._cadence,
-            closure=self._closure_step,
-        )
+    def _take_grads(self, steps: StepMeasure) -> None:
+        steps.take_grads(closure=self._closure_step)
 
-    def _log_after(self, rec: Recorder) -> None:
-        rec.after_step(
-            self._step,
-            cadence=self._cadence,
-            closure=self._closure_step,
-            preclip=self._controller.preclip_norm if self._controller else None,
-            per_layer=self.per_layer,
-        )
+    def _begin(self, steps: StepMeasure) -> None:
+        steps.begin(self._step, cadence=self._cadence, closure=self._closure_step)
 
-    def _peer_before(self, peer: Peer) -> None:
-        peer.before_step(self._step, cadence=self._cadence, closure=self._closure_step)
-
-    def _peer_after(self, peer: Peer) -> None:
+    def _end(self, steps: StepMeasure) -> Any:
         preclip = self._controller.preclip_norm if self._controller else None
         cadence, closure = self._cadence, self._closure_step
-        peer.after_step(self._step, cadence=cadence, closure=closure, preclip=preclip)
+        return steps.end(
+            self._step, cadence=cadence, closure=closure, preclip=preclip, per_layer=self.per_layer
+        )
+
+    def _log_before(self, rec: Recorder, actions: list[Any]) -> None:
+        grads = self._steps.grads if self._steps else None
+        closure, controller = self._closure_step, self._controller
+        rec.before_step(self._step, actions, controller=controller, closure=closure, grads=grads)
+
+    def _log_after(self, rec: Recorder, block: Any) -> None:
+        grads = self._steps.grads if self._steps else None
+        rec.after_step(self._step, block, closure=self._closure_step, grads=grads)
 
     # ------------------------------------------------------------------ plumbing
     def _finish(self) -> None:
         rec = self._recorder
         if rec is None:
             return
-        rec.measure.buffers = None
+        if self._steps is not None:
+            self._steps.measure.buffers = None
         try:
             self._guard("closing skipped steps", self._close_skips, None, rec)
             self._guard("writing the last rows", rec.rows.submit, None, rec.writer)
@@ -329,8 +330,8 @@ class Monitor:
         try:
             return fn(*args)
         except Exception as exc:  # the hook boundary: lrwatch never breaks a training step
-            if self._recorder is not None:
-                self._recorder.pending = None
+            if self._steps is not None:
+                self._steps.pending = None
             self._warn_once(what, "lrwatch: %s failed (%r); skipped, training continues", what, exc)
             return default
 

@@ -1,12 +1,14 @@
-"""The writing rank's half of the monitor: rows, logging steps and the event file.
+"""Each step's measurement on every rank that measures, and the writing rank's rows.
 
-Under DDP every rank counts steps and applies control actions, but only rank 0 writes (and an
-unwritable logdir leaves no rank writing). Everything that exists only to write lives in a
-:class:`Recorder`, which the monitor creates on the writing rank alone: its hooks then ask one
-question (is there a recorder?) instead of one per method. The recorder wires the parts that
-compute (:mod:`lrwatch.capture`, :mod:`lrwatch.measure`) to the rows that carry their results
-(:mod:`lrwatch._rows`) and the writer thread (:mod:`lrwatch.writer`); it is called only from
-the monitor's hooks, which turn any exception into one warning.
+Under DDP every rank counts steps and applies control actions, but only rank 0 measures and
+writes (and an unwritable logdir leaves no rank writing). Under sharding (DTensor parameters)
+every rank measures its shards, because a norm is then a sum over the ranks: a
+:class:`StepMeasure` runs on each of them, and rank 0 alone also has a :class:`Recorder`, which
+holds everything that exists only to write. The monitor's hooks then ask two questions (does
+this rank measure? does it write?) instead of one per method. The recorder wires the parts
+that compute (:mod:`lrwatch.capture`, :mod:`lrwatch.measure`) to the rows that carry their
+results (:mod:`lrwatch._rows`) and the writer thread (:mod:`lrwatch.writer`); both classes are
+called only from the monitor's hooks, which turn any exception into one warning.
 """
 
 from __future__ import annotations
@@ -19,11 +21,67 @@ import torch
 from lrwatch import ranks
 from lrwatch._rows import HostColumns, Row, RowBuffer, write_acks
 from lrwatch.cadence import Cadence
-from lrwatch.capture import LossCapture, write_named
-from lrwatch.measure import Measurer, Pending
+from lrwatch.capture import BackwardEnd, LossCapture, write_named
+from lrwatch.measure import Measurer, Pending, StepGrads
 from lrwatch.writer import EventWriter
 
 KEEP_BUFFERS_EVERY = 4  # keep the weight snapshot between logging steps up to this cadence
+Block = tuple[list[str], torch.Tensor]
+
+
+class StepMeasure:
+    """One rank's measurement of each step: gradient norms every step, the rest on logging steps.
+
+    ``handles``: the forward hook that finds where backward ends; the monitor removes it.
+    ``world`` > 0 (sharded): each step ends with one all-reduce, which every rank issues.
+    """
+
+    def __init__(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, world: int, scaler: Any
+    ) -> None:
+        self.measure = Measurer(model, optimizer, world=world, scaler=scaler)
+        self.pending: Pending | None = None  # a logging step between pre and post hook
+        self.grads: StepGrads | None = None  # this step's gradient norms
+        self.handles = BackwardEnd(self.measure.on_backward).attach(model)
+
+    def take_grads(self, *, closure: bool) -> None:
+        """First in the pre-hook, before any clip: the norms the last backward left.
+
+        With a closure the step's gradients come inside ``step()``: taken by :meth:`end`.
+        """
+        if closure:
+            self.measure.backward = self.grads = None
+        else:
+            self.grads = self.measure.step_grads()
+
+    def begin(self, step: int, *, cadence: Cadence, closure: bool) -> None:
+        """In the pre-hook: start a logging step (weights' norms and snapshot)."""
+        self.pending = None
+        if cadence.begin_logging(step):
+            t0 = time.perf_counter()
+            self.pending = self.measure.start(self.grads, closure_step=closure)
+            self.pending.cost = time.perf_counter() - t0
+
+    def end(
+        self,
+        step: int,
+        *,
+        cadence: Cadence,
+        closure: bool,
+        preclip: torch.Tensor | None,
+        per_layer: bool,
+    ) -> Block | None:
+        """In the post-hook: finish a logging step, or (sharded) reduce the gradient norms."""
+        pending, self.pending = self.pending, None
+        if closure:
+            self.grads = self.measure.step_grads()
+            if pending is not None:
+                pending.grads = self.grads
+        if pending is not None:
+            return finish(self.measure, pending, step, cadence, preclip, per_layer)
+        if self.measure.world and self.grads is not None:
+            self.measure.reduce(self.grads, [])
+        return None
 
 
 class Recorder:
@@ -40,79 +98,68 @@ class Recorder:
         *,
         criterion: torch.nn.Module | None,
         skips: Any,
-        full_check: bool,
         flush_secs: float,
-        world: int = 0,
     ) -> None:
         self.writer = writer
         self.optimizer = optimizer
         self.rows = RowBuffer()
         self.loss = LossCapture()
-        self.measure = Measurer(model, optimizer, full_check=full_check, world=world)
-        self.pending: Pending | None = None  # a logging step between pre and post hook
         self.handles = self.loss.attach(model, criterion)
         self._host = HostColumns(optimizer, skips)
         self._flush_secs = flush_secs
         self._last_submit = time.monotonic()
 
     def before_step(
-        self, step: int, actions: list[Any], *, controller: Any, cadence: Cadence, closure: bool
+        self,
+        step: int,
+        actions: list[Any],
+        *,
+        controller: Any,
+        closure: bool,
+        grads: StepGrads | None,
     ) -> None:
-        """In the pre-hook: acknowledge ``actions``, start a logging step, record the grads."""
+        """In the pre-hook: acknowledge ``actions``; the row, unless a closure is to come."""
         if actions:
             self.rows.submit(self.writer, before=step)  # keep every tag's steps in order
             write_acks(self.writer, step, actions, controller=controller, optimizer=self.optimizer)
-        if cadence.begin_logging(step):
-            t0 = time.perf_counter()
-            self.pending = self.measure.start(closure_step=closure)
-            self.pending.cost = time.perf_counter() - t0
         if not closure:
-            self.add_row(step)
+            self.add_row(step, grads)
 
     def after_step(
-        self,
-        step: int,
-        *,
-        cadence: Cadence,
-        closure: bool,
-        preclip: torch.Tensor | None,
-        per_layer: bool,
+        self, step: int, block: Block | None, *, closure: bool, grads: StepGrads | None
     ) -> None:
-        """In the post-hook: finish a logging step, hand rows to the writer once per flush."""
+        """In the post-hook: a closure step's row, the logging step's values; a flush."""
         if closure:  # the closure computed the grads inside step()
-            self.add_row(step)
-        pending, self.pending = self.pending, None
-        if pending is not None:
-            block = finish(self.measure, pending, step, cadence, preclip, per_layer)
-            if block is not None:
-                self.rows.add_event(step, *block)
+            self.add_row(step, grads)
+        if block is not None:
+            self.rows.add_event(step, *block)
         # One hand-off per flush_secs, not per step: each wakes the writer thread, which then
         # competes with training for the GIL.
         if time.monotonic() - self._last_submit > self._flush_secs:
             self.rows.submit(self.writer, before=step)
             self._last_submit = time.monotonic()
 
-    def add_row(self, step: int) -> None:
-        """This step's row: its loss and a non-finite check of its gradients (no sync)."""
-        pending = self.pending
-        t0 = time.perf_counter()
-        checks = self.measure.grad_checks(pending)
-        if pending is not None:
-            pending.cost += time.perf_counter() - t0
-        self.rows.add(Row(step, time.time(), self.loss.take(), checks, *self._host.values()))
+    def add_row(self, step: int, grads: StepGrads | None) -> None:
+        """This step's row: its loss, its gradient norm and host-side values (no sync)."""
+        total = grads.total if grads is not None else None
+        self.rows.add(Row(step, time.time(), self.loss.take(), total, *self._host.values()))
 
     def add_skipped_row(self, step: int, scale: float, share: int) -> None:
         """A GradScaler-skipped iteration: its share of the captured losses, flagged skipped."""
         tags, values = self._host.values(skipped_scale=scale)
-        self.rows.add(Row(step, time.time(), self.loss.take_share(share), [], tags, values))
+        self.rows.add(Row(step, time.time(), self.loss.take_share(share), None, tags, values))
 
     def log(self, step: int | None, current: int, scalars: dict[str, Any]) -> None:
-        """``mon.log``: the loss to its step, other names as given (``current``: steps so far)."""
+        """``mon.log``: the loss to its step, other names as given (``current``: steps so far).
+
+        Without a ``step``, values logged between a forward and the next optimizer step belong
+        to that step, like the loss; logged after ``optimizer.step()``, to the step just taken.
+        """
         loss = scalars.pop("loss", None)
         if loss is not None:
             self.loss.log(loss, step, current=current, rows=self.rows, writer=self.writer)
         if scalars:
-            write_named(self.writer, current if step is None else int(step), scalars)
+            write_named(self.writer, self.loss.step_of(step, current), scalars)
 
 
 def finish(
@@ -122,7 +169,7 @@ def finish(
     cadence: Cadence,
     preclip: torch.Tensor | None,
     per_layer: bool,
-) -> tuple[list[str], torch.Tensor] | None:
+) -> Block | None:
     """End a logging step (on a sharded run, every rank's), then tell the cadence its cost."""
     t0 = time.perf_counter()
     try:
@@ -136,33 +183,3 @@ def finish(
         )
     finally:
         cadence.logged(step, pending.cost + time.perf_counter() - t0, agreed=pending.agreed)
-
-
-class Peer:
-    """A non-writing rank of a sharded run: it measures its shards to join the all-reduce.
-
-    Only the sum over every rank is a norm, so every rank runs the logging steps' work at the
-    same steps (rank 0 alone would wait forever for the others); the results are rank 0's to
-    write and are dropped here.
-    """
-
-    def __init__(
-        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, world: int
-    ) -> None:
-        self.measure = Measurer(model, optimizer, full_check=False, world=world)
-        self.pending: Pending | None = None
-
-    def before_step(self, step: int, *, cadence: Cadence, closure: bool) -> None:
-        """The pre-hook's half of a logging step, as :meth:`Recorder.before_step` does it."""
-        self.pending = None
-        if cadence.begin_logging(step):
-            self.pending = self.measure.start(closure_step=closure)
-            if not closure:
-                self.measure.grad_checks(self.pending)
-
-    def after_step(self, step: int, *, cadence: Cadence, closure: bool, preclip: Any) -> None:
-        pending, self.pending = self.pending, None
-        if pending is not None:
-            if closure:
-                self.measure.grad_checks(pending)
-            finish(self.measure, pending, step, cadence, preclip, per_layer=False)
