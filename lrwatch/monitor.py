@@ -74,12 +74,12 @@ class Monitor:
             gradient-accumulation forwards). Without it, a model output with ``.loss`` (or a
             dict with ``"loss"``) is used, or ``mon.log(loss=...)``.
         scaler: the run's ``torch.amp.GradScaler``: logs its scale and the steps it skipped.
-        log_every: steps between the norm computations, or ``"auto"``: adapted so their cost
-            stays within ``budget`` of the measured step time.
+        log_every: steps between the update-ratio and weight-norm computations, or ``"auto"``:
+            every step for the first 50, then adapted so their cost stays within ``budget`` of
+            the measured step time. The global grad norm is every step's.
         per_layer: also write per-tensor norms and ratios (global values are always written).
-        nonfinite: per step, check the loss and the small gradients (``"sentinel"``: biases and
-            norm gains, which a non-finite activation gradient reaches at every layer) or every
-            gradient (``"full"``, one memory pass). Logging steps always check every gradient.
+        nonfinite: accepted for compatibility (``"sentinel"`` or ``"full"``); every step now
+            checks the loss and every gradient, through the global grad norm.
         control: apply the run directory's control file (LR cut, clip, stop). A clip with
             ``optimizer.step(closure)`` acts on the gradients the closure computes.
         raise_on_stop: raise :class:`StopTraining` from ``optimizer.step()`` after a stop.
@@ -169,9 +169,10 @@ class Monitor:
     def log(self, step: int | None = None, **scalars: Tensor | float) -> None:
         """Write ``scalars`` (tensors stay on device) under ``step`` (default: the current one).
 
-        ``loss`` is the training loss (tag ``lrwatch/loss``): logged after ``optimizer.step()``
-        it belongs to the step just taken, logged between a forward and the next step to that
-        step. Other names are written as given, e.g. ``mon.log(**{"val/loss": v})``.
+        Logged after ``optimizer.step()`` a value belongs to the step just taken; logged between
+        a forward and the next step, to that step, so values logged before or after the step of
+        one iteration land together. ``loss`` is the training loss (tag ``lrwatch/loss``); other
+        names are written as given, e.g. ``mon.log(**{"val/loss": v})``.
         """
         if self._recorder is None:
             return

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 import lrwatch
@@ -34,21 +35,43 @@ BATCH = 4  # per rank
 
 def build() -> nn.Sequential:
     torch.manual_seed(0)
-    layers = [nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)]
+    layers = [nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)]
     return nn.Sequential(*layers)
 
 
 def batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(1000 * step + rank)
-    return torch.randn(BATCH, 6, generator=gen), torch.randn(BATCH, 3, generator=gen)
+    return torch.randn(BATCH, 6, generator=gen), torch.randn(BATCH, 4, generator=gen)
 
 
-def shard(model: nn.Sequential) -> nn.Sequential:
+def shard(model: nn.Sequential, layout: str = "fsdp") -> nn.Sequential:
+    """FSDP2 per layer and root; HSDP on a (replicate 2, shard 2) mesh; or tensor parallel."""
+    if layout == "tp":
+        from torch.distributed.tensor import Replicate
+        from torch.distributed.tensor.parallel import (
+            ColwiseParallel,
+            RowwiseParallel,
+            parallelize_module,
+        )
+
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        last = ColwiseParallel(output_layouts=Replicate())
+        plan = {"0": ColwiseParallel(), "2": RowwiseParallel(), "4": last}
+        return parallelize_module(model, mesh, plan)  # type: ignore[arg-type,return-value]
+    mesh = None
+    if layout == "hsdp":
+        world = dist.get_world_size()
+        mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
     for layer in model:
         if isinstance(layer, nn.Linear):
-            fully_shard(layer)
-    fully_shard(model)
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     return model
+
+
+def data_rank(layout: str, rank: int) -> int:
+    """Whose batch a rank trains on: its own, except under tensor parallel (one shared batch)."""
+    return 0 if layout == "tp" else rank
 
 
 @contextlib.contextmanager
@@ -78,7 +101,7 @@ def train_sharded(args: argparse.Namespace, model: nn.Module, world: int) -> dic
     every: Any = "auto" if args.log_every == 0 else args.log_every
     with lrwatch.watch(model, opt, logdir=args.logdir, criterion=crit, log_every=every) as mon:
         for step in range(1, args.steps + 1):
-            x, y = batch(rank, step)
+            x, y = batch(data_rank(args.layout, rank), step)
             crit(model(x), y).backward()
             total = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=math.inf)
             totals[step] = float(total.full_tensor())  # type: ignore[attr-defined]
@@ -105,7 +128,7 @@ def train_reference(args: argparse.Namespace, model: nn.Module, world: int) -> d
         out.setdefault(tag, {})[step] = float(value)
 
     for step in range(1, args.steps + 1):
-        parts = [batch(r, step) for r in range(world)]
+        parts = [batch(r, step) for r in sorted({data_rank(args.layout, r) for r in range(world)})]
         x, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         crit(model(x), y).backward()
         params = list(model.parameters())
@@ -134,6 +157,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--log-every", type=int, default=1, help="0: auto")
     parser.add_argument("--hang-after", type=float, default=60.0)
+    parser.add_argument("--layout", choices=["fsdp", "hsdp", "tp"], default="fsdp")
     args = parser.parse_args()
     faulthandler.dump_traceback_later(args.hang_after, exit=True)
     dist.init_process_group("gloo")
@@ -141,7 +165,7 @@ def main() -> None:
     world = dist.get_world_size()
     model = build()
     reference = copy.deepcopy(model)
-    totals = train_sharded(args, shard(model), world)
+    totals = train_sharded(args, shard(model, args.layout), world)
     if dist.get_rank() == 0:
         expected = train_reference(args, reference, world)
         expected["fsdp_clip_grad_norm"] = totals

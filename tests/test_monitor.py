@@ -296,12 +296,15 @@ def test_monitor_log_loss_belongs_to_its_step_before_or_after(tmp_path: Path, wh
             loss.backward()
             expected[step] = loss.item()
             if when == "before_step":
-                mon.log(loss=loss)
+                mon.log(loss=loss, mine=float(step))
             opt.step()
             opt.zero_grad()
             if when == "after_step":
-                mon.log(loss=loss)
-    assert read_scalars(tmp_path)[schema.LOSS] == pytest.approx(expected)
+                mon.log(loss=loss, mine=float(step))
+    got = read_scalars(tmp_path)
+    assert got[schema.LOSS] == pytest.approx(expected)
+    assert got["mine"] == {s: float(s) for s in range(1, 5)}  # the same step as lrwatch's own
+    assert set(got[schema.GRAD_NORM]) == set(got["mine"])
 
 
 @pytest.mark.parametrize("mode", ["sentinel", "full"])

@@ -50,10 +50,12 @@ def check_against(got: dict[str, dict[int, float]], expected: dict[str, Any]) ->
         assert got[tag] == pytest.approx(want, rel=2e-4, abs=1e-7), tag
 
 
-def collectives_per_step(tmp_path: Path) -> list[int]:
+def collectives_per_step(tmp_path: Path, nproc: int = 2) -> list[int]:
     """All-reduces lrwatch issued in each step, on every rank (each must be the same)."""
-    counts = [json.loads((tmp_path / f"rank{r}.json").read_text())["all_reduces"] for r in (0, 1)]
-    assert counts[0] == counts[1]
+    counts = [
+        json.loads((tmp_path / f"rank{r}.json").read_text())["all_reduces"] for r in range(nproc)
+    ]
+    assert all(c == counts[0] for c in counts)
     return list(counts[0])
 
 
@@ -99,3 +101,19 @@ def test_fsdp2_control_actions_apply_at_the_same_step_on_every_rank(tmp_path: Pa
     unclipped = {s: norms[s - 1] for s in range(1, 20)}
     assert {s: grad_norm[s] for s in range(1, 20)} == pytest.approx(unclipped, rel=1e-5)
     assert {s: grad_norm[s] for s in preclip} == pytest.approx(preclip, rel=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("layout", "nproc"), [("hsdp", 4), ("tp", 2), ("tp", 4)], ids=["hsdp-2x2", "tp-2", "tp-4"]
+)
+def test_hsdp_and_tensor_parallel_values_equal_the_unsharded_run(
+    tmp_path: Path, layout: str, nproc: int
+) -> None:
+    logdir = tmp_path / "run"
+    args = ["--logdir", str(logdir), "--layout", layout, "--steps", "4", "--log-every", "2"]
+    torchrun("fsdp_worker.py", *args, nproc=nproc, timeout=240)
+    got = scalars(logdir)
+    check_against(got, json.loads((tmp_path / "expected.json").read_text()))
+    assert collectives_per_step(tmp_path, nproc) == [1] * 4
+    assert set(got[schema.UPDATE_RATIO]) == {1, 2, 4}
