@@ -142,11 +142,15 @@ class BackwardEnd:
 
     Why there: the gradients are complete and nobody has clipped them yet (the user's
     ``clip_grad_norm_``, Lightning's ``gradient_clip_val``, HF's ``max_grad_norm`` and lrwatch's
-    own clip all come later). A hook on the model's output fires first in the backward pass and
-    queues an autograd engine callback, which queues ``callback``: the engine runs callbacks in
-    the order queued, including those queued by a running callback, so ``callback`` runs after
-    every callback queued during the pass, DDP's (which writes the averaged gradients) and
-    FSDP2's (which writes the sharded ones) included. Nothing here raises into backward.
+    own clip all come later). The first of two hooks to fire in a backward pass queues an
+    autograd engine callback, which queues ``callback``: the engine runs callbacks in the order
+    queued, including those queued by a running callback, so ``callback`` runs after every
+    callback queued during the pass, DDP's (which writes the averaged gradients) and FSDP2's
+    (which writes the sharded ones) included. The hooks: one on the model's output tensor (FSDP2
+    assigns its sharded gradients itself, so no parameter hook fires there), and a
+    post-accumulate-grad hook on each plain parameter (they run eagerly even when the model is
+    compiled, where a hook on an output inside the graph would break it). Nothing here raises
+    into backward.
     """
 
     def __init__(self, callback: Callable[[], None]) -> None:
@@ -154,18 +158,25 @@ class BackwardEnd:
         self._queued = False
         self._warned = False
 
-    def attach(self, model: torch.nn.Module) -> list[Any]:
-        """Register the forward hook; the caller keeps (and later removes) the handle."""
-        return [model.register_forward_hook(self._on_forward)]
+    def attach(self, model: torch.nn.Module, params: list[Tensor]) -> list[Any]:
+        """Register the hooks; the caller keeps (and later removes) the handles."""
+        handles = [model.register_forward_hook(self._on_forward)]
+        for p in params:
+            if p.requires_grad and p.is_leaf and not hasattr(p, "device_mesh"):
+                register = p.register_post_accumulate_grad_hook
+                handles.append(register(self._on_grad))  # type: ignore[no-untyped-call]
+        return handles
 
     def _on_forward(self, module: Any, inputs: Any, output: Any) -> None:
         if torch.is_grad_enabled():
             self._queued = False  # a backward that failed midway must not silence the next
+            if torch.compiler.is_compiling():
+                return  # inside a compiled graph: the parameters' hooks do it
             t = _first_grad_tensor(output)
             if t is not None:
-                t.register_hook(self._on_output_grad)  # type: ignore[no-untyped-call]
+                t.register_hook(self._on_grad)  # type: ignore[no-untyped-call]
 
-    def _on_output_grad(self, grad: Tensor) -> None:
+    def _on_grad(self, tensor: Tensor) -> None:
         if not self._queued:
             self._queued = True
             self._guard(lambda: _queue(self._first))

@@ -224,6 +224,9 @@ class Monitor:
             self._skips.rebase()
 
     # ------------------------------------------------------------------ optimizer hooks
+    # Both hooks run eagerly under a compiled optimizer step: traced, their clocks, dict updates
+    # and writer hand-offs would cut the step's graph in a dozen places, for nothing to gain.
+    @torch.compiler.disable  # type: ignore[untyped-decorator]
     def _pre_hook(
         self, optimizer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> StepArgs | None:
@@ -261,6 +264,7 @@ class Monitor:
         self._cadence.pre_done(time.perf_counter() - now)
         return new_args
 
+    @torch.compiler.disable  # type: ignore[untyped-decorator]
     def _post_hook(self, optimizer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         now = time.perf_counter()
         block = None

@@ -42,7 +42,8 @@ class StepMeasure:
         self.measure = Measurer(model, optimizer, world=world, scaler=scaler)
         self.pending: Pending | None = None  # a logging step between pre and post hook
         self.grads: StepGrads | None = None  # this step's gradient norms
-        self.handles = BackwardEnd(self.measure.on_backward).attach(model)
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.handles = BackwardEnd(self.measure.on_backward).attach(model, params)
 
     def take_grads(self, *, closure: bool) -> None:
         """First in the pre-hook, before any clip: the norms the last backward left.
