@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -117,3 +118,43 @@ def test_hsdp_and_tensor_parallel_values_equal_the_unsharded_run(
     check_against(got, json.loads((tmp_path / "expected.json").read_text()))
     assert collectives_per_step(tmp_path, nproc) == [1] * 4
     assert set(got[schema.UPDATE_RATIO]) == {1, 2, 4}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.slow
+def test_two_nodes_write_one_run_and_every_node_applies_the_decisions(tmp_path: Path) -> None:
+    """2 nodes x 2 processes, as two torchrun launches; each node has its own directory.
+
+    Only node 0 (global rank 0) writes and reads the control file; node 1's directory stays
+    empty of event files, yet its ranks apply the cut, the clip and the stop at the same steps.
+    """
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent), "OMP_NUM_THREADS": "1"}
+    port = free_port()
+    procs = []
+    for node in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2"]
+        cmd += ["--node_rank", str(node), "--nproc_per_node", "2", "--rdzv-backend", "c10d"]
+        cmd += ["--rdzv-endpoint", f"localhost:{port}", "--rdzv-id", "lrwatch-test"]
+        cmd += [str(HERE / "fsdp_control_worker.py"), "--logdir", str(tmp_path / f"node{node}")]
+        procs.append(
+            subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        )
+    try:
+        outs = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()  # only if still running after a timeout
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err.decode()[-6000:]
+    results = [json.loads(f.read_text()) for f in sorted(tmp_path.glob("rank*.json"))]
+    assert len(results) == 4
+    for r in results[1:]:
+        assert r["lr"] == results[0]["lr"] and r["last_step"] == results[0]["last_step"] == 30
+    assert [f.name for f in (tmp_path / "node0").glob("*tfevents*")]
+    node1 = tmp_path / "node1"
+    assert not node1.exists() or not list(node1.glob("*tfevents*"))
