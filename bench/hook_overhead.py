@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 import lrwatch
+from lrwatch.cadence import DENSE_STEPS
 
 Step = Callable[[], None]
 
@@ -211,8 +212,8 @@ def signals_floor(model: nn.Module) -> Step:
 
 def run(model_name: str, cases: list[str], rounds: int, steps: int, logdir: Path) -> None:
     built = {c: Case(c, MODELS[model_name], logdir / model_name) for c in cases}
-    for case in built.values():  # warm up: allocator, first logging step
-        for _ in range(3):
+    for case in built.values():  # warm up: allocator, and past the dense start of "auto"
+        for _ in range(DENSE_STEPS + 3):
             case.step()
         case.region = {False: [], True: []}
     times: dict[str, list[float]] = {c: [] for c in cases}

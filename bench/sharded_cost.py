@@ -8,7 +8,7 @@ per step (collectives make ranks wait for each other, so CPU time would miss tha
 against the bare copy, and the packed all-reduce alone (a vector of one float per parameter
 tensor and quantity), timed in the same job::
 
-    PYTHONPATH=. python bench/sharded_cost.py [--nproc 2] [--rounds 8] [--steps 20] [--width 1024]
+    PYTHONPATH=. python bench/sharded_cost.py [--quick] [--nproc 2] [--rounds 8] [--steps 20]
 
 Without ``RANK`` in the environment the script launches itself under ``torchrun``.
 """
@@ -113,11 +113,14 @@ def run(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="2 rounds of 5 steps")
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--width", type=int, default=1024)
     args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.steps = 2, 5
     if "RANK" in os.environ:
         run(args)
         return
