@@ -129,22 +129,3 @@ def ratio(num: Tensor, den: Tensor) -> Tensor:
     inf; a NaN numerator stays NaN, so a diverged weight is still visible.
     """
     return torch.where(num == 0, num, num / den)
-
-
-def nonfinite_rows(parts: Sequence[Tensor], rows: Sequence[int], n_rows: int) -> Tensor:
-    """Per row, 1.0 if any value of ``parts`` belonging to it is NaN/Inf, else 0.0.
-
-    ``parts[i]`` (any shape) belongs to row ``rows[i]``. Four kernels however many steps are
-    batched: this is how per-step flags gathered between logging steps are resolved lazily.
-    """
-    if not parts:
-        return torch.zeros(n_rows)
-    device = parts[0].device
-    flat = [p.detach().reshape(-1).to(device, torch.float32) for p in parts]
-    lengths = [f.numel() for f in flat]
-    owner = torch.repeat_interleave(
-        torch.tensor(rows, device=device), torch.tensor(lengths, device=device)
-    )
-    bad = (~torch.isfinite(torch.cat(flat))).to(torch.float32)
-    counts = torch.zeros(n_rows, device=device).index_add_(0, owner, bad)
-    return (counts > 0).to(torch.float32)
