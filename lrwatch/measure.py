@@ -69,7 +69,8 @@ class Measurer:
     Args:
         world: ranks of a sharded run (every rank measures its shards; one all-reduce a step),
             0 otherwise.
-        scale: the GradScaler's scale tensor, or None: backward leaves scaled gradients.
+        scaler: the run's GradScaler, or None: backward leaves gradients multiplied by its
+            scale, which the norms taken there are divided by.
     """
 
     def __init__(
@@ -95,19 +96,18 @@ class Measurer:
         accumulate, so its norms are those of the gradients the step will use.
         """
         with torch.no_grad():
-            self.backward = self._grads_now()
-            scale = getattr(self._scaler, "_scale", None)
-            if self.backward is not None and isinstance(scale, Tensor):
-                self.backward.norms /= scale.to(self.backward.norms.device)  # unscaled, no sync
+            self.backward = self._grads_now(scaled=True)
 
     def step_grads(self) -> StepGrads | None:
-        """The step's gradient norms: from the end of backward, else measured now."""
+        """The step's gradient norms: from the end of backward, else measured now.
+
+        Measured now (a backward lrwatch did not see) the gradients may already be unscaled
+        by the user's ``scaler.unscale_()``, so they are taken as they are.
+        """
         sg, self.backward = self.backward, None
-        with torch.no_grad():  # a grad of a grad (create_graph=True) would build a graph
-            if sg is None:
-                sg = self._grads_now()
-            if sg is not None and not self.world:  # sharded: the total is known after reduce
-                sg.total = stats.total_norm(sg.norms).reshape(1)
+        if sg is None:
+            with torch.no_grad():  # a grad of a grad (create_graph=True) would build a graph
+                sg = self._grads_now(scaled=False)
         return sg
 
     def start(self, grads: StepGrads | None, *, closure_step: bool) -> Pending:
@@ -128,7 +128,8 @@ class Measurer:
             snapshot = stats.snapshot(weights, self.buffers)
             return Pending(weights, plan, w_before, snapshot, grads=grads)
 
-    def _grads_now(self) -> StepGrads | None:
+    def _grads_now(self, *, scaled: bool) -> StepGrads | None:
+        """Per-tensor norms of the gradients there now, and their total (sharded: to come)."""
         params = all_params(self.optimizer)
         with_grad = tuple(i for i, p in enumerate(params) if p.grad is not None)
         if not with_grad:
@@ -136,7 +137,12 @@ class Measurer:
         plan = self._plan(with_grad, params)
         grads = [stats.local(params[i].grad) for i in with_grad]  # type: ignore[arg-type]
         norms = stats.foreach_norms(grads, plan.groups)
-        return StepGrads(plan, norms, torch.zeros(1, device=norms.device))
+        scale = getattr(self._scaler, "_scale", None) if scaled else None
+        if isinstance(scale, Tensor):
+            norms = norms / scale.to(norms.device)  # a device tensor: no sync
+        if self.world:  # local norms: the total exists once reduce has summed them
+            return StepGrads(plan, norms, torch.zeros(1, device=norms.device))
+        return StepGrads(plan, norms, stats.total_norm(norms).reshape(1))
 
     def finish(
         self,
