@@ -274,7 +274,8 @@ class Monitor:
             self._guard("post-step logging", self._log_after, None, self._recorder, block)
         if self._controller is not None:
             self._controller.after_step(self.optimizer)  # never raises
-        self._cadence.post_done(time.perf_counter() - now)
+        reduce_s = self._steps.reduce_s if self._steps is not None else 0.0
+        self._cadence.post_done(time.perf_counter() - now - reduce_s)
         if self.raise_on_stop and self.should_stop:
             raise StopTraining(f"lrwatch: stop action applied at step {self._step}")
 

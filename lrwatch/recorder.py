@@ -42,6 +42,10 @@ class StepMeasure:
         self.measure = Measurer(model, optimizer, world=world, scaler=scaler)
         self.pending: Pending | None = None  # a logging step between pre and post hook
         self.grads: StepGrads | None = None  # this step's gradient norms
+        # Seconds of this step's all-reduce outside a logging step. Every step pays it whatever
+        # the cadence, so "auto" leaves it out of the per-step cost it budgets against: counted,
+        # a gloo all-reduce alone can exceed 1% of a step and push the cadence to its maximum.
+        self.reduce_s = 0.0
         params = [p for g in optimizer.param_groups for p in g["params"]]
         self.handles = BackwardEnd(self.measure.on_backward).attach(model, params)
 
@@ -57,7 +61,7 @@ class StepMeasure:
 
     def begin(self, step: int, *, cadence: Cadence, closure: bool) -> None:
         """In the pre-hook: start a logging step (weights' norms and snapshot)."""
-        self.pending = None
+        self.pending, self.reduce_s = None, 0.0
         if cadence.begin_logging(step):
             t0 = time.perf_counter()
             self.pending = self.measure.start(self.grads, closure_step=closure)
@@ -81,7 +85,9 @@ class StepMeasure:
         if pending is not None:
             return finish(self.measure, pending, step, cadence, preclip, per_layer)
         if self.measure.world and self.grads is not None:
+            t0 = time.perf_counter()
             self.measure.reduce(self.grads, [])
+            self.reduce_s = time.perf_counter() - t0
         return None
 
 

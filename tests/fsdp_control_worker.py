@@ -37,7 +37,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--logdir", type=Path, required=True)
     args = parser.parse_args()
-    faulthandler.dump_traceback_later(60, exit=True)
+    faulthandler.dump_traceback_later(120, exit=True)
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
     rank = dist.get_rank()

@@ -156,7 +156,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--log-every", type=int, default=1, help="0: auto")
-    parser.add_argument("--hang-after", type=float, default=60.0)
+    parser.add_argument("--hang-after", type=float, default=120.0)
     parser.add_argument("--layout", choices=["fsdp", "hsdp", "tp"], default="fsdp")
     args = parser.parse_args()
     faulthandler.dump_traceback_later(args.hang_after, exit=True)
