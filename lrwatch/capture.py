@@ -157,6 +157,7 @@ class BackwardEnd:
         self._callback = callback
         self._queued = False
         self._warned = False
+        self._on_output = True  # hook the output tensor: only when no parameter hook can fire
 
     def attach(self, model: torch.nn.Module, params: list[Tensor]) -> list[Any]:
         """Register the hooks; the caller keeps (and later removes) the handles."""
@@ -165,13 +166,16 @@ class BackwardEnd:
             if p.requires_grad and p.is_leaf and not hasattr(p, "device_mesh"):
                 register = p.register_post_accumulate_grad_hook
                 handles.append(register(self._on_grad))  # type: ignore[no-untyped-call]
+        # A tensor hook per forward costs tens of microseconds: only FSDP2-style models, whose
+        # every parameter is a DTensor, need it.
+        self._on_output = len(handles) == 1
         return handles
 
     def _on_forward(self, module: Any, inputs: Any, output: Any) -> None:
         if torch.is_grad_enabled():
             self._queued = False  # a backward that failed midway must not silence the next
-            if torch.compiler.is_compiling():
-                return  # inside a compiled graph: the parameters' hooks do it
+            if not self._on_output or torch.compiler.is_compiling():
+                return  # the parameters' hooks do it (inside a compiled graph too)
             t = _first_grad_tensor(output)
             if t is not None:
                 t.register_hook(self._on_grad)  # type: ignore[no-untyped-call]
