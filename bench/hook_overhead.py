@@ -12,14 +12,18 @@ rounds so that a loaded machine slows every case alike:
   ``SummaryWriter.add_scalar`` per tag, every step;
 - ``floor``: the arithmetic of ``every_step`` with no writing: foreach norms of grads and
   weights before, ``_foreach_copy_`` into preallocated buffers, step, ``_foreach_sub_``, norms
-  of the difference and of the weights after, one host transfer.
+  of the difference and of the weights after, one host transfer;
+- ``signals``: the arithmetic floor of what ``defaults`` records every step (loss, LR,
+  non-finite flag, global grad norm): one foreach norm of the gradients and their total, kept
+  on device and moved to the host 50 steps at a time, with no writing.
 
 Time is the process's CPU time (all its threads, the writer thread included): on a machine
 shared with other jobs, wall time mostly measures the others. Prints ms/step and ratios to bare
 and to the floor; "hook ms" is the time around ``optimizer.step()`` beyond bare (where the cases
-differ), amortised over the case's cadence, which is far less noisy than the difference of whole
-steps. Memory: the size of the weight snapshot each case holds (``defaults`` holds it only during
-a logging step), and with ``--memory`` the peak RSS of each case in a fresh process. Usage::
+differ) and backward (where lrwatch takes the gradient norms, at its end), amortised over the
+case's cadence, which is far less noisy than the difference of whole steps. Memory: the size of
+the weight snapshot each case holds (``defaults`` holds it only during a logging step), and with
+``--memory`` the peak RSS of each case in a fresh process. Usage::
 
     PYTHONPATH=. python bench/hook_overhead.py [--quick] [--rounds N] [--steps K] [--memory]
 """
@@ -39,6 +43,7 @@ import torch
 from torch import nn
 
 import lrwatch
+from lrwatch.hook.cadence import DENSE_STEPS
 
 Step = Callable[[], None]
 
@@ -121,12 +126,15 @@ class Case:
         elif case == "floor":
             self.before, self.after = floor(self.model)
             self.extra = param_bytes
+        elif case == "signals":
+            self.before = signals_floor(self.model)
 
     def step(self) -> None:
         x, y = self.batches[self.n % len(self.batches)]
         self.n += 1
-        self.crit(self.model(x), y).backward()
-        t0 = time.process_time()  # the region where the cases differ: around optimizer.step()
+        loss = self.crit(self.model(x), y)
+        t0 = time.process_time()  # the region where the cases differ: backward and step
+        loss.backward()
         self.before()
         self.opt.step()
         self.after()
@@ -187,10 +195,25 @@ def floor(model: nn.Module) -> tuple[Step, Step]:
     return before, after
 
 
+def signals_floor(model: nn.Module) -> Step:
+    """Per step: the global grad norm on device; every 50 steps, one host transfer."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    held: list[torch.Tensor] = []
+
+    def before() -> None:
+        grads = [p.grad for p in params if p.grad is not None]
+        held.append(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
+        if len(held) == 50:
+            torch.stack(held).tolist()
+            held.clear()
+
+    return before
+
+
 def run(model_name: str, cases: list[str], rounds: int, steps: int, logdir: Path) -> None:
     built = {c: Case(c, MODELS[model_name], logdir / model_name) for c in cases}
-    for case in built.values():  # warm up: allocator, first logging step
-        for _ in range(3):
+    for case in built.values():  # warm up: allocator, and past the dense start of "auto"
+        for _ in range(DENSE_STEPS + 3):
             case.step()
         case.region = {False: [], True: []}
     times: dict[str, list[float]] = {c: [] for c in cases}
@@ -221,6 +244,12 @@ def run(model_name: str, cases: list[str], rounds: int, steps: int, logdir: Path
             f"{hook[c] * 1e3:8.3f} {hook[c] / mean['bare']:+8.2%} "
             f"{hook[c] / max(hook['floor'], 1e-9):8.2f}x | {built[c].extra / 2**20:8.2f}  {cadence}"
         )
+    floor_pct = hook["signals"] / mean["bare"]
+    verdict = "<= 1%" if hook["defaults"] <= 0.01 * mean["bare"] else (
+        f"{hook['defaults'] / max(hook['signals'], 1e-9):.2f}x the per-step signals' floor"
+    )
+    print(f"defaults: {hook['defaults'] / mean['bare']:+.2%} of a step ({verdict}); "
+          f"per-step signals' floor {floor_pct:+.2%}")
     for c in ("defaults", "every_step"):
         print(
             f"{c}: lrwatch's own measurement (perf_counter inside its hooks): {self_cost(built[c])}"
@@ -287,7 +316,7 @@ def main() -> None:
     steps = args.steps or (3 if args.quick else 20)
     torch.set_num_threads(1)
     random.seed(0)
-    cases = ["bare", "defaults", "every_step", "hand", "floor"]
+    cases = ["bare", "defaults", "every_step", "hand", "floor", "signals"]
     print(
         "ms/step: whole step, CPU time; hook ms: time around optimizer.step() beyond bare,\n"
         "amortised over the case's cadence; its vs bare is against the whole bare step."

@@ -69,16 +69,3 @@ def test_ratio_defines_the_zero_cases(num: float, den: float, expected: float) -
 
 def test_ratio_keeps_nan_visible() -> None:
     assert math.isnan(stats.ratio(torch.tensor([math.nan]), torch.tensor([1.0])).item())
-
-
-def test_nonfinite_rows_flags_exactly_the_rows_with_a_bad_value() -> None:
-    parts = [
-        torch.tensor(1.0),
-        torch.tensor([1.0, math.nan]),
-        torch.tensor(2.0),
-        torch.tensor([math.inf]),
-        torch.tensor(-math.inf, dtype=torch.bfloat16),
-    ]
-    rows = [0, 1, 2, 2, 4]
-    assert stats.nonfinite_rows(parts, rows, 5).tolist() == [0.0, 1.0, 1.0, 0.0, 1.0]
-    assert stats.nonfinite_rows([], [], 3).tolist() == [0.0, 0.0, 0.0]

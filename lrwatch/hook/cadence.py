@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import statistics
 from collections import deque
-from typing import Literal
+from typing import Any, Literal
 
 MAX_EVERY = 1000  # an adaptive cadence never logs the norms less often than this
 # The hooks time only their own work; what they cost the rest of the step (the writer thread's
@@ -19,6 +19,10 @@ MAX_EVERY = 1000  # an adaptive cadence never logs the norms less often than thi
 # bench/hook_overhead.py measured the whole cost from outside at 1.3-2.8x the hooks' own figure,
 # so "auto" counts each logging step's measured work HIDDEN_COST times.
 HIDDEN_COST = 2.0
+# "auto" logs every one of the first DENSE_STEPS steps: the update-ratio detector judges a window
+# of 50 logged points (lrwatch/analysis/detectors/ratio.py), which a budget-fitted cadence of 100
+# would fill only after 5000 steps. 50 steps are 17% of a 300-step run, 5% of a 1000-step one.
+DENSE_STEPS = 50
 
 
 class Cadence:
@@ -40,6 +44,12 @@ class Cadence:
         self.costs: deque[float] = deque(maxlen=5)  # seconds of work per logging step
         self.overheads: deque[float] = deque(maxlen=33)  # seconds in the hooks, other steps
         self.logged_last = False  # the step just taken was a logging step
+        # Sharded runs: every rank must log at the same steps, but each measures its own times.
+        # Rank 0's choice (``proposal``) rides on the all-reduce of the next logging step and
+        # is adopted by every rank at the logging step after that: read a step late, the
+        # reduced value needs no host sync.
+        self.proposal = self.every
+        self._agreed: Any = None
         self._t_pre = 0.0
         self._t_hooks = 0.0
 
@@ -65,21 +75,32 @@ class Cadence:
         self.next_log = step + self.every
         return True
 
-    def logged(self, step: int, cost: float) -> None:
+    def logged(self, step: int, cost: float, *, agreed: Any = None) -> None:
         """A logging step's work took ``cost`` seconds: pick the next logging step.
 
         With ``"auto"``: the smallest readable cadence for which the per-step hooks plus the
         logging work spread over ``every`` steps stay within ``budget`` of the step time.
+        ``agreed`` (sharded runs): the all-reduced tensor carrying rank 0's proposal.
         """
         self.logged_last = True
         self.costs.append(cost)
+        if agreed is None:
+            self.proposal = self.every  # set by load_state_dict, maybe
         if self.auto and len(self.intervals) >= 3:
             period = statistics.median(self.intervals)
             per_step = statistics.median(self.overheads) if self.overheads else 0.0
             left = self.budget * period - per_step  # what the logging work may take
             median_cost = HIDDEN_COST * statistics.median(self.costs)
-            self.every = nice(median_cost / left) if left > 0 else MAX_EVERY
+            self.proposal = nice(median_cost / left) if left > 0 else MAX_EVERY
+        if agreed is None:
+            self.every = self.proposal
+        else:
+            if self._agreed is not None:  # reduced a logging step ago: no wait
+                self.every = max(1, min(MAX_EVERY, int(self._agreed.item())))
+            self._agreed = agreed
         self.next_log = (step // self.every + 1) * self.every
+        if self.auto and step < DENSE_STEPS:
+            self.next_log = step + 1
 
 
 def nice(x: float) -> int:

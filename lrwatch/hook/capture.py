@@ -9,7 +9,8 @@ Everything stays a device tensor: capturing a loss queues no host transfer.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -18,6 +19,8 @@ from torch.utils.hooks import RemovableHandle
 from lrwatch import schema
 from lrwatch.events.writer import EventWriter
 from lrwatch.hook.rows import RowBuffer
+
+logger = logging.getLogger(__name__)
 
 Tensor = torch.Tensor
 
@@ -78,6 +81,16 @@ class LossCapture:
         elif last is not None:  # logged after optimizer.step(): the step just taken
             last.loss = t
 
+    def step_of(self, step: int | None, current: int) -> int:
+        """The step a value logged now belongs to, by the rule of :meth:`log` for the loss.
+
+        After a grad-enabled forward and before its optimizer step: that coming step. Otherwise
+        (after ``optimizer.step()``, or after an evaluation under ``no_grad``): the step taken.
+        """
+        if step is not None:
+            return int(step)
+        return current + 1 if self._forwards else current
+
     def _on_criterion(self, module: Any, inputs: Any, output: Any) -> None:
         if torch.is_grad_enabled() and isinstance(output, Tensor):  # no_grad: evaluation
             self.captured.append(scalar(output))
@@ -122,3 +135,83 @@ def scalar(t: Tensor) -> Tensor:
     """A detached 0-d loss (a per-sample loss vector is averaged)."""
     t = t.detach()
     return t if t.dim() == 0 else t.float().mean()
+
+
+class BackwardEnd:
+    """Calls ``callback`` once at the end of each backward pass through the model's output.
+
+    Why there: the gradients are complete and nobody has clipped them yet (the user's
+    ``clip_grad_norm_``, Lightning's ``gradient_clip_val``, HF's ``max_grad_norm`` and lrwatch's
+    own clip all come later). The first of two hooks to fire in a backward pass queues an
+    autograd engine callback, which queues ``callback``: the engine runs callbacks in the order
+    queued, including those queued by a running callback, so ``callback`` runs after every
+    callback queued during the pass, DDP's (which writes the averaged gradients) and FSDP2's
+    (which writes the sharded ones) included. The hooks: one on the model's output tensor (FSDP2
+    assigns its sharded gradients itself, so no parameter hook fires there), and a
+    post-accumulate-grad hook on each plain parameter (they run eagerly even when the model is
+    compiled, where a hook on an output inside the graph would break it). Nothing here raises
+    into backward.
+    """
+
+    def __init__(self, callback: Callable[[], None]) -> None:
+        self._callback = callback
+        self._queued = False
+        self._warned = False
+        self._on_output = True  # hook the output tensor: only when no parameter hook can fire
+
+    def attach(self, model: torch.nn.Module, params: list[Tensor]) -> list[Any]:
+        """Register the hooks; the caller keeps (and later removes) the handles."""
+        handles = [model.register_forward_hook(self._on_forward)]
+        for p in params:
+            if p.requires_grad and p.is_leaf and not hasattr(p, "device_mesh"):
+                register = p.register_post_accumulate_grad_hook
+                handles.append(register(self._on_grad))  # type: ignore[no-untyped-call]
+        # A tensor hook per forward costs tens of microseconds: only FSDP2-style models, whose
+        # every parameter is a DTensor, need it.
+        self._on_output = len(handles) == 1
+        return handles
+
+    def _on_forward(self, module: Any, inputs: Any, output: Any) -> None:
+        if torch.is_grad_enabled():
+            self._queued = False  # a backward that failed midway must not silence the next
+            if not self._on_output or torch.compiler.is_compiling():
+                return  # the parameters' hooks do it (inside a compiled graph too)
+            t = _first_grad_tensor(output)
+            if t is not None:
+                t.register_hook(self._on_grad)  # type: ignore[no-untyped-call]
+
+    def _on_grad(self, tensor: Tensor) -> None:
+        if not self._queued:
+            self._queued = True
+            self._guard(lambda: _queue(self._first))
+
+    def _first(self) -> None:  # runs where backward ends, maybe before DDP's or FSDP's own
+        self._guard(lambda: _queue(self._last))
+
+    def _last(self) -> None:  # after every callback queued during the pass
+        self._queued = False
+        self._guard(self._callback)
+
+    def _guard(self, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except Exception as exc:  # the hook boundary: an exception here would fail backward()
+            if not self._warned:
+                self._warned = True
+                logger.warning("lrwatch: end-of-backward measure failed (%r); skipped", exc)
+
+
+def _queue(fn: Callable[[], None]) -> None:
+    torch.autograd.Variable._execution_engine.queue_callback(fn)
+
+
+def _first_grad_tensor(output: Any) -> Tensor | None:
+    """The first tensor requiring grad in a model output (tensor, sequence or mapping)."""
+    if isinstance(output, Tensor):
+        return output if output.requires_grad else None
+    items = output.values() if isinstance(output, Mapping) else output
+    if isinstance(items, tuple | list) or isinstance(output, Mapping):
+        for item in items:
+            if isinstance(item, Tensor) and item.requires_grad:
+                return item
+    return None

@@ -179,8 +179,12 @@ class Controller:
             return
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         if params:
-            # The total norm stays a tensor: reading it here would force a device sync.
-            self.preclip_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+            # The total norm stays a tensor: reading it here would force a device sync. With
+            # DTensor gradients (FSDP2, TP) torch clips by the global norm, which it returns as
+            # a DTensor: every rank clips, so every rank joins the collective of full_tensor().
+            total = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+            full = getattr(total, "full_tensor", None)
+            self.preclip_norm = full() if full is not None else total
 
     # ------------------------------------------------------------------ reading the file
     def _check(self, step: int) -> list[Action]:

@@ -39,7 +39,8 @@ from lrwatch.hook.amp import skip_counter
 from lrwatch.hook.cadence import Cadence
 from lrwatch.hook.capture import share
 from lrwatch.hook.controller import Controller
-from lrwatch.hook.recorder import Recorder
+from lrwatch.hook.measure import all_params
+from lrwatch.hook.recorder import Recorder, StepMeasure
 
 logger = logging.getLogger(__name__)
 
@@ -73,12 +74,12 @@ class Monitor:
             gradient-accumulation forwards). Without it, a model output with ``.loss`` (or a
             dict with ``"loss"``) is used, or ``mon.log(loss=...)``.
         scaler: the run's ``torch.amp.GradScaler``: logs its scale and the steps it skipped.
-        log_every: steps between the norm computations, or ``"auto"``: adapted so their cost
-            stays within ``budget`` of the measured step time.
+        log_every: steps between the update-ratio and weight-norm computations, or ``"auto"``:
+            every step for the first 50, then adapted so their cost stays within ``budget`` of
+            the measured step time. The global grad norm is every step's.
         per_layer: also write per-tensor norms and ratios (global values are always written).
-        nonfinite: per step, check the loss and the small gradients (``"sentinel"``: biases and
-            norm gains, which a non-finite activation gradient reaches at every layer) or every
-            gradient (``"full"``, one memory pass). Logging steps always check every gradient.
+        nonfinite: accepted for compatibility (``"sentinel"`` or ``"full"``); every step now
+            checks the loss and every gradient, through the global grad norm.
         control: apply the run directory's control file (LR cut, clip, stop). A clip with
             ``optimizer.step(closure)`` acts on the gradients the closure computes.
         raise_on_stop: raise :class:`StopTraining` from ``optimizer.step()`` after a stop.
@@ -135,13 +136,18 @@ class Monitor:
                 optimizer,
                 criterion=criterion,
                 skips=self._skips,
-                full_check=nonfinite == "full",
                 flush_secs=flush_secs,
             )
+        # Sharded (DTensor) parameters: every rank measures, and the norms are one all-reduce.
+        world = ranks.world() if ranks.sharded(all_params(optimizer)) else 0
+        self._steps: StepMeasure | None = None  # the ranks that measure
+        if writer is not None or world:
+            self._steps = StepMeasure(model, optimizer, world=world, scaler=scaler)
         self._handles = [
             optimizer.register_step_pre_hook(self._pre_hook),
             optimizer.register_step_post_hook(self._post_hook),
             *(self._recorder.handles if self._recorder else ()),
+            *(self._steps.handles if self._steps else ()),
         ]
 
     # ------------------------------------------------------------------ public surface
@@ -163,9 +169,10 @@ class Monitor:
     def log(self, step: int | None = None, **scalars: Tensor | float) -> None:
         """Write ``scalars`` (tensors stay on device) under ``step`` (default: the current one).
 
-        ``loss`` is the training loss (tag ``lrwatch/loss``): logged after ``optimizer.step()``
-        it belongs to the step just taken, logged between a forward and the next step to that
-        step. Other names are written as given, e.g. ``mon.log(**{"val/loss": v})``.
+        Logged after ``optimizer.step()`` a value belongs to the step just taken; logged between
+        a forward and the next step, to that step, so values logged before or after the step of
+        one iteration land together. ``loss`` is the training loss (tag ``lrwatch/loss``); other
+        names are written as given, e.g. ``mon.log(**{"val/loss": v})``.
         """
         if self._recorder is None:
             return
@@ -209,6 +216,7 @@ class Monitor:
         if state.get("version") != 1:
             raise ConfigError(f"not an lrwatch Monitor state of version 1: {dict(state)!r:.80}")
         self._step, self._cadence.every = int(state["step"]), int(state["log_every"])
+        self._cadence.proposal = self._cadence.every
         self._cadence.next_log = int(state["next_log"])
         if self._controller is not None and state.get("controller") is not None:
             self._controller.load_state_dict(state["controller"])
@@ -216,6 +224,9 @@ class Monitor:
             self._skips.rebase()
 
     # ------------------------------------------------------------------ optimizer hooks
+    # Both hooks run eagerly under a compiled optimizer step: traced, their clocks, dict updates
+    # and writer hand-offs would cut the step's graph in a dozen places, for nothing to gain.
+    @torch.compiler.disable  # type: ignore[untyped-decorator]
     def _pre_hook(
         self, optimizer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> StepArgs | None:
@@ -233,6 +244,9 @@ class Monitor:
         self._step += 1
         closure = args[1] if len(args) > 1 else kwargs.get("closure")  # args[0]: the optimizer
         self._closure_step = closure is not None
+        steps = self._steps
+        if steps is not None:  # before anything clips
+            self._guard("gradient norms", self._take_grads, None, steps)
         actions: list[Any] = []
         new_args: StepArgs | None = None
         if self._controller is not None:  # never raises
@@ -243,46 +257,57 @@ class Monitor:
                 # The closure computes this step's gradients inside step(): clip after it.
                 clipped = self._controller.clipping_closure(self.optimizer, closure)
                 new_args = _with_closure(args, kwargs, clipped)
+        if steps is not None:
+            self._guard("pre-step measure", self._begin, None, steps)
         if rec is not None:
-            rec.pending = None
             self._guard("pre-step logging", self._log_before, None, rec, actions)
         self._cadence.pre_done(time.perf_counter() - now)
         return new_args
 
+    @torch.compiler.disable  # type: ignore[untyped-decorator]
     def _post_hook(self, optimizer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         now = time.perf_counter()
+        block = None
+        if self._steps is not None:
+            block = self._guard("post-step measure", self._end, None, self._steps)
         if self._recorder is not None:
-            self._guard("post-step logging", self._log_after, None, self._recorder)
+            self._guard("post-step logging", self._log_after, None, self._recorder, block)
         if self._controller is not None:
             self._controller.after_step(self.optimizer)  # never raises
-        self._cadence.post_done(time.perf_counter() - now)
+        reduce_s = self._steps.reduce_s if self._steps is not None else 0.0
+        self._cadence.post_done(time.perf_counter() - now - reduce_s)
         if self.raise_on_stop and self.should_stop:
             raise StopTraining(f"lrwatch: stop action applied at step {self._step}")
 
-    def _log_before(self, rec: Recorder, actions: list[Any]) -> None:
-        rec.before_step(
-            self._step,
-            actions,
-            controller=self._controller,
-            cadence=self._cadence,
-            closure=self._closure_step,
+    def _take_grads(self, steps: StepMeasure) -> None:
+        steps.take_grads(closure=self._closure_step)
+
+    def _begin(self, steps: StepMeasure) -> None:
+        steps.begin(self._step, cadence=self._cadence, closure=self._closure_step)
+
+    def _end(self, steps: StepMeasure) -> Any:
+        preclip = self._controller.preclip_norm if self._controller else None
+        cadence, closure = self._cadence, self._closure_step
+        return steps.end(
+            self._step, cadence=cadence, closure=closure, preclip=preclip, per_layer=self.per_layer
         )
 
-    def _log_after(self, rec: Recorder) -> None:
-        rec.after_step(
-            self._step,
-            cadence=self._cadence,
-            closure=self._closure_step,
-            preclip=self._controller.preclip_norm if self._controller else None,
-            per_layer=self.per_layer,
-        )
+    def _log_before(self, rec: Recorder, actions: list[Any]) -> None:
+        grads = self._steps.grads if self._steps else None
+        closure, controller = self._closure_step, self._controller
+        rec.before_step(self._step, actions, controller=controller, closure=closure, grads=grads)
+
+    def _log_after(self, rec: Recorder, block: Any) -> None:
+        grads = self._steps.grads if self._steps else None
+        rec.after_step(self._step, block, closure=self._closure_step, grads=grads)
 
     # ------------------------------------------------------------------ plumbing
     def _finish(self) -> None:
         rec = self._recorder
         if rec is None:
             return
-        rec.measure.buffers = None
+        if self._steps is not None:
+            self._steps.measure.buffers = None
         try:
             self._guard("closing skipped steps", self._close_skips, None, rec)
             self._guard("writing the last rows", rec.rows.submit, None, rec.writer)
@@ -311,8 +336,8 @@ class Monitor:
         try:
             return fn(*args)
         except Exception as exc:  # the hook boundary: lrwatch never breaks a training step
-            if self._recorder is not None:
-                self._recorder.pending = None
+            if self._steps is not None:
+                self._steps.pending = None
             self._warn_once(what, "lrwatch: %s failed (%r); skipped, training continues", what, exc)
             return default
 

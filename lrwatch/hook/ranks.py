@@ -51,3 +51,26 @@ def from_rank0(value: Any) -> Any:
 def _guard_exit() -> None:
     """Register the exit grace once per process (cached: later calls do nothing)."""
     atexit.register(time.sleep, EXIT_GRACE_S)
+
+
+def world() -> int:
+    """Number of ranks in the default process group; 1 when not distributed."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def sharded(params: list[Any]) -> bool:
+    """True when some parameter is a DTensor in a distributed run (FSDP2, HSDP, tensor parallel).
+
+    Then every rank must measure: a sharded norm is a sum over ranks.
+    """
+    return distributed() and any(hasattr(p, "device_mesh") for p in params)
+
+
+def all_sum(packed: Any) -> None:
+    """Sum ``packed`` over every rank, in place: the one collective of a sharded logging step."""
+    import torch.distributed as dist
+
+    _guard_exit()
+    dist.all_reduce(packed)

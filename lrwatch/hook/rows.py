@@ -20,7 +20,6 @@ import torch
 
 from lrwatch import schema
 from lrwatch.events.writer import EventWriter
-from lrwatch.hook import stats
 
 
 @dataclass(slots=True)
@@ -30,7 +29,7 @@ class Row:
     step: int
     wall_time: float
     loss: torch.Tensor | None
-    grad_checks: list[torch.Tensor]
+    grad_norm: torch.Tensor | None  # global, before clipping; its finiteness checks every grad
     host_tags: tuple[str, ...]
     host: list[float]
 
@@ -119,26 +118,11 @@ class RowBuffer:
         ready, self.rows = self.rows[:n], self.rows[n:]
         if not ready:
             return
-        parts: list[torch.Tensor] = []
-        owners: list[int] = []
+        by_kind: dict[tuple[bool, bool], list[int]] = {}
         for i, row in enumerate(ready):
-            checks = row.grad_checks if row.loss is None else [row.loss, *row.grad_checks]
-            parts += checks
-            owners += [i] * len(checks)
-        flags = stats.nonfinite_rows(parts, owners, len(ready))
-        with_loss = [i for i, r in enumerate(ready) if r.loss is not None]
-        without = [i for i, r in enumerate(ready) if r.loss is None]
-        if with_loss:
-            losses = torch.stack(
-                [
-                    ready[i].loss.to(flags.device, torch.float32)  # type: ignore[union-attr]
-                    for i in with_loss
-                ]
-            )
-            values = torch.stack([losses, flags[with_loss]], dim=1)
-            _rows_out(writer, ready, with_loss, (schema.LOSS, schema.NONFINITE), values)
-        if without:
-            _rows_out(writer, ready, without, (schema.NONFINITE,), flags[without].reshape(-1, 1))
+            by_kind.setdefault((row.loss is not None, row.grad_norm is not None), []).append(i)
+        for (has_loss, has_norm), idx in by_kind.items():
+            _device_rows(writer, ready, idx, has_loss=has_loss, has_norm=has_norm)
         by_tags: dict[tuple[str, ...], list[int]] = {}
         for i, row in enumerate(ready):
             by_tags.setdefault(row.host_tags, []).append(i)
@@ -156,3 +140,33 @@ def _rows_out(
     writer.add_rows(
         [rows[i].step for i in idx], tags, values, wall_times=[rows[i].wall_time for i in idx]
     )
+
+
+def _device_rows(
+    writer: EventWriter, rows: list[Row], idx: list[int], *, has_loss: bool, has_norm: bool
+) -> None:
+    """Loss, non-finite flag and grad norm of rows of one shape: a few kernels, no sync."""
+    tags: list[str] = []
+    cols: list[torch.Tensor] = []
+    if has_loss:
+        tags.append(schema.LOSS)
+        cols.append(_column([rows[i].loss for i in idx]))
+    if has_norm:
+        cols.append(_column([rows[i].grad_norm for i in idx]))
+    if cols:
+        device = cols[0].device
+        cols = [c.to(device) for c in cols]
+        bad = ~torch.isfinite(torch.stack(cols)).all(dim=0)
+        flags = bad.to(torch.float32)
+    else:
+        flags = torch.zeros(len(idx))
+    tags.append(schema.NONFINITE)
+    values = cols[:1] + [flags] + cols[1:] if has_loss else [flags, *cols]
+    if has_norm:
+        tags.append(schema.GRAD_NORM)
+    _rows_out(writer, rows, idx, tuple(tags), torch.stack(values, dim=1))
+
+
+def _column(values: list[torch.Tensor | None]) -> torch.Tensor:
+    device = values[0].device  # type: ignore[union-attr]
+    return torch.stack([v.reshape(()).to(device, torch.float32) for v in values])  # type: ignore[union-attr]

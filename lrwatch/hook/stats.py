@@ -52,6 +52,33 @@ def foreach_norms(tensors: Sequence[Tensor], groups: list[list[int]] | None = No
     return torch.empty(len(tensors), device=device).index_copy_(0, order, torch.cat(parts))
 
 
+def local(t: Tensor) -> Tensor:
+    """A DTensor's own shard (``to_local()``, no collective); any other tensor as it is.
+
+    The norm of a sharded tensor taken whole is an all-reduce that only the ranks measuring it
+    would join: norms are taken on local shards and reduced together (:func:`copies`).
+    """
+    to_local = getattr(t, "to_local", None)
+    return t if to_local is None else to_local()
+
+
+def copies(t: Tensor, world: int) -> float:
+    """How many of ``world`` ranks hold the same local values of ``t``.
+
+    A squared sum divided by this and summed over every rank counts each element once: a plain
+    tensor is replicated on every rank; a DTensor is split over its ``Shard`` mesh dimensions
+    and replicated over the others (HSDP's replicate dimension, ranks outside a TP mesh).
+    """
+    mesh = getattr(t, "device_mesh", None)
+    if mesh is None:
+        return float(world)
+    split = 1
+    for dim, placement in enumerate(t.placements):  # type: ignore[attr-defined]
+        if placement.is_shard():
+            split *= mesh.size(dim)
+    return world / split
+
+
 def total_norm(norms: Tensor) -> Tensor:
     """Global L2 norm from per-tensor norms: the number ``clip_grad_norm_`` returns."""
     norm: Tensor = torch.linalg.vector_norm(norms)
@@ -102,22 +129,3 @@ def ratio(num: Tensor, den: Tensor) -> Tensor:
     inf; a NaN numerator stays NaN, so a diverged weight is still visible.
     """
     return torch.where(num == 0, num, num / den)
-
-
-def nonfinite_rows(parts: Sequence[Tensor], rows: Sequence[int], n_rows: int) -> Tensor:
-    """Per row, 1.0 if any value of ``parts`` belonging to it is NaN/Inf, else 0.0.
-
-    ``parts[i]`` (any shape) belongs to row ``rows[i]``. Four kernels however many steps are
-    batched: this is how per-step flags gathered between logging steps are resolved lazily.
-    """
-    if not parts:
-        return torch.zeros(n_rows)
-    device = parts[0].device
-    flat = [p.detach().reshape(-1).to(device, torch.float32) for p in parts]
-    lengths = [f.numel() for f in flat]
-    owner = torch.repeat_interleave(
-        torch.tensor(rows, device=device), torch.tensor(lengths, device=device)
-    )
-    bad = (~torch.isfinite(torch.cat(flat))).to(torch.float32)
-    counts = torch.zeros(n_rows, device=device).index_add_(0, owner, bad)
-    return (counts > 0).to(torch.float32)
