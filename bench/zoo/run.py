@@ -1,0 +1,87 @@
+"""The LR-sweep zoo: every task at every LR multiplier and seed, three ways, then the scoreboard.
+
+Usage::
+
+    .venv/bin/python bench/zoo/run.py            # the full sweep (cached runs are not redone)
+    .venv/bin/python bench/zoo/run.py --quick    # seeds 0 and 2, five multipliers: ~10 minutes
+    .venv/bin/python bench/zoo/run.py --jobs 1   # one worker (default 2: the machine's cores)
+
+Writes ``bench/zoo/results.json`` (every run's facts and the scoreboard) and
+``bench/zoo/results.md`` (the README tables). Runs are cached in ``bench/out/zoo/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from score import HELD_OUT_TASKS, TUNING_SEEDS, TUNING_TASKS, markdown, scoreboard  # noqa: E402
+from worker import run_job, source_digests  # noqa: E402
+
+MULTS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+QUICK_MULTS = (0.03, 0.3, 1.0, 10.0, 100.0)
+SEEDS = (0, 1, 2)
+QUICK_SEEDS = (0, 2)
+MODES = ("none", "apply", "plateau")
+TASK_NAMES = TUNING_TASKS + HELD_OUT_TASKS
+
+
+def jobs_for(tasks: tuple[str, ...], mults: tuple[float, ...], seeds: tuple[int, ...],
+             modes: tuple[str, ...] = MODES) -> list[dict[str, Any]]:
+    return [{"task": t, "mult": m, "seed": s, "mode": mode}
+            for t in tasks for m in mults for s in seeds for mode in modes]
+
+
+def sweep(jobs: list[dict[str, Any]], workers: int) -> list[dict[str, Any]]:
+    """Run every job (cached ones return at once) in ``workers`` processes."""
+    digests = source_digests()
+    out = []
+    ctx = multiprocessing.get_context("spawn")  # workers import torch themselves
+    with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        futures = {pool.submit(run_job, job, digests): job for job in jobs}
+        for i, fut in enumerate(as_completed(futures), 1):
+            r = fut.result()
+            out.append(r)
+            print(f"[{i}/{len(jobs)}] {r['task']} x{r['mult']} seed {r['seed']} {r['mode']}: "
+                  f"final {r['final_val']}", flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="seeds 0 and 2, five multipliers")
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--tasks", default=",".join(TASK_NAMES))
+    ap.add_argument("--show", choices=("tune", "report", "both"), default="both",
+                    help="which split's table to print (tune only while tuning)")
+    args = ap.parse_args()
+    tasks = tuple(args.tasks.split(","))
+    mults, seeds = (QUICK_MULTS, QUICK_SEEDS) if args.quick else (MULTS, SEEDS)
+    start = time.monotonic()
+    results = sweep(jobs_for(tasks, mults, seeds), args.jobs)
+    board = scoreboard(results)
+    scope = {"quick": args.quick, "tasks": tasks, "mults": mults, "seeds": seeds,
+             "tuning": {"tasks": TUNING_TASKS, "seeds": TUNING_SEEDS},
+             "minutes": round((time.monotonic() - start) / 60, 1)}
+    key = lambda r: (r["task"], r["mult"], r["seed"], r["mode"])  # noqa: E731
+    (HERE / "results.json").write_text(json.dumps(
+        {"scope": scope, "scoreboard": board, "runs": sorted(results, key=key)}, indent=1))
+    tables = "\n\n".join(f"**{split}** split\n\n{markdown(board, split)}"
+                         for split in ("tune", "report"))
+    (HERE / "results.md").write_text(tables + "\n")
+    shown = ("tune", "report") if args.show == "both" else (args.show,)
+    print("\n\n".join(f"**{s}**\n{markdown(board, s)}" for s in shown))
+    print(f"{len(results)} runs in {scope['minutes']} min")
+
+
+if __name__ == "__main__":
+    main()
