@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -25,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from score import HELD_OUT_TASKS, TUNING_SEEDS, TUNING_TASKS, markdown, scoreboard  # noqa: E402
-from worker import run_job, source_digests  # noqa: E402
+from worker import run_job, snapshot, source_digests  # noqa: E402
 
 MULTS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 QUICK_MULTS = (0.03, 0.3, 1.0, 10.0, 100.0)
@@ -43,7 +44,10 @@ def jobs_for(tasks: tuple[str, ...], mults: tuple[float, ...], seeds: tuple[int,
 
 def sweep(jobs: list[dict[str, Any]], workers: int) -> list[dict[str, Any]]:
     """Run every job (cached ones return at once) in ``workers`` processes."""
-    digests = source_digests()
+    snap = snapshot()
+    sys.path.insert(0, str(snap))  # spawned workers start with this sys.path
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(snap), os.environ.get("PYTHONPATH")]))
+    digests = source_digests(snap / "lrwatch")
     out = []
     ctx = multiprocessing.get_context("spawn")  # workers import torch themselves
     with ProcessPoolExecutor(workers, mp_context=ctx) as pool:

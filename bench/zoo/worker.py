@@ -33,13 +33,26 @@ def _digest(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
-def source_digests() -> dict[str, str]:
+def source_digests(lrwatch_dir: Path = LRWATCH) -> dict[str, str]:
     """Hashes of the zoo's code, of the hook's files and of all of lrwatch."""
     return {
         "zoo": _digest([HERE / "tasks.py", HERE / "trainer.py", HERE / "worker.py"]),
-        "hook": _digest([LRWATCH / n for n in HOOK_FILES]),
-        "lrwatch": _digest(list(LRWATCH.rglob("*.py"))),
+        "hook": _digest([lrwatch_dir / n for n in HOOK_FILES]),
+        "lrwatch": _digest(list(lrwatch_dir.rglob("*.py"))),
     }
+
+
+def snapshot() -> Path:
+    """A copy of lrwatch's source that this sweep's workers and daemons import: editing the
+    working tree during a long sweep cannot mix two versions into one result (or its cache)."""
+    digest = source_digests()["lrwatch"][:16]
+    root = OUT / "snapshot" / digest
+    if not (root / "lrwatch").exists():
+        tmp = OUT / "snapshot" / f".{digest}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(LRWATCH, tmp / "lrwatch", ignore=shutil.ignore_patterns("__pycache__"))
+        tmp.rename(root)
+    return root
 
 
 def job_key(job: dict[str, Any], digests: dict[str, str], part: str) -> str:
