@@ -30,6 +30,7 @@ _OSCILLATION_STRIDE = 2  # checks per oscillation jitter window
 _TREND_STRIDE = 4  # checks per plateau-trend window
 
 Window = tuple[np.ndarray, np.ndarray]
+_START_POINTS = 10  # a loss's own scale: its median over the run's first points
 
 
 class RoleChecks:
@@ -62,7 +63,7 @@ class RoleChecks:
         if role in ("loss", "grad_norm", "nonfinite"):
             out.append(self._nonfinite(tag, point.value))
         if role in ("loss", "grad_norm"):
-            out.append(self._explosion(tag, point.value))
+            out.append(self._explosion(tag, point.value, loss=role == "loss"))
         if role == "loss" and n % max(c.oscillation.jitter_window // _OSCILLATION_STRIDE, 1) == 0:
             ratio = self._window_of("update_ratio", c.oscillation.window)
             f = c.oscillation.check(*self._fresh(tag, c.oscillation.window), tag=tag, ratio=ratio)
@@ -118,8 +119,12 @@ class RoleChecks:
                 self.conditions.end(kind, tag)
         return None if f is None else self._note(f.kind, tag, f)
 
-    def _explosion(self, tag: str, value: float) -> Finding | None:
-        """The explosion check, behind a gate that lets through only points that could fire."""
+    def _explosion(self, tag: str, value: float, *, loss: bool) -> Finding | None:
+        """The explosion check, behind a gate that lets through only points that could fire.
+
+        A loss is judged against its own scale (its level over the run's first points), so
+        minibatch noise on a near-zero loss is never an explosion; a gradient norm is not.
+        """
         e = self.config.explosion
         gate = self.gates.setdefault(tag, ExplosionGate())
         ongoing = self.conditions.ongoing(Kind.EXPLOSION, tag)
@@ -127,7 +132,14 @@ class RoleChecks:
             return None
         steps, values = self.history.window(tag, e.window + e.confirm)
         gate.rebase(values, e)
-        return self._note(Kind.EXPLOSION, tag, e.check(steps, values, tag=tag))
+        scale = self._start_level(tag) if loss else None
+        return self._note(Kind.EXPLOSION, tag, e.check(steps, values, tag=tag, scale=scale))
+
+    def _start_level(self, tag: str) -> float | None:
+        """Median of the first ``_START_POINTS`` finite points of the run's thinned history."""
+        _, values = self.history.downsampled(tag)
+        values = values[np.isfinite(values)][:_START_POINTS]
+        return float(np.median(values)) if values.size else None
 
     def _nonfinite(self, tag: str, value: float) -> Finding | None:
         bad = not math.isfinite(value) or (tag == schema.NONFINITE and value > 0.5)

@@ -43,7 +43,9 @@ ALIASES: Mapping[Role, tuple[str, ...]] = {
         "loss/val",
         "Loss/validation",
     ),
+    # Before clipping first: a clipped norm is pinned at max_norm and hides the explosion.
     "grad_norm": (
+        schema.GRAD_NORM_PRECLIP,
         schema.GRAD_NORM,
         "train/grad_norm",
         "grad_norm",

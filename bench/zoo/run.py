@@ -36,17 +36,28 @@ MODES = ("none", "apply", "plateau")
 TASK_NAMES = TUNING_TASKS + HELD_OUT_TASKS
 
 
-def jobs_for(tasks: tuple[str, ...], mults: tuple[float, ...], seeds: tuple[int, ...],
-             modes: tuple[str, ...] = MODES) -> list[dict[str, Any]]:
-    return [{"task": t, "mult": m, "seed": s, "mode": mode}
-            for t in tasks for m in mults for s in seeds for mode in modes]
+def jobs_for(
+    tasks: tuple[str, ...],
+    mults: tuple[float, ...],
+    seeds: tuple[int, ...],
+    modes: tuple[str, ...] = MODES,
+) -> list[dict[str, Any]]:
+    return [
+        {"task": t, "mult": m, "seed": s, "mode": mode}
+        for t in tasks
+        for m in mults
+        for s in seeds
+        for mode in modes
+    ]
 
 
 def sweep(jobs: list[dict[str, Any]], workers: int) -> list[dict[str, Any]]:
     """Run every job (cached ones return at once) in ``workers`` processes."""
     snap = snapshot()
     sys.path.insert(0, str(snap))  # spawned workers start with this sys.path
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(snap), os.environ.get("PYTHONPATH")]))
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(snap), os.environ.get("PYTHONPATH")])
+    )
     digests = source_digests(snap / "lrwatch")
     out = []
     ctx = multiprocessing.get_context("spawn")  # workers import torch themselves
@@ -55,8 +66,11 @@ def sweep(jobs: list[dict[str, Any]], workers: int) -> list[dict[str, Any]]:
         for i, fut in enumerate(as_completed(futures), 1):
             r = fut.result()
             out.append(r)
-            print(f"[{i}/{len(jobs)}] {r['task']} x{r['mult']} seed {r['seed']} {r['mode']}: "
-                  f"final {r['final_val']}", flush=True)
+            print(
+                f"[{i}/{len(jobs)}] {r['task']} x{r['mult']} seed {r['seed']} {r['mode']}: "
+                f"final {r['final_val']}",
+                flush=True,
+            )
     return out
 
 
@@ -65,22 +79,35 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="seeds 0 and 2, five multipliers")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--tasks", default=",".join(TASK_NAMES))
-    ap.add_argument("--show", choices=("tune", "report", "both"), default="both",
-                    help="which split's table to print (tune only while tuning)")
+    ap.add_argument(
+        "--show",
+        choices=("tune", "report", "both"),
+        default="both",
+        help="which split's table to print (tune only while tuning)",
+    )
     args = ap.parse_args()
     tasks = tuple(args.tasks.split(","))
     mults, seeds = (QUICK_MULTS, QUICK_SEEDS) if args.quick else (MULTS, SEEDS)
     start = time.monotonic()
     results = sweep(jobs_for(tasks, mults, seeds), args.jobs)
     board = scoreboard(results)
-    scope = {"quick": args.quick, "tasks": tasks, "mults": mults, "seeds": seeds,
-             "tuning": {"tasks": TUNING_TASKS, "seeds": TUNING_SEEDS},
-             "minutes": round((time.monotonic() - start) / 60, 1)}
+    scope = {
+        "quick": args.quick,
+        "tasks": tasks,
+        "mults": mults,
+        "seeds": seeds,
+        "tuning": {"tasks": TUNING_TASKS, "seeds": TUNING_SEEDS},
+        "minutes": round((time.monotonic() - start) / 60, 1),
+    }
     key = lambda r: (r["task"], r["mult"], r["seed"], r["mode"])  # noqa: E731
-    (HERE / "results.json").write_text(json.dumps(
-        {"scope": scope, "scoreboard": board, "runs": sorted(results, key=key)}, indent=1))
-    tables = "\n\n".join(f"**{split}** split\n\n{markdown(board, split)}"
-                         for split in ("tune", "report"))
+    (HERE / "results.json").write_text(
+        json.dumps(
+            {"scope": scope, "scoreboard": board, "runs": sorted(results, key=key)}, indent=1
+        )
+    )
+    tables = "\n\n".join(
+        f"**{split}** split\n\n{markdown(board, split)}" for split in ("tune", "report")
+    )
     (HERE / "results.md").write_text(tables + "\n")
     shown = ("tune", "report") if args.show == "both" else (args.show,)
     print("\n\n".join(f"**{s}**\n{markdown(board, s)}" for s in shown))

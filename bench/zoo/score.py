@@ -92,7 +92,9 @@ def scoreboard(results: list[dict[str, Any]]) -> dict[str, Any]:
     best_mult: dict[tuple[str, int], float] = {}
     for (task, seed, mult), _ in sorted(labels.items()):
         cur = best_mult.get((task, seed))
-        if cur is None or _final(by[(task, seed, mult, "none")]) < _final(by[(task, seed, cur, "none")]):
+        if cur is None or _final(by[(task, seed, mult, "none")]) < _final(
+            by[(task, seed, cur, "none")]
+        ):
             best_mult[(task, seed)] = mult
     board: dict[str, Any] = {}
     for split in ("tune", "report"):
@@ -114,9 +116,11 @@ def _score(
     by: dict[tuple[str, int, float, str], dict[str, Any]],
     best_mult: dict[tuple[str, int], float],
 ) -> dict[str, Any]:
-    out: dict[str, Any] = {"runs": len(keys),
-                           "good": sum(labels[k] == "good" for k in keys),
-                           "bad": sum(labels[k] == "bad" for k in keys)}
+    out: dict[str, Any] = {
+        "runs": len(keys),
+        "good": sum(labels[k] == "good" for k in keys),
+        "bad": sum(labels[k] == "bad" for k in keys),
+    }
     for method in METHODS:
         harm = alarms = rescued = rescuable = saved = nans = low = lows = 0
         for k in keys:
@@ -137,11 +141,20 @@ def _score(
                 saved += math.isfinite(_final(mine))
             if k[2] <= 0.03 and method == "lrwatch":
                 lows += 1
-                low += any(d["action"] == "raise_lr_advice" and d["step"] <= 300
-                           for d in base["replay"]["decisions"])
-        out[method] = {"harm": harm, "false_alarms": alarms, "rescued": rescued,
-                       "rescuable": rescuable, "nan_prevented": saved, "nan_runs": nans,
-                       "too_low_advised": low, "too_low_runs": lows}
+                low += any(
+                    d["action"] == "raise_lr_advice" and d["step"] <= 300
+                    for d in base["replay"]["decisions"]
+                )
+        out[method] = {
+            "harm": harm,
+            "false_alarms": alarms,
+            "rescued": rescued,
+            "rescuable": rescuable,
+            "nan_prevented": saved,
+            "nan_runs": nans,
+            "too_low_advised": low,
+            "too_low_runs": lows,
+        }
     out["lrwatch"]["delay_median"] = _median_delay(keys, labels, by, best_mult)
     return out
 
@@ -171,9 +184,11 @@ def _median_delay(
 
 def markdown(board: dict[str, Any], split: str) -> str:
     """The README table for one split: a row per task and overall."""
-    head = ("| task | runs (good/bad) | harm lrwatch / RLROP | false alarms lrwatch / RLROP cut "
-            "| rescue lrwatch / RLROP | NaN prevented lrwatch / RLROP | too-low advised "
-            "| median delay |\n|---|---|---|---|---|---|---|---|")
+    head = (
+        "| task | runs (good/bad) | harm lrwatch / RLROP | false alarms lrwatch / RLROP cut "
+        "| rescue lrwatch / RLROP | NaN prevented lrwatch / RLROP | too-low advised "
+        "| median delay |\n|---|---|---|---|---|---|---|---|"
+    )
     rows = [head]
     for name, s in board[split].items():
         lw, pl = s["lrwatch"], s["plateau"]

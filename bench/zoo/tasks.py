@@ -79,7 +79,9 @@ def stdlib_text() -> torch.Tensor:
     return torch.tensor(codes)
 
 
-def _text_batches(seq: int, size: int, seed: int) -> tuple[Callable[[torch.Generator], Batch], Batch]:
+def _text_batches(
+    seq: int, size: int, seed: int
+) -> tuple[Callable[[torch.Generator], Batch], Batch]:
     data = stdlib_text()
     cut = int(len(data) * 0.9)
     train, held = data[:cut], data[cut:]
@@ -96,19 +98,25 @@ def _text_batches(seq: int, size: int, seed: int) -> tuple[Callable[[torch.Gener
 
 
 # ------------------------------------------------------------------------------ schedules
-def constant(opt: torch.optim.Optimizer, lr: float, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+def constant(
+    opt: torch.optim.Optimizer, lr: float, steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
 
 
 def step_lr(every: int, gamma: float) -> Callable[..., torch.optim.lr_scheduler.LRScheduler]:
-    def make(opt: torch.optim.Optimizer, lr: float, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    def make(
+        opt: torch.optim.Optimizer, lr: float, steps: int
+    ) -> torch.optim.lr_scheduler.LRScheduler:
         return torch.optim.lr_scheduler.StepLR(opt, every, gamma)
 
     return make
 
 
 def warmup_cosine(warm: int) -> Callable[..., torch.optim.lr_scheduler.LRScheduler]:
-    def make(opt: torch.optim.Optimizer, lr: float, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    def make(
+        opt: torch.optim.Optimizer, lr: float, steps: int
+    ) -> torch.optim.lr_scheduler.LRScheduler:
         def f(s: int) -> float:
             if s < warm:
                 return (s + 1) / warm
@@ -119,7 +127,9 @@ def warmup_cosine(warm: int) -> Callable[..., torch.optim.lr_scheduler.LRSchedul
     return make
 
 
-def one_cycle(opt: torch.optim.Optimizer, lr: float, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+def one_cycle(
+    opt: torch.optim.Optimizer, lr: float, steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
     return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps + 1)
 
 
@@ -182,8 +192,15 @@ class CNN(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
-            nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 16, 64), nn.ReLU(), nn.Linear(64, 10),
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(32 * 16, 64),
+            nn.ReLU(),
+            nn.Linear(64, 10),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -200,14 +217,21 @@ def _digits(seed: int) -> tuple[torch.Tensor, ...]:
 
 def mlp_digits(seed: int) -> Setup:
     xtr, ytr, xva, yva = _digits(seed)
-    return Setup(_mlp((64, 128, 10)), nn.CrossEntropyLoss(), _sampler(xtr, ytr, 32), (xva, yva),
-                 _sgd(0.9), constant)
+    return Setup(
+        _mlp((64, 128, 10)),
+        nn.CrossEntropyLoss(),
+        _sampler(xtr, ytr, 32),
+        (xva, yva),
+        _sgd(0.9),
+        constant,
+    )
 
 
 def cnn_digits(seed: int) -> Setup:
     xtr, ytr, xva, yva = _digits(seed)
-    return Setup(CNN(), nn.CrossEntropyLoss(), _sampler(xtr, ytr, 32), (xva, yva), _adam,
-                 step_lr(150, 0.3))
+    return Setup(
+        CNN(), nn.CrossEntropyLoss(), _sampler(xtr, ytr, 32), (xva, yva), _adam, step_lr(150, 0.3)
+    )
 
 
 def reg_diabetes(seed: int) -> Setup:
@@ -216,8 +240,15 @@ def reg_diabetes(seed: int) -> Setup:
     d = load_diabetes()
     y = ((d.target - d.target.mean()) / d.target.std()).astype(np.float32)[:, None]
     xtr, ytr, xva, yva = _standardise(d.data, y, seed)
-    return Setup(_mlp((10, 64, 64, 1)), nn.MSELoss(), _sampler(xtr, ytr, 32), (xva, yva),
-                 _adamw, warmup_cosine(50), clip=1.0)
+    return Setup(
+        _mlp((10, 64, 64, 1)),
+        nn.MSELoss(),
+        _sampler(xtr, ytr, 32),
+        (xva, yva),
+        _adamw,
+        warmup_cosine(50),
+        clip=1.0,
+    )
 
 
 def mlp_cancer(seed: int) -> Setup:
@@ -225,8 +256,14 @@ def mlp_cancer(seed: int) -> Setup:
 
     d = load_breast_cancer()
     xtr, ytr, xva, yva = _standardise(d.data, d.target.astype(np.int64), seed)
-    return Setup(_mlp((30, 64, 2)), nn.CrossEntropyLoss(), _sampler(xtr, ytr, 32), (xva, yva),
-                 _sgd(0.0), step_lr(150, 0.5))
+    return Setup(
+        _mlp((30, 64, 2)),
+        nn.CrossEntropyLoss(),
+        _sampler(xtr, ytr, 32),
+        (xva, yva),
+        _sgd(0.0),
+        step_lr(150, 0.5),
+    )
 
 
 def gru_chars(seed: int) -> Setup:
@@ -244,12 +281,29 @@ TASKS: dict[str, Task] = {
     for t in (
         Task("mlp_digits", 0.05, 500, mlp_digits, "MLP, SGD+momentum 0.9, constant LR"),
         Task("cnn_digits", 2e-3, 450, cnn_digits, "small CNN, Adam, StepLR(150, 0.3)"),
-        Task("reg_diabetes", 1e-3, 500, reg_diabetes,
-             "regression MLP, AdamW, warm-up 50 + cosine, user clip_grad_norm_(1.0)"),
-        Task("gru_chars", 5e-3, 300, gru_chars,
-             "char GRU LM on stdlib source, Adam, warm-up 30 + cosine, user clip_grad_norm_(1.0)"),
-        Task("mlp_cancer", 0.1, 450, mlp_cancer, "MLP on breast cancer, plain SGD, StepLR(150, 0.5)"),
-        Task("tfm_chars", 3e-3, 300, tfm_chars,
-             "2-layer transformer LM on stdlib source, AdamW, OneCycle, bf16 autocast"),
+        Task(
+            "reg_diabetes",
+            1e-3,
+            500,
+            reg_diabetes,
+            "regression MLP, AdamW, warm-up 50 + cosine, user clip_grad_norm_(1.0)",
+        ),
+        Task(
+            "gru_chars",
+            5e-3,
+            300,
+            gru_chars,
+            "char GRU LM on stdlib source, Adam, warm-up 30 + cosine, user clip_grad_norm_(1.0)",
+        ),
+        Task(
+            "mlp_cancer", 0.1, 450, mlp_cancer, "MLP on breast cancer, plain SGD, StepLR(150, 0.5)"
+        ),
+        Task(
+            "tfm_chars",
+            3e-3,
+            300,
+            tfm_chars,
+            "2-layer transformer LM on stdlib source, AdamW, OneCycle, bf16 autocast",
+        ),
     )
 }

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from tasks import TASKS, Setup
 
 import lrwatch
@@ -101,13 +100,26 @@ def train(task: str, mult: float, seed: int, mode: str, run_dir: Path) -> dict[s
     daemon = _start_daemon(run_dir.parent) if mode == "apply" else None
     mon = None
     if mode != "plateau":
-        mon = lrwatch.watch(s.model, opt, logdir=str(run_dir), criterion=s.loss_fn, log_every=1,
-                            control=mode == "apply")
+        mon = lrwatch.watch(
+            s.model,
+            opt,
+            logdir=str(run_dir),
+            criterion=s.loss_fn,
+            log_every=1,
+            control=mode == "apply",
+        )
     try:
         if daemon is not None and mon is not None:
             _wait_for_daemon(mon, run_dir)
-        facts = _loop(t.steps, s, opt, sched, mon, _Plateau() if mode == "plateau" else None,
-                      sleep=STEP_SLEEP if mode == "apply" else 0.0)
+        facts = _loop(
+            t.steps,
+            s,
+            opt,
+            sched,
+            mon,
+            _Plateau() if mode == "plateau" else None,
+            sleep=STEP_SLEEP if mode == "apply" else 0.0,
+        )
     finally:
         if mon is not None:
             mon.close()

@@ -8,6 +8,7 @@ retraining), all of lrwatch for ``apply``, nothing of lrwatch for the ``plateau`
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import shutil
@@ -26,17 +27,18 @@ HOOK_FILES = (
 
 
 def _digest(paths: list[Path]) -> str:
+    """Hash of the files' syntax trees: reformatting or a comment does not redo a sweep."""
     h = hashlib.sha256()
     for p in sorted(paths):
         h.update(p.name.encode())
-        h.update(p.read_bytes())
+        h.update(ast.dump(ast.parse(p.read_text())).encode())
     return h.hexdigest()
 
 
 def source_digests(lrwatch_dir: Path = LRWATCH) -> dict[str, str]:
     """Hashes of the zoo's code, of the hook's files and of all of lrwatch."""
     return {
-        "zoo": _digest([HERE / "tasks.py", HERE / "trainer.py", HERE / "worker.py"]),
+        "zoo": _digest([HERE / "tasks.py", HERE / "trainer.py"]),
         "hook": _digest([lrwatch_dir / n for n in HOOK_FILES]),
         "lrwatch": _digest(list(lrwatch_dir.rglob("*.py"))),
     }
@@ -74,8 +76,12 @@ def replay(run_dir: Path) -> dict[str, Any]:
     a = analyze_run(run_dir)
     return {
         "findings": [
-            {"kind": f.kind.value, "severity": f.severity.value, "step": f.step,
-             "message": f.message[:160]}
+            {
+                "kind": f.kind.value,
+                "severity": f.severity.value,
+                "step": f.step,
+                "message": f.message[:160],
+            }
             for f in a.findings
         ],
         "decisions": [
@@ -90,12 +96,20 @@ def audit(run_dir: Path) -> dict[str, Any]:
     lines = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
     return {
         "decisions": [
-            {"step": x["step"], "action": x["action"], "factor": x.get("factor"),
-             "applied": x.get("applied")}
-            for x in lines if x.get("event") == "decision"
+            {
+                "step": x["step"],
+                "action": x["action"],
+                "factor": x.get("factor"),
+                "applied": x.get("applied"),
+            }
+            for x in lines
+            if x.get("event") == "decision"
         ],
-        "acks": [{"id": x["action_id"], "step": x["step"]} for x in lines
-                 if x.get("event") == "acknowledged"],
+        "acks": [
+            {"id": x["action_id"], "step": x["step"]}
+            for x in lines
+            if x.get("event") == "acknowledged"
+        ],
     }
 
 
