@@ -64,6 +64,8 @@ class RunAnalyzer:
         )
         self.plateau = self._checks.plateau
         self._cut: LastCut | None = None
+        # why each warning or critical finding led to no decision, by (kind, tag, step)
+        self.why_quiet: dict[tuple[str, str, int], str] = {}
 
     # ---------------------------------------------------------------- public surface
     @property
@@ -128,6 +130,10 @@ class RunAnalyzer:
         point = self._last_lr()
         lr = None if point is None else point.value
         if self._cut_unapplied():
+            for f in found:
+                if f.kind in HELD_WHEN_UNAPPLIED and f.severity is not schema.Severity.INFO:
+                    why = "the last cut was never applied, so no further cut is made"
+                    self.why_quiet[(f.kind.value, f.tag, f.step)] = why
             found = [f for f in found if f.kind not in HELD_WHEN_UNAPPLIED]
         out = self.policy.decide(
             step,
@@ -136,6 +142,8 @@ class RunAnalyzer:
             warmup=self._holds_back(),
             grad_norms=self._tags.window(self.history, "grad_norm", 512),
         )
+        for f, why in self.policy.unanswered:
+            self.why_quiet[(f.kind.value, f.tag, f.step)] = why
         for d in out:
             if d.action is schema.ActionKind.LR_CUT and d.factor is not None:
                 known_lr = lr if lr is not None and math.isfinite(lr) else None

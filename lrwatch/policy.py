@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from numpy.typing import ArrayLike
@@ -31,7 +31,7 @@ from lrwatch.cut_budget import fit_factor, stop_reason
 from lrwatch.errors import ConfigError
 from lrwatch.policy_state import PolicyState
 from lrwatch.responses import Plan, headline, overfit_stop, plan_for
-from lrwatch.schema import ActionKind, Decision, Finding, Kind
+from lrwatch.schema import ActionKind, Decision, Finding, Kind, Severity
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +107,9 @@ class Policy:
             raise ConfigError(f"clip_first={clip_first!r}: use true or false")
         self.clip_first = clip_first
         self._state = PolicyState()
+        # (finding, why) for each warning or critical finding of the last decide() that led
+        # to no decision: a warning nobody acts on must say why (serve prints it)
+        self.unanswered: list[tuple[Finding, str]] = []
 
     # ------------------------------------------------------------------ the algorithm
     def decide(
@@ -125,14 +128,50 @@ class Policy:
         """
         s = self._state
         if s.stopped:
+            self._unanswered(findings, [], lambda f: "the run is already stopped")
             return []
         if lr is not None and not (math.isfinite(lr) and lr >= 0):
             lr = None  # a NaN or negative logged LR says nothing about the floor
         s.observe(findings, lr=lr, warmup=warmup)
         plan, why = self._choose(findings, warmup=warmup)
-        if plan is None or (self.in_cooldown(step) and plan.rank <= s.cooldown_rank):
-            return []
-        return self._act(step, plan, why, lr=lr, grad_norms=grad_norms)
+        cooling = plan is not None and self.in_cooldown(step) and plan.rank <= s.cooldown_rank
+        out = []
+        if plan is not None and not cooling:
+            out = self._act(step, plan, why, lr=lr, grad_norms=grad_norms)
+        self._unanswered(findings, out, lambda f: self._why_quiet(step, f, warmup=warmup))
+        return out
+
+    def _unanswered(
+        self, findings: Sequence[Finding], out: list[Decision], why: Callable[[Finding], str]
+    ) -> None:
+        answered = [f for d in out for f in d.findings]
+        self.unanswered = [
+            (f, why(f))
+            for f in findings
+            if f.severity is not Severity.INFO and not any(f is g for g in answered)
+        ]
+
+    def _why_quiet(self, step: int, f: Finding, *, warmup: bool) -> str:
+        """Why ``f`` led to no decision at ``step`` (called after the decision was made)."""
+        s = self._state
+        plan = plan_for(f, warmup=warmup, clip_only=self.clip_first and s.clip_max_norm is None)
+        if f.kind is Kind.OVERFIT and plan is None:
+            return (
+                f"overfitting stops the run once reported at {self.overfit_patience} checks "
+                f"in a row ({s.overfit_checks} so far)"
+            )
+        if plan is None:
+            return "the schedule is moving the LR itself (warm-up, decay or a recent cut)"
+        if s.last_action_step is not None and step - s.last_action_step <= self.cooldown_steps:
+            return (
+                f"cooldown: the last action was at step {s.last_action_step}, "
+                f"{step - s.last_action_step} of {self.cooldown_steps} steps ago"
+            )
+        if plan.advice:
+            return f"advice already given at step {s.last_advice_step}"
+        if plan.factor is not None:
+            return f"no cut fits the LR floor min_lr={self.min_lr:g} or the cut budget"
+        return "a stronger response was chosen at this step"
 
     def _choose(
         self, findings: Sequence[Finding], *, warmup: bool

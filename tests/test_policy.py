@@ -360,3 +360,16 @@ def test_policy_load_state_dict_should_refuse_foreign_keys() -> None:
 def test_policy_should_reject_bad_settings(kwargs: dict[str, Any], fix: str) -> None:
     with pytest.raises(ConfigError, match=fix):
         Policy(**kwargs)
+
+
+def test_policy_should_say_why_a_warning_in_the_cooldown_led_to_no_decision() -> None:
+    p = Policy(cooldown_steps=100)
+    spike = Finding(Kind.EXPLOSION, 10, "lrwatch/loss", Severity.WARNING, {})
+    assert p.decide(10, [spike], lr=0.1) and p.unanswered == []
+    again = Finding(Kind.EXPLOSION, 60, "lrwatch/loss", Severity.WARNING, {})
+    assert p.decide(60, [again], lr=0.02) == []
+    [(f, why)] = p.unanswered
+    assert f is again and why.startswith("cooldown: the last action was at step 10, 50 of 100")
+    info = Finding(Kind.PLATEAU, 70, "val/loss", Severity.INFO, {})
+    p.decide(70, [info], lr=0.02)
+    assert p.unanswered == []  # info findings need no excuse
