@@ -59,6 +59,9 @@ class Policy:
             before a returning NaN stops the run. 2.
         overfit_patience: checks reporting overfitting, in a row, before a stop. 2: the
             overfit detector already waits for several worse evaluations; one more confirms.
+        nonfinite_stuck: logged points in a row of a non-finite loss that stop the run at once
+            (non-finite weights stop it at the first point). 10: a bad batch gives one, and
+            ten steps are enough for the first non-finite point's cut by 10 to show.
         clip_first: answer the first explosion spike, while no clip is in force, with
             clipping alone; cut the LR only when an explosion comes back under clipping (or
             when the explosion is a sustained climb, or values turn non-finite). False: the
@@ -86,11 +89,14 @@ class Policy:
         nonfinite_max_cuts: int = 2,
         overfit_patience: int = 2,
         clip_first: bool = False,
+        nonfinite_stuck: int = 10,
     ) -> None:
         _check_int("cooldown_steps", cooldown_steps, least=0)
         _check_int("min_grad_norms", min_grad_norms, least=1)
         _check_int("nonfinite_max_cuts", nonfinite_max_cuts, least=0)
         _check_int("overfit_patience", overfit_patience, least=1)
+        _check_int("nonfinite_stuck", nonfinite_stuck, least=2)
+        self.nonfinite_stuck = nonfinite_stuck
         if not (math.isfinite(min_lr) and min_lr >= 0):
             raise ConfigError(f"min_lr={min_lr!r}: use a finite LR >= 0")
         if not (math.isfinite(max_total_cut) and max_total_cut >= 2):
@@ -133,6 +139,11 @@ class Policy:
         if lr is not None and not (math.isfinite(lr) and lr >= 0):
             lr = None  # a NaN or negative logged LR says nothing about the floor
         s.observe(findings, lr=lr, warmup=warmup)
+        lost = self._lost(step, findings)
+        if lost is not None:  # no cooldown wait: every further step is wasted compute
+            s.stopped = True
+            self.unanswered = []
+            return [lost]
         plan, why = self._choose(findings, warmup=warmup)
         cooling = plan is not None and self.in_cooldown(step) and plan.rank <= s.cooldown_rank
         out = []
@@ -140,6 +151,29 @@ class Policy:
             out = self._act(step, plan, why, lr=lr, grad_norms=grad_norms)
         self._unanswered(findings, out, lambda f: self._why_quiet(step, f, warmup=warmup))
         return out
+
+    def _lost(self, step: int, findings: Sequence[Finding]) -> Decision | None:
+        """A stop when the model itself is gone: non-finite weights, or a loss non-finite for
+        ``nonfinite_stuck`` logged points in a row (a bad batch gives one; an LR cut cures
+        a model whose weights are finite, and the first non-finite point already got one)."""
+        for f in findings:
+            role, run = f.evidence.get("role"), int(f.evidence.get("consecutive", 0))
+            if f.kind is not Kind.NONFINITE or role is None:
+                continue
+            if role == "weight_norm" or (role == "loss" and run >= self.nonfinite_stuck):
+                what = (
+                    "the weights are non-finite"
+                    if role == "weight_norm"
+                    else f"the loss has been non-finite for {run} logged steps in a row"
+                )
+                good = f.evidence.get("last_good")
+                last = f"the last good step is {good}" if good is not None else "no good step"
+                text = (
+                    f"{headline((f,))}. Stop: {what}, so no LR cut can rescue this run; "
+                    f"{last} (logged). Resume from a checkpoint at or before it with a lower LR."
+                )
+                return Decision(step, ActionKind.STOP, text, findings=(f,))
+        return None
 
     def _unanswered(
         self, findings: Sequence[Finding], out: list[Decision], why: Callable[[Finding], str]

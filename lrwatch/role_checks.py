@@ -8,6 +8,7 @@ need many points anyway (oscillation, the plateau trend) run every few points on
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -60,8 +61,8 @@ class RoleChecks:
         c, tag = self.config, point.tag
         n = self.tags.counts[tag]
         out: list[Finding | None] = []
-        if role in ("loss", "grad_norm", "nonfinite"):
-            out.append(self._nonfinite(tag, point.value))
+        if role in ("loss", "grad_norm", "nonfinite", "weight_norm"):
+            out.append(self._nonfinite(tag, point.value, role=role))
         if role in ("loss", "grad_norm"):
             out.append(self._explosion(tag, point.value, loss=role == "loss"))
         if role == "loss" and n % max(c.oscillation.jitter_window // _OSCILLATION_STRIDE, 1) == 0:
@@ -141,13 +142,22 @@ class RoleChecks:
         values = values[np.isfinite(values)][:_START_POINTS]
         return float(np.median(values)) if values.size else None
 
-    def _nonfinite(self, tag: str, value: float) -> Finding | None:
+    def _nonfinite(self, tag: str, value: float, *, role: Role) -> Finding | None:
+        """Non-finite values; a loss or weight-norm finding also carries its ``role`` and the
+        ``last_good`` step (the policy stops on non-finite weights or a loss that stays so)."""
         bad = not math.isfinite(value) or (tag == schema.NONFINITE and value > 0.5)
         if not bad:
             self.conditions.end(Kind.NONFINITE, tag)
             return None
         skipped = self._window_of("skipped", 64)
-        f = self.config.nonfinite.check(*self.history.window(tag, 256), tag=tag, skipped=skipped)
+        steps, values = self.history.window(tag, 256)
+        f = self.config.nonfinite.check(steps, values, tag=tag, skipped=skipped)
+        if f is not None and role in ("loss", "weight_norm"):
+            good = steps[np.isfinite(values)]
+            last_good = int(good[-1]) if good.size else None
+            f = dataclasses.replace(
+                f, evidence={**f.evidence, "role": role, "last_good": last_good}
+            )
         return self._note(Kind.NONFINITE, tag, f)
 
     def _note(self, kind: Kind, tag: str, f: Finding | None) -> Finding | None:
