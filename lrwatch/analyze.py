@@ -25,6 +25,7 @@ from lrwatch import roles, schema
 from lrwatch.analysis_table import format_table
 from lrwatch.config import AnalyzerConfig
 from lrwatch.cut_tracking import HELD_WHEN_UNAPPLIED, LastCut
+from lrwatch.detectors.schedule import steps_to_next_cut
 from lrwatch.errors import LrwatchError
 from lrwatch.explosion_gate import ExplosionGate
 from lrwatch.history import History
@@ -37,6 +38,8 @@ __all__ = ["NoUsableTags", "RunAnalyzer", "analyze_run", "format_table"]
 logger = logging.getLogger(__name__)
 
 _STEP = operator.attrgetter("step")
+_SOON_FRACTION = 0.1  # a schedule cut this fraction of its period away is "about to happen"
+_TAIL = 0.5  # a decaying LR at or below this fraction of its peak is in its tail
 
 
 class NoUsableTags(LrwatchError):
@@ -141,6 +144,7 @@ class RunAnalyzer:
             lr=lr,
             warmup=self._holds_back(),
             grad_norms=self._tags.window(self.history, "grad_norm", 512),
+            defer=self._schedule_will(step),
         )
         for f, why in self.policy.unanswered:
             self.why_quiet[(f.kind.value, f.tag, f.step)] = why
@@ -166,6 +170,34 @@ class RunAnalyzer:
         if self._cut is None or self._cut_unapplied():
             return None
         return self._cut.step
+
+    def _schedule_will(self, step: int) -> str | None:
+        """Why a gentle cut (plateau, high ratio, oscillation) is the schedule's job now, or
+        None: its next step cut is near, or the LR is deep in a decaying tail."""
+        tag = self._tags.roles.get("lr")
+        if tag is None:
+            return None
+        steps, values = self.history.downsampled(tag)
+        ours, _ = self.history.window(schema.LR_FACTOR)
+        nxt = steps_to_next_cut(steps, values, ignore=ours, min_cut=self.config.schedule.min_cut)
+        if nxt is not None and nxt[0] <= max(_SOON_FRACTION * nxt[1], 1):
+            return f"the schedule cuts the LR itself in ~{nxt[0]} steps (every {nxt[1]})"
+        best = self.history.best(tag, "max")
+        last = self.history.last(tag)
+        if best is None or last is None or not math.isfinite(last.value) or best[1] <= 0:
+            return None
+        if last.value <= _TAIL * best[1] and self._phase() == "decaying":
+            return (
+                f"the schedule is decaying the LR, already at {last.value / best[1]:.0%} "
+                "of its peak"
+            )
+        return None
+
+    def _phase(self) -> str:
+        lr = self._tags.window(self.history, "lr", self.config.schedule.window)
+        if lr is None:
+            return "unknown"
+        return self.config.schedule.check(*lr, tag=self._tags.roles["lr"]).phase
 
     def _holds_back(self) -> bool:
         """Whether the LR schedule is itself moving (warm-up, a recent cut, a decay): the

@@ -126,11 +126,14 @@ class Policy:
         lr: float | None = None,
         warmup: bool = False,
         grad_norms: ArrayLike | None = None,
+        defer: str | None = None,
     ) -> list[Decision]:
         """The intervention for this check: [], [cut], [clip], [cut, clip], [stop] or [advice].
 
         ``grad_norms`` is the recent grad-norm window: values, or the analyzer's
         ``(steps, values)`` pair. ``lr`` is the run's current LR, for the floor and the reason.
+        ``defer`` says why the schedule is about to lower the LR itself (a step cut is near, a
+        decay is deep in its tail): then only explosions and non-finite values get a cut.
         """
         s = self._state
         if s.stopped:
@@ -144,12 +147,14 @@ class Policy:
             s.stopped = True
             self.unanswered = []
             return [lost]
-        plan, why = self._choose(findings, warmup=warmup)
+        plan, why = self._choose(findings, warmup=warmup, defer=defer is not None)
         cooling = plan is not None and self.in_cooldown(step) and plan.rank <= s.cooldown_rank
         out = []
         if plan is not None and not cooling:
             out = self._act(step, plan, why, lr=lr, grad_norms=grad_norms)
-        self._unanswered(findings, out, lambda f: self._why_quiet(step, f, warmup=warmup))
+        self._unanswered(
+            findings, out, lambda f: self._why_quiet(step, f, warmup=warmup, defer=defer)
+        )
         return out
 
     def _lost(self, step: int, findings: Sequence[Finding]) -> Decision | None:
@@ -185,7 +190,7 @@ class Policy:
             if f.severity is not Severity.INFO and not any(f is g for g in answered)
         ]
 
-    def _why_quiet(self, step: int, f: Finding, *, warmup: bool) -> str:
+    def _why_quiet(self, step: int, f: Finding, *, warmup: bool, defer: str | None) -> str:
         """Why ``f`` led to no decision at ``step`` (called after the decision was made)."""
         s = self._state
         plan = plan_for(f, warmup=warmup, clip_only=self.clip_first and s.clip_max_norm is None)
@@ -196,6 +201,8 @@ class Policy:
             )
         if plan is None:
             return "the schedule is moving the LR itself (warm-up, decay or a recent cut)"
+        if defer is not None and _deferrable(plan):
+            return f"left to the schedule: {defer}"
         if s.last_action_step is not None and step - s.last_action_step <= self.cooldown_steps:
             return (
                 f"cooldown: the last action was at step {s.last_action_step}, "
@@ -208,7 +215,7 @@ class Policy:
         return "a stronger response was chosen at this step"
 
     def _choose(
-        self, findings: Sequence[Finding], *, warmup: bool
+        self, findings: Sequence[Finding], *, warmup: bool, defer: bool = False
     ) -> tuple[Plan | None, tuple[Finding, ...]]:
         """The strongest response asked for, and the findings that asked for it."""
         clip_only = self.clip_first and self._state.clip_max_norm is None
@@ -216,6 +223,7 @@ class Policy:
             (p, f)
             for f in findings
             if (p := plan_for(f, warmup=warmup, clip_only=clip_only)) is not None
+            and not (defer and _deferrable(p))
         ]
         if self._state.overfit_checks >= self.overfit_patience:
             stop = overfit_stop(self._state.overfit_checks)
@@ -353,6 +361,11 @@ class Policy:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._state = PolicyState.from_dict(state)
+
+
+def _deferrable(plan: Plan) -> bool:
+    """A gentle cut the schedule can make instead (plateau, high ratio, oscillation)."""
+    return plan.rank <= 2 and not plan.stop and not plan.advice and plan.factor is not None
 
 
 def _check_int(name: str, value: object, *, least: int) -> None:

@@ -627,3 +627,25 @@ def test_explosion_noise_floor_should_need_a_point_above_every_recent_one() -> N
     steps = np.arange(series.size)
     assert ExplosionDetector().check(steps, series, tag=schema.LOSS) is not None
     assert ExplosionDetector().check(steps, series, tag=schema.LOSS, scale=2.3) is None
+
+
+def test_steps_to_next_cut_should_predict_torch_steplr() -> None:
+    """The LR of torch's own StepLR, logged every step: the prediction after its second cut
+    is where torch cuts next."""
+    import torch
+
+    from lrwatch.detectors.schedule import steps_to_next_cut
+
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=150, gamma=0.3)
+    lrs = []
+    for _ in range(440):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    steps = np.arange(len(lrs))
+    next_torch_cut = 450  # from torch's own arithmetic: every step_size steps
+    left, period = steps_to_next_cut(steps, np.array(lrs), ignore=np.array([], np.int64))
+    assert (steps[-1] + left, period) == (next_torch_cut, 150)
+    # a drop that lrwatch applied (its lr_factor step) is not the schedule's
+    assert steps_to_next_cut(steps[:200], np.array(lrs[:200]), ignore=np.array([150])) is None
