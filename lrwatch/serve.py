@@ -102,7 +102,7 @@ class Daemon:
 # ------------------------------------------------------------------------------ the watch loop
 RESCAN_SECONDS = 30.0  # with inotify, a full pass this often anyway: events are only hints
 FALLBACK_POLL = 1.0  # seconds between passes when inotify cannot be used (e.g. too many watches)
-MIN_INTERVAL = 0.05  # seconds: a trainer flushing in bursts wakes us once per burst, not per write
+MIN_INTERVAL = 0.02  # seconds: a trainer flushing in bursts wakes us once per burst, not per write
 
 
 _WRITES = frozenset({"created", "modified", "moved", "closed"})  # watchdog's event_type words
