@@ -145,6 +145,7 @@ class RunAnalyzer:
             warmup=self._holds_back(),
             grad_norms=self._tags.window(self.history, "grad_norm", 512),
             defer=self._schedule_will(step),
+            rising=self._phase() == "warmup",
         )
         for f, why in self.policy.unanswered:
             self.why_quiet[(f.kind.value, f.tag, f.step)] = why

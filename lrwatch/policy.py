@@ -127,6 +127,7 @@ class Policy:
         warmup: bool = False,
         grad_norms: ArrayLike | None = None,
         defer: str | None = None,
+        rising: bool | None = None,
     ) -> list[Decision]:
         """The intervention for this check: [], [cut], [clip], [cut, clip], [stop] or [advice].
 
@@ -147,7 +148,7 @@ class Policy:
             s.stopped = True
             self.unanswered = []
             return [lost]
-        plan, why = self._choose(findings, warmup=warmup, defer=defer is not None)
+        plan, why = self._choose(findings, warmup=warmup, defer=defer is not None, rising=rising)
         cooling = plan is not None and self.in_cooldown(step) and plan.rank <= s.cooldown_rank
         out = []
         if plan is not None and not cooling:
@@ -215,14 +216,19 @@ class Policy:
         return "a stronger response was chosen at this step"
 
     def _choose(
-        self, findings: Sequence[Finding], *, warmup: bool, defer: bool = False
+        self,
+        findings: Sequence[Finding],
+        *,
+        warmup: bool,
+        defer: bool = False,
+        rising: bool | None = None,
     ) -> tuple[Plan | None, tuple[Finding, ...]]:
         """The strongest response asked for, and the findings that asked for it."""
         clip_only = self.clip_first and self._state.clip_max_norm is None
         plans = [
             (p, f)
             for f in findings
-            if (p := plan_for(f, warmup=warmup, clip_only=clip_only)) is not None
+            if (p := plan_for(f, warmup=warmup, clip_only=clip_only, rising=rising)) is not None
             and not (defer and _deferrable(p))
         ]
         if self._state.overfit_checks >= self.overfit_patience:
@@ -364,8 +370,9 @@ class Policy:
 
 
 def _deferrable(plan: Plan) -> bool:
-    """A gentle cut the schedule can make instead (plateau, high ratio, oscillation)."""
-    return plan.rank <= 2 and not plan.stop and not plan.advice and plan.factor is not None
+    """A gentle cut the schedule can make instead (plateau, high ratio, oscillation), or
+    advice to raise an LR the schedule is lowering anyway."""
+    return plan.advice or (plan.rank <= 2 and not plan.stop and plan.factor is not None)
 
 
 def _check_int(name: str, value: object, *, least: int) -> None:

@@ -78,8 +78,10 @@ class ExplosionDetector:
 
     Args:
         window: baseline length in points. 100: a stable median, yet it follows a schedule.
-        min_history: fewer baseline points than this give no verdict. 10: a median of fewer
-            points is itself noise, and the first steps of a run are not a history.
+        min_history: fewer baseline points than this give no verdict. 30: a median of fewer
+            points is itself noise, and the first steps of a run are not a history (in the
+            zoo, Adam's grad norm doubled at step 16 of a healthy CNN run); a run diverging
+            from its first steps is the runaway rule's.
         z_warning: robust z that makes a spike. 6.0: OLMo's mean + 6 sigma rule, made robust.
         z_critical: robust z that makes a sustained spike critical. 20.0: far outside any noise.
         min_ratio: a spike is also at least this multiple of the median. 2.0: with a tight
@@ -112,7 +114,7 @@ class ExplosionDetector:
     """
 
     window: int = 100
-    min_history: int = 10
+    min_history: int = 30
     z_warning: float = 6.0
     z_critical: float = 20.0
     min_ratio: float = 2.0
