@@ -107,6 +107,7 @@ def train(task: str, mult: float, seed: int, mode: str, run_dir: Path) -> dict[s
             criterion=s.loss_fn,
             log_every=1,
             control=mode == "apply",
+            flush_secs=0.02 if mode == "apply" else 1.0,  # the loop: bench/loop_latency.py
         )
     try:
         if daemon is not None and mon is not None:
