@@ -290,13 +290,13 @@ TASKS: dict[str, Task] = {
         ),
         Task(
             "gru_chars",
-            5e-3,
+            2e-2,
             300,
             gru_chars,
             "char GRU LM on stdlib source, Adam, warm-up 30 + cosine, user clip_grad_norm_(1.0)",
         ),
         Task(
-            "mlp_cancer", 0.1, 450, mlp_cancer, "MLP on breast cancer, plain SGD, StepLR(150, 0.5)"
+            "mlp_cancer", 0.5, 450, mlp_cancer, "MLP on breast cancer, plain SGD, StepLR(150, 0.5)"
         ),
         Task(
             "tfm_chars",
