@@ -187,11 +187,11 @@ class RunAnalyzer:
         last = self.history.last(tag)
         if best is None or last is None or not math.isfinite(last.value) or best[1] <= 0:
             return None
-        if last.value <= _TAIL * best[1] and self._phase() == "decaying":
-            return (
-                f"the schedule is decaying the LR, already at {last.value / best[1]:.0%} "
-                "of its peak"
-            )
+        applied = self.history.last(schema.LR_FACTOR)  # lrwatch's cumulative divisor, if any
+        factor = applied.value if applied is not None and math.isfinite(applied.value) else 1.0
+        frac = last.value * max(factor, 1.0) / best[1]  # the schedule's own LR vs its peak
+        if frac <= _TAIL and self._phase() != "warmup":
+            return f"the schedule has lowered the LR to {frac:.0%} of its peak"
         return None
 
     def _phase(self) -> str:
