@@ -187,12 +187,21 @@ class RunAnalyzer:
         last = self.history.last(tag)
         if best is None or last is None or not math.isfinite(last.value) or best[1] <= 0:
             return None
-        applied = self.history.last(schema.LR_FACTOR)  # lrwatch's cumulative divisor, if any
-        factor = applied.value if applied is not None and math.isfinite(applied.value) else 1.0
+        factor = self._our_divisor()
         frac = last.value * max(factor, 1.0) / best[1]  # the schedule's own LR vs its peak
         if frac <= _TAIL and self._phase() != "warmup":
             return f"the schedule has lowered the LR to {frac:.0%} of its peak"
         return None
+
+    def _our_divisor(self) -> float:
+        """lrwatch's own cumulative LR divisor in force: the hook's ``lr_factor`` when logged,
+        else the policy's, once the run shows that its last cut took effect."""
+        applied = self.history.last(schema.LR_FACTOR)
+        if applied is not None and math.isfinite(applied.value) and applied.value > 0:
+            return applied.value
+        if self._cut is not None and not self._cut_unapplied():
+            return self.policy.total_cut
+        return 1.0
 
     def _phase(self) -> str:
         lr = self._tags.window(self.history, "lr", self.config.schedule.window)
