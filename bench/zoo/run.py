@@ -85,12 +85,20 @@ def main() -> None:
         default="both",
         help="which split's table to print (tune only while tuning)",
     )
+    ap.add_argument(
+        "--rescore",
+        action="store_true",
+        help="recompute the scoreboard from results.json, running nothing",
+    )
     args = ap.parse_args()
+    if args.rescore:
+        doc = json.loads((HERE / "results.json").read_text())
+        write(doc["runs"], doc["scope"], args.show)
+        return
     tasks = tuple(args.tasks.split(","))
     mults, seeds = (QUICK_MULTS, QUICK_SEEDS) if args.quick else (MULTS, SEEDS)
     start = time.monotonic()
     results = sweep(jobs_for(tasks, mults, seeds), args.jobs)
-    board = scoreboard(results)
     scope = {
         "quick": args.quick,
         "tasks": tasks,
@@ -99,19 +107,22 @@ def main() -> None:
         "tuning": {"tasks": TUNING_TASKS, "seeds": TUNING_SEEDS},
         "minutes": round((time.monotonic() - start) / 60, 1),
     }
+    write(results, scope, args.show)
+    print(f"{len(results)} runs in {scope['minutes']} min")
+
+
+def write(results: list[dict[str, Any]], scope: dict[str, Any], show: str) -> None:
+    """Score ``results``; write results.json and results.md; print the tables asked for."""
+    board = scoreboard(results)
     key = lambda r: (r["task"], r["mult"], r["seed"], r["mode"])  # noqa: E731
-    (HERE / "results.json").write_text(
-        json.dumps(
-            {"scope": scope, "scoreboard": board, "runs": sorted(results, key=key)}, indent=1
-        )
-    )
+    doc = {"scope": scope, "scoreboard": board, "runs": sorted(results, key=key)}
+    (HERE / "results.json").write_text(json.dumps(doc, indent=1))
     tables = "\n\n".join(
         f"**{split}** split\n\n{markdown(board, split)}" for split in ("tune", "report")
     )
     (HERE / "results.md").write_text(tables + "\n")
-    shown = ("tune", "report") if args.show == "both" else (args.show,)
+    shown = ("tune", "report") if show == "both" else (show,)
     print("\n\n".join(f"**{s}**\n{markdown(board, s)}" for s in shown))
-    print(f"{len(results)} runs in {scope['minutes']} min")
 
 
 if __name__ == "__main__":

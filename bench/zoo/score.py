@@ -135,7 +135,8 @@ def _score(
                     alarms += _plateau_cut(mine)
             if labels[k] == "bad" and k[2] >= 10:
                 rescuable += 1
-                rescued += _final(mine) <= 0.8 * _final(base)
+                end = _final(mine)  # non-finite on both sides is no rescue (inf <= inf)
+                rescued += math.isfinite(end) and end <= 0.8 * _final(base)
             if _went_nonfinite(base):
                 nans += 1
                 saved += math.isfinite(_final(mine))
