@@ -16,7 +16,7 @@ from lrwatch.analysis.analyzer import NoUsableTags, RunAnalyzer, analyze_run
 from lrwatch.analysis.config import load_config
 from lrwatch.analysis.roles import assign
 from lrwatch.errors import LrwatchError, RunGone
-from lrwatch.schema import Kind, Scalar, Severity
+from lrwatch.schema import ActionKind, Kind, Scalar, Severity
 from lrwatch.views.analysis_table import format_table
 
 
@@ -201,7 +201,8 @@ def test_analyzer_explosion_gate_hides_nothing_a_check_at_every_step_finds(seed:
     want, active = [], None
     for i in range(n):
         lo = max(0, i + 1 - detector.window - detector.confirm)
-        f = detector.check(steps[lo : i + 1], loss[lo : i + 1], tag=schema.LOSS)
+        scale = float(np.median(loss[: min(i + 1, 10)]))  # the loss's level at the start
+        f = detector.check(steps[lo : i + 1], loss[lo : i + 1], tag=schema.LOSS, scale=scale)
         rank = {Severity.WARNING: 1, Severity.CRITICAL: 2}
         if f is None:
             active = None
@@ -210,3 +211,34 @@ def test_analyzer_explosion_gate_hides_nothing_a_check_at_every_step_finds(seed:
             active = f.severity
     assert got == want
     assert want, "the series must contain spikes for this test to mean anything"
+
+
+def test_analyzer_should_stop_a_run_whose_loss_stays_nonfinite_naming_the_last_good_step() -> None:
+    """NaN from step 101 on: a cut by 10 at once, then a stop 9 steps later, not a cooldown
+    (200 steps) later; the reason names step 100, the last finite loss."""
+    scalars = []
+    for step in range(1, 200):
+        loss = 1.0 / step + 0.5 if step <= 100 else math.nan
+        scalars += [Scalar(schema.LOSS, step, 0.0, loss), Scalar(schema.LR, step, 0.0, 0.1)]
+    analyzer = RunAnalyzer()
+    analyzer.feed(scalars)
+    acts = [(d.step, d.action.value) for d in analyzer.decisions]
+    assert acts[0] == (101, "lr_cut")
+    stop = [d for d in analyzer.decisions if d.action is ActionKind.STOP]
+    assert [d.step for d in stop] == [110]
+    assert "the last good step is 100" in stop[0].reason
+
+
+def test_analyzer_should_stop_at_once_on_nonfinite_weights() -> None:
+    scalars = []
+    for step in range(1, 60):
+        weights = 10.0 if step < 50 else math.inf
+        scalars += [
+            Scalar(schema.LOSS, step, 0.0, 1.0),
+            Scalar(schema.WEIGHT_NORM, step, 0.0, weights),
+        ]
+    analyzer = RunAnalyzer()
+    analyzer.feed(scalars)
+    [stop] = analyzer.decisions
+    assert (stop.step, stop.action) == (50, ActionKind.STOP)
+    assert "weights are non-finite" in stop.reason and "last good step is 49" in stop.reason

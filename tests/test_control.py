@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from lrwatch import control as control_mod
 from lrwatch.cli import main
 from lrwatch.control import MAX_CONTROL_BYTES, append_action, read_control
 from lrwatch.errors import ConfigError, ControlFileError, RunGone
+from lrwatch.hook import controller as controller_mod
 from lrwatch.hook.controller import Controller
 from lrwatch.schema import APPLIED_FILENAME, CONTROL_FILENAME, ActionKind
 
@@ -300,6 +303,7 @@ def test_a_check_that_finds_nothing_new_is_one_stat(
     monkeypatch.setattr(os, "lstat", counting("lstat", os.lstat))
     monkeypatch.setattr(os, "stat", counting("stat", os.stat))
     monkeypatch.setattr(os, "open", counting("open", os.open))
+    monkeypatch.setattr(controller_mod, "LOOK_SECS", math.inf)  # step-count looks only
     ctl = Controller(tmp_path, check_every=10)
     train(sgd(), ctl, 30)  # no file yet: checks at steps 0, 10, 20
     assert calls == {"lstat": 3, "stat": 0, "open": 0}
@@ -434,7 +438,10 @@ def test_clip_matches_clip_grad_norm_and_undo_clears_it(tmp_path: Path) -> None:
     assert (ctl.max_norm, ctl.preclip_norm) == (None, None)
 
 
-def test_stop_sets_should_stop_and_is_reported_once(tmp_path: Path) -> None:
+def test_stop_sets_should_stop_and_is_reported_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(controller_mod, "LOOK_SECS", math.inf)  # step-count looks only
     ctl = Controller(tmp_path, check_every=2)
     opt = sgd()
     assert ctl.before_step(opt, 0) == []
@@ -602,3 +609,14 @@ def test_every_ddp_rank_applies_the_same_action_at_the_same_step(tmp_path: Path)
         assert result["used"] == pytest.approx([0.1] * 10 + [0.05] * 5, rel=1e-12)
         assert result["factor"] == 2.0
     assert ranks[0]["looked"] and not ranks[1]["looked"]
+
+
+def test_a_fast_trainer_looks_at_the_control_file_by_elapsed_time_too(tmp_path: Path) -> None:
+    """check_every=1000 would leave a stop unread for 1000 steps; once LOOK_SECS have passed
+    since the last look, the next step looks anyway (a real sleep, no clock is faked)."""
+    ctl = Controller(tmp_path, check_every=1000)
+    opt = sgd()
+    assert ctl.before_step(opt, 0) == []  # the first step always looks
+    stop = append_action(tmp_path, action=STOP)
+    time.sleep(2 * controller_mod.LOOK_SECS)
+    assert ctl.before_step(opt, 1) == [stop] and ctl.should_stop

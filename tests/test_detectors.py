@@ -601,3 +601,51 @@ def test_detectors_never_raise_and_evidence_is_strict_json(values: list[float]) 
             json.dumps(f.to_json(), allow_nan=False)
             assert f.step == s[-1]
     ScheduleDetector().check(s, v)
+
+
+def test_explosion_noise_floor_should_silence_near_zero_loss_noise_but_not_a_divergence() -> None:
+    """A converged classifier's loss (median ~1e-3, hard batches at 5x) is a huge log-space
+    ratio but nothing on the loss's own scale (2.3 at the start); a loss back at 1.5 is."""
+    rng = np.random.default_rng(0)
+    loss = 1e-3 * np.exp(0.3 * rng.standard_normal(200))
+    noisy = np.r_[loss, 5.2e-3, 5.5e-3, 6e-3]
+    steps = np.arange(noisy.size)
+    det = ExplosionDetector()
+    assert det.check(steps, noisy, tag=schema.LOSS) is not None  # without the floor: an alarm
+    assert det.check(steps, noisy, tag=schema.LOSS, scale=2.3) is None
+    diverging = np.r_[loss, 0.5, 1.0, 1.5]
+    f = det.check(steps, diverging, tag=schema.LOSS, scale=2.3)
+    assert f is not None and f.severity is schema.Severity.CRITICAL
+
+
+def test_explosion_noise_floor_should_need_a_point_above_every_recent_one() -> None:
+    """A heavy-tailed loss whose hard batches reach 3x its median has them in its baseline."""
+    rng = np.random.default_rng(1)
+    loss = 0.1 * np.exp(0.2 * rng.standard_normal(100))
+    loss[::15] = 0.33  # a hard batch every 15 steps
+    series = np.r_[loss, 0.32]
+    steps = np.arange(series.size)
+    assert ExplosionDetector().check(steps, series, tag=schema.LOSS) is not None
+    assert ExplosionDetector().check(steps, series, tag=schema.LOSS, scale=2.3) is None
+
+
+def test_steps_to_next_cut_should_predict_torch_steplr() -> None:
+    """The LR of torch's own StepLR, logged every step: the prediction after its second cut
+    is where torch cuts next."""
+    import torch
+
+    from lrwatch.analysis.detectors.schedule import steps_to_next_cut
+
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=150, gamma=0.3)
+    lrs = []
+    for _ in range(440):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    steps = np.arange(len(lrs))
+    next_torch_cut = 450  # from torch's own arithmetic: every step_size steps
+    left, period = steps_to_next_cut(steps, np.array(lrs), ignore=np.array([], np.int64))
+    assert (steps[-1] + left, period) == (next_torch_cut, 150)
+    # a drop that lrwatch applied (its lr_factor step) is not the schedule's
+    assert steps_to_next_cut(steps[:200], np.array(lrs[:200]), ignore=np.array([150])) is None

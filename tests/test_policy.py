@@ -360,3 +360,27 @@ def test_policy_load_state_dict_should_refuse_foreign_keys() -> None:
 def test_policy_should_reject_bad_settings(kwargs: dict[str, Any], fix: str) -> None:
     with pytest.raises(ConfigError, match=fix):
         Policy(**kwargs)
+
+
+def test_policy_should_say_why_a_warning_in_the_cooldown_led_to_no_decision() -> None:
+    p = Policy(cooldown_steps=100)
+    spike = Finding(Kind.EXPLOSION, 10, "lrwatch/loss", Severity.WARNING, {})
+    assert p.decide(10, [spike], lr=0.1) and p.unanswered == []
+    again = Finding(Kind.EXPLOSION, 60, "lrwatch/loss", Severity.WARNING, {})
+    assert p.decide(60, [again], lr=0.02) == []
+    [(f, why)] = p.unanswered
+    assert f is again and why.startswith("cooldown: the last action was at step 10, 50 of 100")
+    info = Finding(Kind.PLATEAU, 70, "val/loss", Severity.INFO, {})
+    p.decide(70, [info], lr=0.02)
+    assert p.unanswered == []  # info findings need no excuse
+
+
+def test_policy_should_leave_gentle_cuts_to_a_schedule_about_to_cut_but_not_explosions() -> None:
+    soon = "the schedule cuts the LR itself in ~3 steps (every 150)"
+    high = Finding(Kind.RATIO_HIGH, 297, "lrwatch/update_ratio", Severity.WARNING, {})
+    p = Policy()
+    assert p.decide(297, [high], lr=0.1, defer=soon) == []
+    assert p.unanswered[0][1] == f"left to the schedule: {soon}"
+    assert [d.factor for d in Policy().decide(297, [high], lr=0.1)] == [2]  # without: a cut
+    boom = Finding(Kind.EXPLOSION, 298, "lrwatch/grad_norm", Severity.CRITICAL, {})
+    assert [d.action.value for d in p.decide(298, [boom], lr=0.1, defer=soon)] == ["lr_cut", "clip"]

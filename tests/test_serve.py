@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from watchdog.events import (
     DirCreatedEvent,
@@ -471,3 +472,26 @@ def test_a_sigkilled_daemon_restarted_should_not_repeat_actions(tmp_path: Path) 
     assert after[: len(issued)] == issued  # nothing lost, nothing issued twice
     steps = [r["step"] for r in read_audit(logdir / "exp1") if r["applied"]]
     assert len(steps) == len(after) and all(s >= 81 for s in steps[len(issued) :])
+
+
+@pytest.mark.slow
+def test_serve_should_print_a_warning_that_led_to_no_decision_once_with_why(
+    tmp_path: Path,
+) -> None:
+    """Two loss spikes 50 steps apart: the first gets a (recommended) cut, the second no
+    decision, as that cut was never applied; serve prints one line for it, saying so."""
+    rng = np.random.default_rng(0)
+    rows = {}
+    for step in range(1, 201):
+        loss = 1.0 + 0.02 * float(rng.standard_normal())
+        rows[step] = {schema.LOSS: loss * (50.0 if step in (100, 150) else 1.0), schema.LR: 0.1}
+    write(tmp_path / "runs" / "exp", rows)
+    result = subprocess.run(
+        lrwatch_cmd("serve", "--once", str(tmp_path / "runs")),
+        env=cli_env(tmp_path), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    quiet = [line for line in result.stderr.splitlines() if "no decision" in line]
+    assert len(quiet) == 1, result.stderr
+    assert "step 150: warning explosion" in quiet[0] and "never applied" in quiet[0]
+    assert "step 100" in result.stderr and "lr_cut /5" in result.stderr

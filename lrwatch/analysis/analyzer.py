@@ -25,6 +25,7 @@ from lrwatch import schema
 from lrwatch.analysis import roles
 from lrwatch.analysis.config import AnalyzerConfig
 from lrwatch.analysis.cut_tracking import HELD_WHEN_UNAPPLIED, LastCut
+from lrwatch.analysis.detectors.schedule import steps_to_next_cut
 from lrwatch.analysis.explosion_gate import ExplosionGate
 from lrwatch.analysis.history import History
 from lrwatch.analysis.role_checks import RoleChecks
@@ -37,6 +38,8 @@ __all__ = ["NoUsableTags", "RunAnalyzer", "analyze_run"]
 logger = logging.getLogger(__name__)
 
 _STEP = operator.attrgetter("step")
+_SOON_FRACTION = 0.1  # a schedule cut this fraction of its period away is "about to happen"
+_TAIL = 0.5  # a decaying LR at or below this fraction of its peak is in its tail
 
 
 class NoUsableTags(LrwatchError):
@@ -64,6 +67,8 @@ class RunAnalyzer:
         )
         self.plateau = self._checks.plateau
         self._cut: LastCut | None = None
+        # why each warning or critical finding led to no decision, by (kind, tag, step)
+        self.why_quiet: dict[tuple[str, str, int], str] = {}
 
     # ---------------------------------------------------------------- public surface
     @property
@@ -128,6 +133,10 @@ class RunAnalyzer:
         point = self._last_lr()
         lr = None if point is None else point.value
         if self._cut_unapplied():
+            for f in found:
+                if f.kind in HELD_WHEN_UNAPPLIED and f.severity is not schema.Severity.INFO:
+                    why = "the last cut was never applied, so no further cut is made"
+                    self.why_quiet[(f.kind.value, f.tag, f.step)] = why
             found = [f for f in found if f.kind not in HELD_WHEN_UNAPPLIED]
         out = self.policy.decide(
             step,
@@ -135,7 +144,11 @@ class RunAnalyzer:
             lr=lr,
             warmup=self._holds_back(),
             grad_norms=self._tags.window(self.history, "grad_norm", 512),
+            defer=self._schedule_will(step),
+            rising=self._phase() == "warmup",
         )
+        for f, why in self.policy.unanswered:
+            self.why_quiet[(f.kind.value, f.tag, f.step)] = why
         for d in out:
             if d.action is schema.ActionKind.LR_CUT and d.factor is not None:
                 known_lr = lr if lr is not None and math.isfinite(lr) else None
@@ -158,6 +171,43 @@ class RunAnalyzer:
         if self._cut is None or self._cut_unapplied():
             return None
         return self._cut.step
+
+    def _schedule_will(self, step: int) -> str | None:
+        """Why a gentle cut (plateau, high ratio, oscillation) is the schedule's job now, or
+        None: its next step cut is near, or the LR is deep in a decaying tail."""
+        tag = self._tags.roles.get("lr")
+        if tag is None:
+            return None
+        steps, values = self.history.downsampled(tag)
+        ours, _ = self.history.window(schema.LR_FACTOR)
+        nxt = steps_to_next_cut(steps, values, ignore=ours, min_cut=self.config.schedule.min_cut)
+        if nxt is not None and nxt[0] <= max(_SOON_FRACTION * nxt[1], 1):
+            return f"the schedule cuts the LR itself in ~{nxt[0]} steps (every {nxt[1]})"
+        best = self.history.best(tag, "max")
+        last = self.history.last(tag)
+        if best is None or last is None or not math.isfinite(last.value) or best[1] <= 0:
+            return None
+        factor = self._our_divisor()
+        frac = last.value * max(factor, 1.0) / best[1]  # the schedule's own LR vs its peak
+        if frac <= _TAIL and self._phase() != "warmup":
+            return f"the schedule has lowered the LR to {frac:.0%} of its peak"
+        return None
+
+    def _our_divisor(self) -> float:
+        """lrwatch's own cumulative LR divisor in force: the hook's ``lr_factor`` when logged,
+        else the policy's, once the run shows that its last cut took effect."""
+        applied = self.history.last(schema.LR_FACTOR)
+        if applied is not None and math.isfinite(applied.value) and applied.value > 0:
+            return applied.value
+        if self._cut is not None and not self._cut_unapplied():
+            return self.policy.total_cut
+        return 1.0
+
+    def _phase(self) -> str:
+        lr = self._tags.window(self.history, "lr", self.config.schedule.window)
+        if lr is None:
+            return "unknown"
+        return self.config.schedule.check(*lr, tag=self._tags.roles["lr"]).phase
 
     def _holds_back(self) -> bool:
         """Whether the LR schedule is itself moving (warm-up, a recent cut, a decay): the

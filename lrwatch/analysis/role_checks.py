@@ -8,6 +8,7 @@ plateau trend) run every few points only.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -30,6 +31,7 @@ _OSCILLATION_STRIDE = 2  # checks per oscillation jitter window
 _TREND_STRIDE = 4  # checks per plateau-trend window
 
 Window = tuple[np.ndarray, np.ndarray]
+_START_POINTS = 10  # a loss's own scale: its median over the run's first points
 
 
 class RoleChecks:
@@ -59,10 +61,10 @@ class RoleChecks:
         c, tag = self.config, point.tag
         n = self.tags.counts[tag]
         out: list[Finding | None] = []
-        if role in ("loss", "grad_norm", "nonfinite"):
-            out.append(self._nonfinite(tag, point.value))
+        if role in ("loss", "grad_norm", "nonfinite", "weight_norm"):
+            out.append(self._nonfinite(tag, point.value, role=role))
         if role in ("loss", "grad_norm"):
-            out.append(self._explosion(tag, point.value))
+            out.append(self._explosion(tag, point.value, loss=role == "loss"))
         if role == "loss" and n % max(c.oscillation.jitter_window // _OSCILLATION_STRIDE, 1) == 0:
             ratio = self._window_of("update_ratio", c.oscillation.window)
             f = c.oscillation.check(*self._fresh(tag, c.oscillation.window), tag=tag, ratio=ratio)
@@ -118,8 +120,12 @@ class RoleChecks:
                 self.conditions.end(kind, tag)
         return None if f is None else self._note(f.kind, tag, f)
 
-    def _explosion(self, tag: str, value: float) -> Finding | None:
-        """The explosion check, behind a gate that lets through only points that could fire."""
+    def _explosion(self, tag: str, value: float, *, loss: bool) -> Finding | None:
+        """The explosion check, behind a gate that lets through only points that could fire.
+
+        A loss is judged against its own scale (its level over the run's first points), so
+        minibatch noise on a near-zero loss is never an explosion; a gradient norm is not.
+        """
         e = self.config.explosion
         gate = self.gates.setdefault(tag, ExplosionGate())
         ongoing = self.conditions.ongoing(Kind.EXPLOSION, tag)
@@ -127,15 +133,31 @@ class RoleChecks:
             return None
         steps, values = self.history.window(tag, e.window + e.confirm)
         gate.rebase(values, e)
-        return self._note(Kind.EXPLOSION, tag, e.check(steps, values, tag=tag))
+        scale = self._start_level(tag) if loss else None
+        return self._note(Kind.EXPLOSION, tag, e.check(steps, values, tag=tag, scale=scale))
 
-    def _nonfinite(self, tag: str, value: float) -> Finding | None:
+    def _start_level(self, tag: str) -> float | None:
+        """Median of the first ``_START_POINTS`` finite points of the run's thinned history."""
+        _, values = self.history.downsampled(tag)
+        values = values[np.isfinite(values)][:_START_POINTS]
+        return float(np.median(values)) if values.size else None
+
+    def _nonfinite(self, tag: str, value: float, *, role: Role) -> Finding | None:
+        """Non-finite values; a loss or weight-norm finding also carries its ``role`` and the
+        ``last_good`` step (the policy stops on non-finite weights or a loss that stays so)."""
         bad = not math.isfinite(value) or (tag == schema.NONFINITE and value > 0.5)
         if not bad:
             self.conditions.end(Kind.NONFINITE, tag)
             return None
         skipped = self._window_of("skipped", 64)
-        f = self.config.nonfinite.check(*self.history.window(tag, 256), tag=tag, skipped=skipped)
+        steps, values = self.history.window(tag, 256)
+        f = self.config.nonfinite.check(steps, values, tag=tag, skipped=skipped)
+        if f is not None and role in ("loss", "weight_norm"):
+            good = steps[np.isfinite(values)]
+            last_good = int(good[-1]) if good.size else None
+            f = dataclasses.replace(
+                f, evidence={**f.evidence, "role": role, "last_good": last_good}
+            )
         return self._note(Kind.NONFINITE, tag, f)
 
     def _note(self, kind: Kind, tag: str, f: Finding | None) -> Finding | None:

@@ -14,7 +14,15 @@ from typing import Literal
 from lrwatch import schema
 
 Role = Literal[
-    "loss", "metric", "grad_norm", "lr", "update_ratio", "nonfinite", "loss_scale", "skipped"
+    "loss",
+    "metric",
+    "grad_norm",
+    "lr",
+    "update_ratio",
+    "nonfinite",
+    "loss_scale",
+    "skipped",
+    "weight_norm",
 ]
 
 ALIASES: Mapping[Role, tuple[str, ...]] = {
@@ -43,7 +51,9 @@ ALIASES: Mapping[Role, tuple[str, ...]] = {
         "loss/val",
         "Loss/validation",
     ),
+    # Before clipping first: a clipped norm is pinned at max_norm and hides the explosion.
     "grad_norm": (
+        schema.GRAD_NORM_PRECLIP,
         schema.GRAD_NORM,
         "train/grad_norm",
         "grad_norm",
@@ -53,6 +63,7 @@ ALIASES: Mapping[Role, tuple[str, ...]] = {
     "lr": (schema.LR, "train/learning_rate", "learning_rate", "train/lr", "lr"),
     "update_ratio": (schema.UPDATE_RATIO,),
     "nonfinite": (schema.NONFINITE,),
+    "weight_norm": (schema.WEIGHT_NORM,),  # non-finite weights: no LR cut can help
     "loss_scale": (schema.LOSS_SCALE,),
     "skipped": (schema.SKIPPED,),
 }

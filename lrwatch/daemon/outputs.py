@@ -169,6 +169,14 @@ def console_line(record: dict[str, Any]) -> str:
     return f"{record['run']} step {record['step']}: {what} {status}: {record['reason']}"
 
 
+def finding_line(run: Path, f: Finding, why: str | None) -> str:
+    """One line for a warning or critical finding that led to no decision, and why not."""
+    return (
+        f"{run} step {f.step}: {f.severity.value} {f.kind.value} on {f.tag}, no decision "
+        f"({why or 'no response for this finding'}): {f.message}"
+    )
+
+
 def console_level(decision: Decision, *, applied: bool) -> int:
     """WARNING when something critical was seen or the running job is being changed, else INFO."""
     critical = any(f.severity is Severity.CRITICAL for f in decision.findings)

@@ -102,7 +102,8 @@ class Daemon:
 # ------------------------------------------------------------------------------ the watch loop
 RESCAN_SECONDS = 30.0  # with inotify, a full pass this often anyway: events are only hints
 FALLBACK_POLL = 1.0  # seconds between passes when inotify cannot be used (e.g. too many watches)
-MIN_INTERVAL = 0.05  # seconds: a trainer flushing in bursts wakes us once per burst, not per write
+NEW_DIR_RECHECK = 0.5  # seconds after a new directory appeared: one more pass
+MIN_INTERVAL = 0.02  # seconds: a trainer flushing in bursts wakes us once per burst, not per write
 
 
 _WRITES = frozenset({"created", "modified", "moved", "closed"})  # watchdog's event_type words
@@ -118,6 +119,9 @@ class Waker:
     def __init__(self) -> None:
         self.woken = threading.Event()
         self.stopping = threading.Event()
+        # A new directory's first writes can precede the observer's watch on it (inotify adds
+        # it only after the creation event): the loop looks again shortly after one appears.
+        self.new_dir = threading.Event()
 
     def dispatch(self, event: Any) -> None:
         """watchdog's handler entry point: wake only for written event files and new directories.
@@ -130,6 +134,8 @@ class Waker:
         # The daemon's own markers land in <run>/lrwatch_daemon/: they must not wake it.
         paths = [p for p in paths if f"{os.sep}{schema.DAEMON_SUBRUN}" not in p]
         is_new_dir = event.is_directory and event.event_type == "created" and paths
+        if is_new_dir:
+            self.new_dir.set()
         if is_new_dir or any("tfevents" in os.path.basename(p) for p in paths):
             logger.debug("wake-up: %s %s", event.event_type, paths[0])
             self.woken.set()
@@ -160,11 +166,15 @@ def watch(daemon: Daemon, *, waker: Waker, poll: float | None = None) -> None:
     with observer:
         while True:
             daemon.process()
+            if waker.new_dir.is_set():
+                waker.new_dir.clear()
+                waker.stopping.wait(NEW_DIR_RECHECK)
+                waker.woken.set()  # one more pass for writes the new watch may have missed
             waker.wait(interval)
 
 
 def _observer(logdirs: Sequence[Path], waker: Waker) -> tuple[Any, float]:
-    from watchdog.events import FileModifiedEvent
+    from watchdog.events import DirCreatedEvent, FileModifiedEvent
     from watchdog.observers import Observer
 
     observer = Observer()
@@ -172,12 +182,12 @@ def _observer(logdirs: Sequence[Path], waker: Waker) -> tuple[Any, float]:
         for logdir in logdirs:
             # Writes only. Subscribing to renames would stall every later event by 0.5 s: watchdog
             # holds each IN_MOVED_FROM that long to pair it, and the daemon's own atomic state and
-            # control-file writes are renames. New runs still show up by their first write.
+            # control-file writes are renames. New directories wake it too (see Waker.new_dir).
             observer.schedule(
                 waker,  # type: ignore[arg-type]
                 str(logdir),
                 recursive=True,
-                event_filter=[FileModifiedEvent],
+                event_filter=[FileModifiedEvent, DirCreatedEvent],
             )
         observer.start()
     except OSError as err:

@@ -21,11 +21,11 @@ from typing import Any, Protocol
 
 from lrwatch import control, schema
 from lrwatch.daemon.notify import HookRunner
-from lrwatch.daemon.outputs import DecisionSink, Mode, read_audit
+from lrwatch.daemon.outputs import DecisionSink, Mode, finding_line, read_audit
 from lrwatch.daemon.rails import Issued, Ledger, Rails
 from lrwatch.errors import LrwatchError
 from lrwatch.events.reader import RunReader
-from lrwatch.schema import Decision, Finding, Scalar
+from lrwatch.schema import Decision, Finding, Scalar, Severity
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +42,10 @@ class Analyzer(Protocol):
     @property
     def advice_only(self) -> bool:
         """True for a run not written by lrwatch's hook: nothing there reads a control file."""
+
+    @property
+    def why_quiet(self) -> dict[tuple[str, str, int], str]:
+        """Why each warning or critical finding led to no decision, by (kind, tag, step)."""
 
     def feed(self, scalars: Iterable[Scalar]) -> list[Decision]: ...
 
@@ -162,7 +166,12 @@ def run_once(
         if hooks is not None:
             hooks.notify(record)
     decided = [f for d in decisions for f in d.findings]
-    run.sink.mark_findings(f for f in list(run.analyzer.findings)[seen:] if f not in decided)
+    quiet = [f for f in list(run.analyzer.findings)[seen:] if f not in decided]
+    for f in quiet:  # printed as they happen: a warning nobody acts on says why
+        if f.severity is not Severity.INFO:
+            why = run.analyzer.why_quiet.get((f.kind.value, f.tag, f.step))
+            logger.warning("%s", finding_line(run.run_dir, f, why))
+    run.sink.mark_findings(quiet)
     run.save()
     return decisions
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,8 @@ from lrwatch.hook.applied import Applied
 from lrwatch.schema import APPLIED_FILENAME, CONTROL_FILENAME, Action, ActionKind
 
 logger = logging.getLogger(__name__)
+
+LOOK_SECS = 0.02  # look at the control file at least this often (one lstat, ~2 us)
 
 
 class Controller:
@@ -67,6 +70,7 @@ class Controller:
         self._stash: list[Any] | None = None  # scheduler's lr per group while lrwatch's is set
         self._written: list[Any] = []  # what lrwatch set, to spot a step that never finished
         self._synced = False
+        self._last_look = -math.inf  # time.monotonic() of the last look at the control file
         self._warned: set[str] = set()
         if self.run_dir is not None and ranks.rank() == 0:
             self._load_applied(self.run_dir / APPLIED_FILENAME)
@@ -105,8 +109,9 @@ class Controller:
         self.preclip_norm = None
         try:
             self._restore_unfinished(optimizer)
-            if not self._synced or step % self.check_every == 0:
+            if not self._synced or step % self.check_every == 0 or self._due():
                 self._synced = True
+                self._last_look = time.monotonic()
                 new = self._check(step)
             self._set_lr(optimizer)
             if not closure:
@@ -187,6 +192,14 @@ class Controller:
             self.preclip_norm = full() if full is not None else total
 
     # ------------------------------------------------------------------ reading the file
+    def _due(self) -> bool:
+        """A look by elapsed time, at most every ``LOOK_SECS``: a fast trainer (150 steps/s)
+        would otherwise apply an action up to ``check_every`` steps late. Not under DDP, where
+        every rank must look at the same steps (rank 0 broadcasts what it read)."""
+        if time.monotonic() - self._last_look < LOOK_SECS:
+            return False
+        return not ranks.distributed()
+
     def _check(self, step: int) -> list[Action]:
         """Find new actions; under DDP rank 0 reads and every rank gets the same ones."""
         if not ranks.distributed():

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from numpy.typing import ArrayLike
@@ -31,7 +31,7 @@ from lrwatch.policy.autoclip import clip_threshold
 from lrwatch.policy.budget import fit_factor, stop_reason
 from lrwatch.policy.responses import Plan, headline, overfit_stop, plan_for
 from lrwatch.policy.state import PolicyState
-from lrwatch.schema import ActionKind, Decision, Finding, Kind
+from lrwatch.schema import ActionKind, Decision, Finding, Kind, Severity
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,9 @@ class Policy:
             before a returning NaN stops the run. 2.
         overfit_patience: checks reporting overfitting, in a row, before a stop. 2: the
             overfit detector already waits for several worse evaluations; one more confirms.
+        nonfinite_stuck: logged points in a row of a non-finite loss that stop the run at once
+            (non-finite weights stop it at the first point). 10: a bad batch gives one, and
+            ten steps are enough for the first non-finite point's cut by 10 to show.
         clip_first: answer the first explosion spike, while no clip is in force, with
             clipping alone; cut the LR only when an explosion comes back under clipping (or
             when the explosion is a sustained climb, or values turn non-finite). False: the
@@ -86,11 +89,14 @@ class Policy:
         nonfinite_max_cuts: int = 2,
         overfit_patience: int = 2,
         clip_first: bool = False,
+        nonfinite_stuck: int = 10,
     ) -> None:
         _check_int("cooldown_steps", cooldown_steps, least=0)
         _check_int("min_grad_norms", min_grad_norms, least=1)
         _check_int("nonfinite_max_cuts", nonfinite_max_cuts, least=0)
         _check_int("overfit_patience", overfit_patience, least=1)
+        _check_int("nonfinite_stuck", nonfinite_stuck, least=2)
+        self.nonfinite_stuck = nonfinite_stuck
         if not (math.isfinite(min_lr) and min_lr >= 0):
             raise ConfigError(f"min_lr={min_lr!r}: use a finite LR >= 0")
         if not (math.isfinite(max_total_cut) and max_total_cut >= 2):
@@ -107,6 +113,9 @@ class Policy:
             raise ConfigError(f"clip_first={clip_first!r}: use true or false")
         self.clip_first = clip_first
         self._state = PolicyState()
+        # (finding, why) for each warning or critical finding of the last decide() that led
+        # to no decision: a warning nobody acts on must say why (serve prints it)
+        self.unanswered: list[tuple[Finding, str]] = []
 
     # ------------------------------------------------------------------ the algorithm
     def decide(
@@ -117,32 +126,110 @@ class Policy:
         lr: float | None = None,
         warmup: bool = False,
         grad_norms: ArrayLike | None = None,
+        defer: str | None = None,
+        rising: bool | None = None,
     ) -> list[Decision]:
         """The intervention for this check: [], [cut], [clip], [cut, clip], [stop] or [advice].
 
         ``grad_norms`` is the recent grad-norm window: values, or the analyzer's
         ``(steps, values)`` pair. ``lr`` is the run's current LR, for the floor and the reason.
+        ``defer`` says why the schedule is about to lower the LR itself (a step cut is near, a
+        decay is deep in its tail): then only explosions and non-finite values get a cut.
         """
         s = self._state
         if s.stopped:
+            self._unanswered(findings, [], lambda f: "the run is already stopped")
             return []
         if lr is not None and not (math.isfinite(lr) and lr >= 0):
             lr = None  # a NaN or negative logged LR says nothing about the floor
         s.observe(findings, lr=lr, warmup=warmup)
-        plan, why = self._choose(findings, warmup=warmup)
-        if plan is None or (self.in_cooldown(step) and plan.rank <= s.cooldown_rank):
-            return []
-        return self._act(step, plan, why, lr=lr, grad_norms=grad_norms)
+        lost = self._lost(step, findings)
+        if lost is not None:  # no cooldown wait: every further step is wasted compute
+            s.stopped = True
+            self.unanswered = []
+            return [lost]
+        plan, why = self._choose(findings, warmup=warmup, defer=defer is not None, rising=rising)
+        cooling = plan is not None and self.in_cooldown(step) and plan.rank <= s.cooldown_rank
+        out = []
+        if plan is not None and not cooling:
+            out = self._act(step, plan, why, lr=lr, grad_norms=grad_norms)
+        self._unanswered(
+            findings, out, lambda f: self._why_quiet(step, f, warmup=warmup, defer=defer)
+        )
+        return out
+
+    def _lost(self, step: int, findings: Sequence[Finding]) -> Decision | None:
+        """A stop when the model itself is gone: non-finite weights, or a loss non-finite for
+        ``nonfinite_stuck`` logged points in a row (a bad batch gives one; an LR cut cures
+        a model whose weights are finite, and the first non-finite point already got one)."""
+        for f in findings:
+            role, run = f.evidence.get("role"), int(f.evidence.get("consecutive", 0))
+            if f.kind is not Kind.NONFINITE or role is None:
+                continue
+            if role == "weight_norm" or (role == "loss" and run >= self.nonfinite_stuck):
+                what = (
+                    "the weights are non-finite"
+                    if role == "weight_norm"
+                    else f"the loss has been non-finite for {run} logged steps in a row"
+                )
+                good = f.evidence.get("last_good")
+                last = f"the last good step is {good}" if good is not None else "no good step"
+                text = (
+                    f"{headline((f,))}. Stop: {what}, so no LR cut can rescue this run; "
+                    f"{last} (logged). Resume from a checkpoint at or before it with a lower LR."
+                )
+                return Decision(step, ActionKind.STOP, text, findings=(f,))
+        return None
+
+    def _unanswered(
+        self, findings: Sequence[Finding], out: list[Decision], why: Callable[[Finding], str]
+    ) -> None:
+        answered = [f for d in out for f in d.findings]
+        self.unanswered = [
+            (f, why(f))
+            for f in findings
+            if f.severity is not Severity.INFO and not any(f is g for g in answered)
+        ]
+
+    def _why_quiet(self, step: int, f: Finding, *, warmup: bool, defer: str | None) -> str:
+        """Why ``f`` led to no decision at ``step`` (called after the decision was made)."""
+        s = self._state
+        plan = plan_for(f, warmup=warmup, clip_only=self.clip_first and s.clip_max_norm is None)
+        if f.kind is Kind.OVERFIT and plan is None:
+            return (
+                f"overfitting stops the run once reported at {self.overfit_patience} checks "
+                f"in a row ({s.overfit_checks} so far)"
+            )
+        if plan is None:
+            return "the schedule is moving the LR itself (warm-up, decay or a recent cut)"
+        if defer is not None and _deferrable(plan):
+            return f"left to the schedule: {defer}"
+        if s.last_action_step is not None and step - s.last_action_step <= self.cooldown_steps:
+            return (
+                f"cooldown: the last action was at step {s.last_action_step}, "
+                f"{step - s.last_action_step} of {self.cooldown_steps} steps ago"
+            )
+        if plan.advice:
+            return f"advice already given at step {s.last_advice_step}"
+        if plan.factor is not None:
+            return f"no cut fits the LR floor min_lr={self.min_lr:g} or the cut budget"
+        return "a stronger response was chosen at this step"
 
     def _choose(
-        self, findings: Sequence[Finding], *, warmup: bool
+        self,
+        findings: Sequence[Finding],
+        *,
+        warmup: bool,
+        defer: bool = False,
+        rising: bool | None = None,
     ) -> tuple[Plan | None, tuple[Finding, ...]]:
         """The strongest response asked for, and the findings that asked for it."""
         clip_only = self.clip_first and self._state.clip_max_norm is None
         plans = [
             (p, f)
             for f in findings
-            if (p := plan_for(f, warmup=warmup, clip_only=clip_only)) is not None
+            if (p := plan_for(f, warmup=warmup, clip_only=clip_only, rising=rising)) is not None
+            and not (defer and _deferrable(p))
         ]
         if self._state.overfit_checks >= self.overfit_patience:
             stop = overfit_stop(self._state.overfit_checks)
@@ -280,6 +367,12 @@ class Policy:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._state = PolicyState.from_dict(state)
+
+
+def _deferrable(plan: Plan) -> bool:
+    """A gentle cut the schedule can make instead (plateau, high ratio, oscillation), or
+    advice to raise an LR the schedule is lowering anyway."""
+    return plan.advice or (plan.rank <= 2 and not plan.stop and plan.factor is not None)
 
 
 def _check_int(name: str, value: object, *, least: int) -> None:

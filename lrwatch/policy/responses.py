@@ -12,10 +12,12 @@ nonfinite    cut by 10 + clip; advise resuming from a checkpoint   4
 explosion    cut by 10 (critical) or 5 (warning) + clip; with          3
              ``clip_first``, a first spike gets the clip alone
 oscillation  cut by 10, or 5 when ``evidence["mild"]``             2
-ratio_high   cut by 5 (critical) or 2 (warning); not in warm-up    2
+ratio_high   cut by 5 (critical) or 2 (warning); not in warm-up,   2
+             none when info (the loss clearly falls)
 plateau      cut by 2 (never during warm-up)                       1
 overfit      stop once reported at ``overfit_patience`` checks     1
-ratio_low    advise raising the LR (advice only, not in warm-up,   0
+ratio_low    advise raising the LR (advice only, not in warm-up    0
+             or deep in a decaying tail,
              repeated at most every 10 cooldowns)
 ===========  ====================================================  ====
 """
@@ -44,11 +46,16 @@ class Plan:
         return self.rank, self.stop, self.factor or 0, self.clip
 
 
-def plan_for(f: Finding, *, warmup: bool, clip_only: bool = False) -> Plan | None:
+def plan_for(
+    f: Finding, *, warmup: bool, clip_only: bool = False, rising: bool | None = None
+) -> Plan | None:
     """The table of the module docstring, one finding at a time (overfit excepted: see below).
 
     ``clip_only``: answer a spike (not a sustained climb) with clipping alone (``clip_first``).
+    ``rising``: the LR is warming up (default: ``warmup``). Raise-the-LR advice waits only for
+    a warm-up: a decay that starts from an LR too low is still too low.
     """
+    rising = warmup if rising is None else rising
     critical = f.severity is Severity.CRITICAL
     if f.kind is Kind.NONFINITE:
         why = "the largest factor, for a step that overflowed; clipping bounds the next spike"
@@ -69,13 +76,15 @@ def plan_for(f: Finding, *, warmup: bool, clip_only: bool = False) -> Plan | Non
         return Plan(
             f.kind, 2, "10 because a loss bouncing in a band means an LR far too high", factor=10
         )
+    if f.kind is Kind.RATIO_HIGH and f.severity is Severity.INFO:
+        return None  # a high ratio while the loss clearly falls: an aggressive LR that works
     if f.kind is Kind.RATIO_HIGH and not warmup:  # early updates are large by design
         factor = 5 if critical else 2
         why = f"{factor} because updates far above ~1e-3 of the weights signal instability"
         return Plan(f.kind, 2, why, factor=factor)
     if f.kind is Kind.PLATEAU and not warmup:
         return Plan(f.kind, 1, "halving is the gentle factor for a stalled metric", factor=2)
-    if f.kind is Kind.RATIO_LOW and not warmup:
+    if f.kind is Kind.RATIO_LOW and not rising:
         return Plan(f.kind, 0, "updates far below ~1e-3 of the weights", advice=True)
     return None
 

@@ -22,6 +22,13 @@ The rule, evaluated at the last point (the current step):
    is 0.5 needs a 20x jump for z = 6) while it is still climbing, before it overflows. A warning
    (critical from ``critical_ratio``).
 
+6. Noise floor (when the caller passes the series' ``scale``, as the analyzer does for the
+   loss: its level over the run's first points): a spike, runaway or trend must also rise above
+   every point of the baseline and add at least ``noise_floor`` times that scale to the median.
+   Minibatch noise on a near-zero loss (0.001 -> 0.005) is a huge ratio in log space but is
+   nothing on the loss's own scale, and a heavy-tailed loss whose hard batches reach 3x its
+   median every few dozen steps has those batches in its baseline.
+
 Evidence: ``value``, ``median`` (of the baseline, in the series' units), ``mad`` and ``sigma``
 (in log units when ``space == "log"``), ``robust_z``, ``ratio`` (value / median),
 ``growth_rate`` (multiplicative growth per step since the point before the spike run),
@@ -71,8 +78,10 @@ class ExplosionDetector:
 
     Args:
         window: baseline length in points. 100: a stable median, yet it follows a schedule.
-        min_history: fewer baseline points than this give no verdict. 10: a median of fewer
-            points is itself noise, and the first steps of a run are not a history.
+        min_history: fewer baseline points than this give no verdict. 30: a median of fewer
+            points is itself noise, and the first steps of a run are not a history (in the
+            zoo, Adam's grad norm doubled at step 16 of a healthy CNN run); a run diverging
+            from its first steps is the runaway rule's.
         z_warning: robust z that makes a spike. 6.0: OLMo's mean + 6 sigma rule, made robust.
         z_critical: robust z that makes a sustained spike critical. 20.0: far outside any noise.
         min_ratio: a spike is also at least this multiple of the median. 2.0: with a tight
@@ -99,10 +108,13 @@ class ExplosionDetector:
             series whose noise is too wide for ``z_warning``.
         trend_history: least baseline points for the trend rule. 50: a run's first tens of
             steps have bumps that recover by themselves; the rule watches an established run.
+        noise_floor: with a ``scale``, least rise above the median as a fraction of it. 0.05:
+            a classifier's loss at 0.005 against a start of 2.3 is noise; one back at 0.3 is
+            not, if it also tops every recent point.
     """
 
     window: int = 100
-    min_history: int = 10
+    min_history: int = 30
     z_warning: float = 6.0
     z_critical: float = 20.0
     min_ratio: float = 2.0
@@ -116,6 +128,7 @@ class ExplosionDetector:
     trend_ratio: float = 3.0
     trend_z: float = 2.0
     trend_history: int = 50
+    noise_floor: float = 0.05
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_history <= self.window:
@@ -148,6 +161,8 @@ class ExplosionDetector:
                 f"explosion needs trend_ratio > 1 and trend_z >= 0, got {self.trend_ratio} "
                 f"and {self.trend_z}"
             )
+        if not self.noise_floor >= 0:
+            raise ConfigError(f"explosion needs noise_floor >= 0, got {self.noise_floor}")
         if self.confirm < 1 or not self.sigma_floor > 0:
             raise ConfigError(
                 f"explosion needs confirm >= 1 and sigma_floor > 0, got {self.confirm} and "
@@ -155,8 +170,14 @@ class ExplosionDetector:
             )
 
     @quiet_numpy
-    def check(self, steps: Steps, values: Values, *, tag: str) -> Finding | None:
-        """Finding if the last point is a spike or a runaway, else None."""
+    def check(
+        self, steps: Steps, values: Values, *, tag: str, scale: float | None = None
+    ) -> Finding | None:
+        """Finding if the last point is a spike or a runaway, else None.
+
+        ``scale``: the series' own level (the loss at the start of the run) for the noise floor;
+        None for series whose every spike matters (gradient norms).
+        """
         s, v = as_window(steps, values)
         if v.size == 0 or not math.isfinite(float(v[-1])):
             return None  # a NaN at the last point is the non-finite detector's
@@ -169,9 +190,11 @@ class ExplosionDetector:
         z = (_tx(v[-self.confirm :], log_space) - med) / sigma
         ratio = _ratio(v[-self.confirm :], med, log_space)
         spike = (z >= self.z_warning) & (ratio >= self.min_ratio) & (base.size >= self.min_history)
-        runaway = log_space and self._is_runaway(v)
+        loud = self._loud(v[-self.confirm :], base, scale)
+        spike &= loud
+        runaway = log_space and self._is_runaway(v) and bool(loud[-1] or scale is None)
         trend = None
-        if log_space and not (spike[-1] or runaway):
+        if log_space and not (spike[-1] or runaway) and bool(loud[-1]):
             trend = self._trend(v, z=float(z[-1]), ratio=ratio, history=base.size)
         if not (spike[-1] or runaway or trend is not None):
             return None
@@ -196,6 +219,13 @@ class ExplosionDetector:
         if trend is not None:
             evidence.update(trend_tau=trend[0], trend_p_value=trend[1])
         return self._finding(int(s[-1]), tag, evidence, critical=critical)
+
+    def _loud(self, tail: Values, base: Values, scale: float | None) -> np.ndarray:
+        """Which tail points clear the noise floor (all of them without a ``scale``)."""
+        if scale is None or not math.isfinite(scale) or base.size == 0:
+            return np.ones(tail.size, dtype=bool)
+        med = float(np.median(base))
+        return np.asarray((tail > base.max()) & (tail - med >= self.noise_floor * abs(scale)))
 
     def _is_runaway(self, v: Values) -> bool:
         """Strictly rising for ``growth_points`` points by ``growth_factor`` overall."""

@@ -100,9 +100,10 @@ class RatioDetector:
     Args:
         high: median above this is ``ratio_high``. 1e-2: ten times the healthy 1e-3; steps of
             1% of the weights per step do not settle.
-        low: median below this is ``ratio_low``. 1e-4: a tenth of healthy; at that pace the run
-            barely moves (but a decayed schedule's tail legitimately gets there: the policy
-            only advises).
+        low: median below this is ``ratio_low``. 3e-4: a third of healthy; in the zoo's LR
+            sweeps (bench/zoo) runs at 0.03x their tuned LR sat at 1e-4 to 5e-4 while tuned
+            ones sat at 1e-3 to 1e-2; a decayed schedule's tail gets there legitimately, so the
+            policy only advises, and not deep in a decaying tail.
         window: points in the median. 50: long enough to be "sustained", short enough to see
             the effect of an LR change within a few logging intervals.
         min_points: fewer finite points give no verdict. 50 (the whole window): a median over
@@ -116,7 +117,7 @@ class RatioDetector:
     """
 
     high: float = 1e-2
-    low: float = 1e-4
+    low: float = 3e-4
     window: int = 50
     min_points: int = 50
     critical_factor: float = 10.0

@@ -112,3 +112,29 @@ class ScheduleDetector:
         after = v[at:]
         held = np.all(np.abs(after - v[at]) <= self.rel_tol * abs(float(v[at])) + 1e-300)
         return at if bool(held) else None
+
+
+@quiet_numpy
+def steps_to_next_cut(
+    steps: Steps, values: Values, *, ignore: Steps, min_cut: float = 0.2
+) -> tuple[int, int] | None:
+    """(steps until the schedule's next step cut, its period), predicted from its past ones.
+
+    A StepLR or MultiStep-like schedule that cut at steps 150 and 300 cuts again near 450; one
+    that cut once, at 150, is taken to cut every 150 steps. Drops at the ``ignore`` steps (where
+    lrwatch's own cuts were applied, give or take one step) are not the schedule's. None when
+    the LR history shows no step cut of the schedule, or when the prediction is already past.
+    """
+    s, v = as_window(steps, values)
+    keep = np.isfinite(v)
+    s, v = s[keep], v[keep]
+    if v.size < 3:
+        return None
+    drops = np.flatnonzero((v[:-1] > 0) & (v[1:] <= (1.0 - min_cut) * v[:-1])) + 1
+    ours = np.asarray(ignore, dtype=np.int64)
+    at = [int(s[i]) for i in drops if not np.any(np.abs(ours - s[i]) <= 1)]
+    if not at:
+        return None
+    period = at[-1] - at[-2] if len(at) >= 2 else at[-1] - int(s[0])
+    left = at[-1] + period - int(s[-1])
+    return (left, period) if period > 0 and left > 0 else None

@@ -1,0 +1,129 @@
+"""The LR-sweep zoo: every task at every LR multiplier and seed, three ways, then the scoreboard.
+
+Usage::
+
+    .venv/bin/python bench/zoo/run.py            # the full sweep (cached runs are not redone)
+    .venv/bin/python bench/zoo/run.py --quick    # seeds 0 and 2, four multipliers: 144 runs
+    .venv/bin/python bench/zoo/run.py --jobs 1   # one worker (default 2: the machine's cores)
+
+Writes ``bench/zoo/results.json`` (every run's facts and the scoreboard) and
+``bench/zoo/results.md`` (the README tables). Runs are cached in ``bench/out/zoo/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from score import HELD_OUT_TASKS, TUNING_SEEDS, TUNING_TASKS, markdown, scoreboard  # noqa: E402
+from worker import run_job, snapshot, source_digests  # noqa: E402
+
+MULTS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+QUICK_MULTS = (0.03, 1.0, 10.0, 100.0)
+SEEDS = (0, 1, 2)
+QUICK_SEEDS = (0, 2)
+MODES = ("none", "apply", "plateau")
+TASK_NAMES = TUNING_TASKS + HELD_OUT_TASKS
+
+
+def jobs_for(
+    tasks: tuple[str, ...],
+    mults: tuple[float, ...],
+    seeds: tuple[int, ...],
+    modes: tuple[str, ...] = MODES,
+) -> list[dict[str, Any]]:
+    return [
+        {"task": t, "mult": m, "seed": s, "mode": mode}
+        for t in tasks
+        for m in mults
+        for s in seeds
+        for mode in modes
+    ]
+
+
+def sweep(jobs: list[dict[str, Any]], workers: int) -> list[dict[str, Any]]:
+    """Run every job (cached ones return at once) in ``workers`` processes."""
+    snap = snapshot()
+    sys.path.insert(0, str(snap))  # spawned workers start with this sys.path
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(snap), os.environ.get("PYTHONPATH")])
+    )
+    digests = source_digests(snap / "lrwatch")
+    out = []
+    ctx = multiprocessing.get_context("spawn")  # workers import torch themselves
+    with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        futures = {pool.submit(run_job, job, digests): job for job in jobs}
+        for i, fut in enumerate(as_completed(futures), 1):
+            r = fut.result()
+            out.append(r)
+            print(
+                f"[{i}/{len(jobs)}] {r['task']} x{r['mult']} seed {r['seed']} {r['mode']}: "
+                f"final {r['final_val']}",
+                flush=True,
+            )
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="seeds 0 and 2, four multipliers")
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--tasks", default=",".join(TASK_NAMES))
+    ap.add_argument(
+        "--show",
+        choices=("tune", "report", "both"),
+        default="both",
+        help="which split's table to print (tune only while tuning)",
+    )
+    ap.add_argument(
+        "--rescore",
+        action="store_true",
+        help="recompute the scoreboard from results.json, running nothing",
+    )
+    args = ap.parse_args()
+    if args.rescore:
+        doc = json.loads((HERE / "results.json").read_text())
+        write(doc["runs"], doc["scope"], args.show)
+        return
+    tasks = tuple(args.tasks.split(","))
+    mults, seeds = (QUICK_MULTS, QUICK_SEEDS) if args.quick else (MULTS, SEEDS)
+    start = time.monotonic()
+    results = sweep(jobs_for(tasks, mults, seeds), args.jobs)
+    scope = {
+        "quick": args.quick,
+        "tasks": tasks,
+        "mults": mults,
+        "seeds": seeds,
+        "tuning": {"tasks": TUNING_TASKS, "seeds": TUNING_SEEDS},
+        "minutes": round((time.monotonic() - start) / 60, 1),
+    }
+    write(results, scope, args.show)
+    print(f"{len(results)} runs in {scope['minutes']} min")
+
+
+def write(results: list[dict[str, Any]], scope: dict[str, Any], show: str) -> None:
+    """Score ``results``; write results.json and results.md; print the tables asked for."""
+    board = scoreboard(results)
+    key = lambda r: (r["task"], r["mult"], r["seed"], r["mode"])  # noqa: E731
+    doc = {"scope": scope, "scoreboard": board, "runs": sorted(results, key=key)}
+    (HERE / "results.json").write_text(json.dumps(doc, indent=1))
+    tables = "\n\n".join(
+        f"**{split}** split\n\n{markdown(board, split)}" for split in ("tune", "report")
+    )
+    (HERE / "results.md").write_text(tables + "\n")
+    shown = ("tune", "report") if show == "both" else (show,)
+    print("\n\n".join(f"**{s}**\n{markdown(board, s)}" for s in shown))
+
+
+if __name__ == "__main__":
+    main()
