@@ -203,7 +203,7 @@ def test_analyzer_explosion_gate_hides_nothing_a_check_at_every_step_finds(seed:
         lo = max(0, i + 1 - detector.window - detector.confirm)
         scale = float(np.median(loss[: min(i + 1, 10)]))  # the loss's level at the start
         f = detector.check(steps[lo : i + 1], loss[lo : i + 1], tag=schema.LOSS, scale=scale)
-        rank = {Severity.WARNING: 1, Severity.CRITICAL: 2}
+        rank = {Severity.INFO: 0, Severity.WARNING: 1, Severity.CRITICAL: 2}
         if f is None:
             active = None
         elif active is None or rank[f.severity] > rank[active]:

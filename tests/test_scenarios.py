@@ -49,11 +49,6 @@ def test_scenario_diverging_run_is_flagged_before_its_first_nan(tmp_path: Path) 
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,  # XPASS fails: remove this mark once the detector has its noise floor
-    reason="the hook now records the grad norm every step; the explosion detector warns on a "
-    "single-batch spike (2.25x its median at step 43): issue 8's spike noise floor (daemon side)",
-)
 def test_scenario_healthy_run_gets_no_warning(tmp_path: Path) -> None:
     recipe = Recipe("digits", (128,), "adam", 1e-3, 300)
     train(recipe, tmp_path / "healthy", log_every=5)

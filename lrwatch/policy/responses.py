@@ -10,7 +10,8 @@ finding      response                                              rank
 ===========  ====================================================  ====
 nonfinite    cut by 10 + clip; advise resuming from a checkpoint   4
 explosion    cut by 10 (critical) or 5 (warning) + clip; with          3
-             ``clip_first``, a first spike gets the clip alone
+             ``clip_first``, a first spike gets the clip alone;
+             a lone spike under 5x (``info``) gets nothing
 oscillation  cut by 10, or 5 when ``evidence["mild"]``             2
 ratio_high   cut by 5 (critical) or 2 (warning); not in warm-up,   2
              none when info (the loss clearly falls)
@@ -60,6 +61,8 @@ def plan_for(
     if f.kind is Kind.NONFINITE:
         why = "the largest factor, for a step that overflowed; clipping bounds the next spike"
         return Plan(f.kind, 4, why, factor=10, clip=True)
+    if f.kind is Kind.EXPLOSION and f.severity is Severity.INFO:
+        return None  # a lone moderate spike: noise until it repeats or grows (the detector)
     if f.kind is Kind.EXPLOSION and clip_only and f.evidence.get("rule") != "trend":
         why = "a first spike: clipping bounds it; the LR is cut if explosions come back"
         return Plan(f.kind, 3, why, clip=True)
