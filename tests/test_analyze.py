@@ -242,3 +242,20 @@ def test_analyzer_should_stop_at_once_on_nonfinite_weights() -> None:
     [stop] = analyzer.decisions
     assert (stop.step, stop.action) == (50, ActionKind.STOP)
     assert "weights are non-finite" in stop.reason and "last good step is 49" in stop.reason
+
+
+def test_an_unapplied_gentle_cut_does_not_silence_a_later_explosion() -> None:
+    """Recommend mode: a plateau's halving was advised and not taken (the logged LR stays). A
+    blow-up 100 steps later asks for a deeper cut; it must get one, not "never applied"."""
+    scalars = []
+    for step in range(1, 301):
+        loss = 0.5 + 0.01 * ((step * 7) % 5) + (500.0 if step >= 250 else 0.0)
+        scalars += [Scalar(schema.LOSS, step, 0.0, loss), Scalar(schema.LR, step, 0.0, 0.1)]
+        if step % 10 == 0:
+            scalars.append(Scalar("val/loss", step, 0.0, 0.6 if step > 20 else 1.0 - step / 100))
+    analyzer = RunAnalyzer()
+    analyzer.feed(scalars)
+    acts = [(d.step, d.action.value, d.factor) for d in analyzer.decisions]
+    plateau = [a for a in acts if a[1] == "lr_cut" and a[2] == 2]
+    assert plateau and plateau[0][0] < 250, acts  # the gentle cut came first, unapplied
+    assert any(step >= 250 and kind == "lr_cut" and factor >= 5 for step, kind, factor in acts), acts

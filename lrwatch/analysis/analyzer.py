@@ -31,6 +31,7 @@ from lrwatch.analysis.history import History
 from lrwatch.analysis.role_checks import RoleChecks
 from lrwatch.analysis.run_tags import RunTags
 from lrwatch.errors import LrwatchError
+from lrwatch.policy.responses import plan_for
 from lrwatch.schema import Analysis, Decision, Finding, Scalar
 
 __all__ = ["NoUsableTags", "RunAnalyzer", "analyze_run"]
@@ -133,11 +134,12 @@ class RunAnalyzer:
         point = self._last_lr()
         lr = None if point is None else point.value
         if self._cut_unapplied():
-            for f in found:
-                if f.kind in HELD_WHEN_UNAPPLIED and f.severity is not schema.Severity.INFO:
+            held = [f for f in found if self._held(f)]
+            for f in held:
+                if f.severity is not schema.Severity.INFO:
                     why = "the last cut was never applied, so no further cut is made"
                     self.why_quiet[(f.kind.value, f.tag, f.step)] = why
-            found = [f for f in found if f.kind not in HELD_WHEN_UNAPPLIED]
+            found = [f for f in found if not any(f is h for h in held)]
         out = self.policy.decide(
             step,
             found,
@@ -154,6 +156,15 @@ class RunAnalyzer:
                 known_lr = lr if lr is not None and math.isfinite(lr) else None
                 self._cut = LastCut(step, known_lr, d.factor)
         return out
+
+    def _held(self, f: Finding) -> bool:
+        """Whether an unapplied cut answers ``f`` already: it asks for no deeper cut than that
+        one. A plateau's unapplied halving must not silence an explosion's cut by 10."""
+        if f.kind not in HELD_WHEN_UNAPPLIED:
+            return False
+        plan = plan_for(f, warmup=False)
+        asked = None if plan is None else plan.factor
+        return self._cut is None or asked is None or asked <= self._cut.factor
 
     def _last_lr(self) -> Scalar | None:
         tag = self._tags.roles.get("lr")
