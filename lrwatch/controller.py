@@ -24,7 +24,7 @@ import math
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -35,6 +35,7 @@ from lrwatch.errors import ConfigError, ControlFileError
 from lrwatch.schema import APPLIED_FILENAME, CONTROL_FILENAME, Action, ActionKind
 
 logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 class Controller:
@@ -103,17 +104,24 @@ class Controller:
         """
         new: list[Action] = []
         self.preclip_norm = None
-        try:
-            self._restore_unfinished(optimizer)
-            if not self._synced or step % self.check_every == 0:
-                self._synced = True
-                new = self._check(step)
-            self._set_lr(optimizer)
-            if not closure:
-                self._clip(optimizer)
-        except Exception as err:  # noqa: BLE001 - the user's training must never break
-            self._warn_once(f"control step failed: {err!r}")
+        # Separate guards: a failure to read new actions must never suspend the ones in force
+        # (a skipped _set_lr would run the step at the scheduler's uncut LR).
+        self._guarded("restoring the lr", lambda: self._restore_unfinished(optimizer))
+        if not self._synced or step % self.check_every == 0:
+            self._synced = True
+            new = self._guarded("reading the control file", lambda: self._check(step)) or []
+        self._guarded("setting the lr", lambda: self._set_lr(optimizer))
+        if not closure:
+            self._guarded("clipping", lambda: self._clip(optimizer))
         return new
+
+    def _guarded(self, what: str, work: Callable[[], _T]) -> _T | None:
+        """``work()``, or one warning and None if it raised."""
+        try:
+            return work()
+        except Exception as err:  # noqa: BLE001 - the user's training must never break
+            self._warn_once(f"control step failed ({what}): {err!r}")
+            return None
 
     def clipping_closure(
         self, optimizer: torch.optim.Optimizer, closure: Callable[[], Any]
@@ -188,8 +196,11 @@ class Controller:
         if not ranks.distributed():
             return self._poll(step)
         if ranks.rank() == 0:
-            new = self._poll(step)
-            ranks.from_rank0((self.state_dict(), new))
+            new: list[Action] = []
+            try:
+                new = self._poll(step)
+            finally:  # the other ranks wait for this broadcast: it must happen whatever failed
+                ranks.from_rank0((self.state_dict(), new))
             return new
         state, new = ranks.from_rank0(None)
         self._applied = Applied.from_json(state)

@@ -89,6 +89,10 @@ class Daemon:
                 continue
             except Exception:  # broad: one run's bad data must not blind the daemon to the rest
                 logger.exception("%s: processing failed; will retry on the next wake-up", run_dir)
+                # The failed pass consumed records in memory only: forget the run, so the next
+                # pass rebuilds it from its saved state and reads (and decides) them again.
+                run.close()
+                del self.runs[run_dir]
                 continue
             if decisions:
                 taken[run_dir] = decisions
