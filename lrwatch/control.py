@@ -284,6 +284,7 @@ def append_action(
         raise RunGone(f"{run_dir}: no such run directory")
     with _locked(run_dir):
         path = run_dir / CONTROL_FILENAME
+        _remove_stale_temporaries(path)
         current = read_control(path) if os.path.lexists(path) else ControlFile(run=run_dir.name)
         new = Action(
             id=current.actions[-1].id + 1 if current.actions else 1,
@@ -301,6 +302,14 @@ def append_action(
             raise ControlFileError(f"{path}: full; start a new run directory")
         write_atomic(path, doc)
     return new
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete temporary files of writers killed before their rename (called under the lock,
+    which every writer of this file holds, so none of them is still being written)."""
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        with contextlib.suppress(OSError):
+            stale.unlink()
 
 
 def _check_new(new: Action, current: ControlFile) -> None:

@@ -68,6 +68,7 @@ class Controller:
         self._stash: list[Any] | None = None  # scheduler's lr per group while lrwatch's is set
         self._written: list[Any] = []  # what lrwatch set, to spot a step that never finished
         self._synced = False
+        self._unsaved = False  # the applied state is newer than lrwatch_applied.json
         self._warned: set[str] = set()
         if self.run_dir is not None and ranks.rank() == 0:
             self._load_applied(self.run_dir / APPLIED_FILENAME)
@@ -210,6 +211,8 @@ class Controller:
         """One lstat; parse only if the file changed; apply what is new. Never raises."""
         if self.run_dir is None:
             return []
+        if self._unsaved:  # a full disk refused the last save: try again at every check
+            self._save_applied()
         path = self.run_dir / CONTROL_FILENAME
         try:
             st = os.lstat(path)
@@ -272,7 +275,10 @@ class Controller:
         try:
             self._applied.save(self.run_dir / APPLIED_FILENAME)
         except OSError as err:
-            self._warn_once(f"cannot record applied actions in {self.run_dir}: {err}")
+            self._unsaved = True
+            self._warn_once(f"cannot record applied actions in {self.run_dir} (will retry): {err}")
+        else:
+            self._unsaved = False
 
     def _warn_once(self, message: str) -> None:
         if message not in self._warned:

@@ -63,6 +63,9 @@ class WatchedRun:
         self.ledger = Ledger()
         self.sink = DecisionSink(self.run_dir, mode=mode)
         self.audited: set[int] = set()  # action ids whose decision line is in the audit log
+        self.outbox: list[Decision] = []  # decided, not yet fully written (a full disk)
+        self.unacked: list[tuple[int, int, float | None]] = []  # (id, step, lr) acks to record
+        self.dirty = False  # state changed since the last successful save
         self.load()
         self._recall_audit()
 
@@ -113,8 +116,11 @@ class WatchedRun:
             elif record.get("event") == "acknowledged":
                 self.ledger.acked.add(action_id)
 
-    def save(self) -> None:
-        """Write the state atomically: a daemon killed mid-write leaves the previous state."""
+    def save(self) -> bool:
+        """Write the state atomically: a daemon killed mid-write leaves the previous state.
+
+        Returns False (after a warning) when it could not be written, e.g. on a full disk.
+        """
         path = self.state_path
         try:
             path.parent.mkdir(exist_ok=True)
@@ -131,6 +137,8 @@ class WatchedRun:
                 raise
         except (OSError, ValueError, TypeError) as err:
             logger.warning("%s: cannot save daemon state: %s", path, err)
+            return False
+        return True
 
     def close(self) -> None:
         self.sink.close()
@@ -142,59 +150,110 @@ def run_once(
     """Read what is new in one run, decide, and send each decision everywhere it goes.
 
     In apply mode (``run.sink.mode``) each decision the rails allow becomes a control-file
-    action. Returns the decisions taken; saves the run's state when anything was read.
+    action. Returns the decisions taken. Outputs that a full disk refused wait in the run's
+    outbox and go out, in order and once, on a later pass; the state is saved only when nothing
+    waits, so a daemon killed meanwhile re-derives them from the last saved state.
     """
     scalars = run.reader.poll()
-    if not scalars:
-        return []
-    read_back(run, scalars)
-    seen = len(run.analyzer.findings)
-    decisions = run.analyzer.feed(scalars)
-    for decision in decisions:
-        action_id, held = None, None
-        if run.sink.mode == "apply":
-            action_id, held = issue(run, decision, rails or Rails())
-            if action_id is not None and action_id in run.audited:
-                continue  # re-derived after a crash: its audit line and hooks already went out
-        record = run.sink.emit(decision, action_id=action_id, held_back=held)
-        if action_id is not None:
-            run.audited.add(action_id)
-        if hooks is not None:
-            hooks.notify(record)
-    decided = [f for d in decisions for f in d.findings]
-    run.sink.mark_findings(f for f in list(run.analyzer.findings)[seen:] if f not in decided)
-    run.save()
+    decisions: list[Decision] = []
+    if scalars:
+        read_back(run, scalars)
+        seen = len(run.analyzer.findings)
+        decisions = run.analyzer.feed(scalars)
+        run.outbox.extend(decisions)
+        decided = [f for d in decisions for f in d.findings]
+        run.sink.mark_findings(f for f in list(run.analyzer.findings)[seen:] if f not in decided)
+        run.dirty = True
+    deliver(run, rails or Rails(), hooks)
+    if run.dirty and not run.outbox and not run.unacked:
+        run.dirty = not run.save()
     return decisions
 
 
+def deliver(run: WatchedRun, rails: Rails, hooks: HookRunner | None) -> None:
+    """Send what waits (acknowledgements, then decisions), oldest first; stop at a full disk."""
+    while run.unacked:
+        action_id, step, lr = run.unacked[0]
+        try:
+            run.sink.acknowledge(action_id, step=step, lr=lr)
+        except OSError as err:
+            logger.warning(
+                "%s: ack of #%d not recorded yet (%s); will retry", run.run_dir, action_id, err
+            )
+            return
+        run.ledger.acked.add(action_id)
+        run.unacked.pop(0)
+    while run.outbox:
+        if not _deliver_one(run, run.outbox[0], rails, hooks):
+            return
+        run.outbox.pop(0)
+
+
+def _deliver_one(
+    run: WatchedRun, decision: Decision, rails: Rails, hooks: HookRunner | None
+) -> bool:
+    """Issue (apply mode) and record one decision; False if a write failed and must be retried."""
+    action_id, held = None, None
+    try:
+        if run.sink.mode == "apply":
+            action_id, held = issue(run, decision, rails)
+            if action_id is not None and action_id in run.audited:
+                return True  # re-derived after a crash: its audit line and hooks already went out
+        record = run.sink.emit(decision, action_id=action_id, held_back=held)
+    except OSError as err:
+        logger.warning(
+            "%s: decision at step %d waits (%s); will retry", run.run_dir, decision.step, err
+        )
+        return False
+    if action_id is not None:
+        run.audited.add(action_id)
+    if hooks is not None:
+        hooks.notify(record)
+    return True
+
+
 def read_back(run: WatchedRun, scalars: Sequence[Scalar]) -> None:
-    """Follow the effective LR (for the LR floor) and record the hook's acknowledgements."""
+    """Follow the effective LR (for the LR floor) and queue the hook's acknowledgements."""
     lr_at = {s.step: s.value for s in scalars if s.tag == schema.LR}
     if lr_at:
         run.ledger.lr = lr_at[max(lr_at)]
+    waiting = {a[0] for a in run.unacked}
     for s in scalars:
         if s.tag != schema.CONTROL_ACK or not math.isfinite(s.value):
             continue
-        if (action_id := int(s.value)) not in run.ledger.acked:
-            run.ledger.acked.add(action_id)
-            run.sink.acknowledge(action_id, step=s.step, lr=lr_at.get(s.step))
+        action_id = int(s.value)
+        if action_id not in run.ledger.acked and action_id not in waiting:
+            waiting.add(action_id)
+            run.unacked.append((action_id, s.step, lr_at.get(s.step)))
 
 
 def issue(run: WatchedRun, decision: Decision, rails: Rails) -> tuple[int | None, str | None]:
-    """Write ``decision`` to the control file unless the rails hold it back: (id, why not)."""
+    """Write ``decision`` to the control file unless the rails hold it back: (id, why not).
+
+    Raises OSError when the control file could not be written for now (a full disk): the
+    caller retries later. An untrusted control file is a reason to hold back, not to retry.
+    """
+    # The step makes the reason unique per decision: a daemon killed between writing the control
+    # file and saving its state re-derives the same decision on restart and finds it here, as
+    # does a retry after a full disk refused the audit line. It is found before the rails are
+    # asked, since they would now count the action against itself.
+    reason = f"{decision.reason} (lrwatch decision at step {decision.step})"
+    try:
+        action = _already_issued(run.run_dir, decision, reason)
+    except LrwatchError as err:
+        logger.warning("%s: control file not trusted: %s", run.run_dir, err)
+        return None, f"control file: {err}"
+    if action is not None:
+        if not any(i.id == action.id for i in run.ledger.issued):
+            run.ledger.issued.append(Issued(action.id, decision.step, decision.action))
+        return action.id, None
     held = rails.hold_back(decision, run.ledger)
     if held is None and run.analyzer.advice_only:
         held = "advice only: this run was not written by lrwatch's hook"
     if held is not None:
         return None, held
-    # The step makes the reason unique per decision: a daemon killed between writing the control
-    # file and saving its state re-derives the same decision on restart and finds it here.
-    reason = f"{decision.reason} (lrwatch decision at step {decision.step})"
     try:
-        action = _already_issued(run.run_dir, decision, reason)
-        if action is not None and any(i.id == action.id for i in run.ledger.issued):
-            return action.id, None
-        action = action or control.append_action(
+        action = control.append_action(
             run.run_dir,
             action=decision.action,
             factor=decision.factor,
@@ -202,7 +261,7 @@ def issue(run: WatchedRun, decision: Decision, rails: Rails) -> tuple[int | None
             reason=reason,
             source="daemon",
         )
-    except (LrwatchError, OSError) as err:
+    except LrwatchError as err:
         logger.warning("%s: could not write the control file: %s", run.run_dir, err)
         return None, f"control file: {err}"
     run.ledger.issued.append(Issued(action.id, decision.step, decision.action))
