@@ -30,7 +30,7 @@ from lrwatch.explosion_gate import ExplosionGate
 from lrwatch.history import History
 from lrwatch.role_checks import RoleChecks
 from lrwatch.run_tags import RunTags
-from lrwatch.schema import Analysis, Decision, Finding, Scalar
+from lrwatch.schema import Analysis, Decision, Finding, Scalar, json_number
 
 __all__ = ["NoUsableTags", "RunAnalyzer", "analyze_run", "format_table"]
 
@@ -64,6 +64,8 @@ class RunAnalyzer:
         )
         self.plateau = self._checks.plateau
         self._cut: LastCut | None = None
+        self._held: list[Scalar] = []  # read, but their step may still be incomplete
+        self._rows_upto = -1  # the newest step of a per-step lrwatch/lr row
 
     # ---------------------------------------------------------------- public surface
     @property
@@ -91,17 +93,24 @@ class RunAnalyzer:
         """Whether any tag the detectors read has been seen."""
         return bool(self._tags.roles)
 
-    def feed(self, scalars: Iterable[Scalar]) -> list[Decision]:
+    def feed(
+        self, scalars: Iterable[Scalar], *, live: bool = False, hooked: bool = False
+    ) -> list[Decision]:
         """Take new scalars (any order within the batch); returns the decisions they led to.
 
+        With ``live=True`` (a run still being written, as the daemon reads it) a step is
+        judged only once all of it is in (:meth:`_complete`), so the decisions do not depend
+        on where reads happened to stop; a later call without it judges what is held too.
+        ``hooked``: the run has lrwatch's own event file, so its per-step rows will come.
         Tags are learned in step order, so a replay sees the run exactly as a live watcher
         did: the monitored metric is the training loss until a validation loss first appears.
         """
-        batch = list(scalars)
-        tags = {s.tag for s in batch}
+        batch = [*self._held, *scalars]
+        ready, self._held = self._complete(batch, hooked=hooked) if live else (batch, [])
+        tags = {s.tag for s in ready}
         self._tags.tags |= tags
         keep = {t for t in tags if self._tags.is_useful(t, metric=self.config.metric)}
-        mine = sorted((s for s in batch if s.tag in keep), key=_STEP)
+        mine = sorted((s for s in ready if s.tag in keep), key=_STEP)
         out: list[Decision] = []
         for step, group in itertools.groupby(mine, key=_STEP):
             points = list(group)
@@ -110,6 +119,23 @@ class RunAnalyzer:
             out.extend(self._at_step(step, points))
         self.decisions.extend(out)
         return out
+
+    def _complete(self, batch: list[Scalar], *, hooked: bool) -> tuple[list[Scalar], list[Scalar]]:
+        """Split ``batch`` into the steps known complete and the rest, held for the next feed.
+
+        The hook writes a step's rows in batches, values passed to ``mon.log`` at once, so
+        ``val/loss`` at step 901 can precede the loss at step 900 in the file. Its per-step
+        ``lrwatch/lr`` row comes last in each batch, after the logging step's events: every
+        step before the newest such row is complete (nothing is, in a hooked run whose first
+        rows are not in yet). A run without those rows (not lrwatch's) holds its newest step.
+        """
+        rows = [s.step for s in batch if s.tag == schema.LR]
+        if rows:
+            self._rows_upto = max(self._rows_upto, *rows)
+        limit = self._rows_upto
+        if limit < 0 and not hooked:
+            limit = max((s.step for s in batch), default=-1)
+        return [s for s in batch if s.step < limit], [s for s in batch if s.step >= limit]
 
     # ---------------------------------------------------------------- one step
     def _at_step(self, step: int, points: list[Scalar]) -> list[Decision]:
@@ -181,6 +207,8 @@ class RunAnalyzer:
             "active": self._checks.conditions.state(),
             "gates": {tag: g.state() for tag, g in self._checks.gates.items()},
             "cut": None if self._cut is None else self._cut.state(),
+            "held": [[p.tag, p.step, p.wall_time, json_number(p.value)] for p in self._held],
+            "rows_upto": self._rows_upto,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -197,6 +225,11 @@ class RunAnalyzer:
         self._checks.gates = {tag: ExplosionGate.from_state(g) for tag, g in state["gates"].items()}
         # "cut" is absent from states saved before it existed
         self._cut = LastCut.from_state(state.get("cut"))
+        # "held" and "rows_upto" are absent from states saved before read-boundary holding
+        self._held = [
+            Scalar(str(t), int(s), float(w), float(v)) for t, s, w, v in state.get("held", [])
+        ]
+        self._rows_upto = int(state.get("rows_upto", -1))
 
 
 def analyze_run(run_dir: Path, config: AnalyzerConfig | None = None) -> Analysis:

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -43,7 +44,9 @@ class Analyzer(Protocol):
     def advice_only(self) -> bool:
         """True for a run not written by lrwatch's hook: nothing there reads a control file."""
 
-    def feed(self, scalars: Iterable[Scalar]) -> list[Decision]: ...
+    def feed(
+        self, scalars: Iterable[Scalar], *, live: bool = False, hooked: bool = False
+    ) -> list[Decision]: ...
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -66,8 +69,18 @@ class WatchedRun:
         self.outbox: list[Decision] = []  # decided, not yet fully written (a full disk)
         self.unacked: list[tuple[int, int, float | None]] = []  # (id, step, lr) acks to record
         self.dirty = False  # state changed since the last successful save
+        self._hooked = False
         self.load()
         self._recall_audit()
+        if mode == "apply":
+            self.outbox.extend(_orphans(self.run_dir, self.audited))
+
+    @property
+    def hooked(self) -> bool:
+        """Whether lrwatch's hook writes this run (its event file has the ``.lrwatch`` suffix)."""
+        if not self._hooked:
+            self._hooked = any(self.run_dir.glob(f"*tfevents*{schema.HOOK_FILE_SUFFIX}"))
+        return self._hooked
 
     @property
     def state_path(self) -> Path:
@@ -159,7 +172,7 @@ def run_once(
     if scalars:
         read_back(run, scalars)
         seen = len(run.analyzer.findings)
-        decisions = run.analyzer.feed(scalars)
+        decisions = run.analyzer.feed(scalars, live=True, hooked=run.hooked)
         run.outbox.extend(decisions)
         decided = [f for d in decisions for f in d.findings]
         run.sink.mark_findings(f for f in list(run.analyzer.findings)[seen:] if f not in decided)
@@ -268,9 +281,36 @@ def issue(run: WatchedRun, decision: Decision, rails: Rails) -> tuple[int | None
     return action.id, None
 
 
+_MARK = re.compile(r"^(?P<reason>.*) \(lrwatch decision at step (?P<step>\d+)\)$", re.DOTALL)
+
+
+def _orphans(run_dir: Path, audited: set[int]) -> list[Decision]:
+    """The daemon's own actions in the control file that have no decision line (it was
+    killed between the two writes), as decisions to adopt: delivering them finds the action
+    already issued, writes the missing line and runs the hooks, instead of deciding anew."""
+    path = run_dir / schema.CONTROL_FILENAME
+    try:
+        actions = control.read_control(path).actions if os.path.lexists(path) else ()
+    except LrwatchError as err:
+        logger.warning("%s: control file not trusted: %s", run_dir, err)
+        return []
+    adopted = []
+    for action in actions:
+        mark = _MARK.match(action.reason)
+        if action.source != "daemon" or action.id in audited or mark is None:
+            continue
+        logger.warning("%s: adopting action #%d, issued before a crash", run_dir, action.id)
+        adopted.append(
+            Decision(
+                int(mark["step"]), action.action, mark["reason"], action.factor, action.max_norm
+            )
+        )
+    return adopted
+
+
 def _already_issued(run_dir: Path, decision: Decision, reason: str) -> schema.Action | None:
     path = run_dir / schema.CONTROL_FILENAME
-    if not path.exists():
+    if not os.path.lexists(path):
         return None
     for action in control.read_control(path).actions:
         if (

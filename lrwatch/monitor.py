@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 import torch
 
-from lrwatch import ranks
+from lrwatch import ranks, schema
 from lrwatch._amp import skip_counter
 from lrwatch.cadence import Cadence
 from lrwatch.capture import share
@@ -299,7 +299,7 @@ class Monitor:
 
     def _open_writer(self) -> EventWriter | None:
         try:
-            return EventWriter(self.run_dir, filename_suffix=".lrwatch")
+            return EventWriter(self.run_dir, filename_suffix=schema.HOOK_FILE_SUFFIX)
         except Exception as exc:  # an unwritable logdir must not stop the training
             logger.warning(
                 "lrwatch cannot write to %s (%r): training continues unlogged", self.run_dir, exc

@@ -47,6 +47,7 @@ PER_TENSOR_PREFIXES = {
 # The daemon writes its own findings and decisions into this sub-run of each run, so TensorBoard
 # shows them on the same step axis without touching the trainer's files.
 DAEMON_SUBRUN = "lrwatch_daemon"
+HOOK_FILE_SUFFIX = ".lrwatch"  # the hook's event files end with it; the daemon looks for it
 FINDING_TAG_FMT = "lrwatch_daemon/finding/{}"  # scalar marker per finding kind (value: severity)
 DECISION_TAG_FMT = "lrwatch_daemon/decision/{}"  # scalar marker per action
 DECISION_TEXT_TAG = "lrwatch_daemon/decisions"  # text summary with the reason
