@@ -66,6 +66,7 @@ class WatchedRun:
         self.ledger = Ledger()
         self.sink = DecisionSink(self.run_dir, mode=mode)
         self.audited: set[int] = set()  # action ids whose decision line is in the audit log
+        self.recorded: set[tuple[Any, ...]] = set()  # decisions with a line (see _record_key)
         self.outbox: list[Decision] = []  # decided, not yet fully written (a full disk)
         self.unacked: list[tuple[int, int, float | None]] = []  # (id, step, lr) acks to record
         self.dirty = False  # state changed since the last successful save
@@ -121,12 +122,14 @@ class WatchedRun:
         """Seed what the audit log already says, so a restart after a crash (state not saved)
         writes no decision or acknowledgement line twice and runs no hook twice."""
         for record in read_audit(self.run_dir):
-            action_id = record.get("action_id")
+            event, action_id = record.get("event"), record.get("action_id")
+            if event == "decision":
+                self.recorded.add(_record_key(record))
             if not isinstance(action_id, int):
                 continue
-            if record.get("event") == "decision":
+            if event == "decision":
                 self.audited.add(action_id)
-            elif record.get("event") == "acknowledged":
+            elif event == "acknowledged":
                 self.ledger.acked.add(action_id)
 
     def save(self) -> bool:
@@ -207,6 +210,9 @@ def _deliver_one(
 ) -> bool:
     """Issue (apply mode) and record one decision; False if a write failed and must be retried."""
     action_id, held = None, None
+    key = _decision_key(decision)
+    if key in run.recorded:
+        return True  # re-derived after a restart: its line (and action, hooks) already went out
     try:
         if run.sink.mode == "apply":
             action_id, held = issue(run, decision, rails)
@@ -218,6 +224,7 @@ def _deliver_one(
             "%s: decision at step %d waits (%s); will retry", run.run_dir, decision.step, err
         )
         return False
+    run.recorded.add(key)
     if action_id is not None:
         run.audited.add(action_id)
     if hooks is not None:
@@ -238,6 +245,32 @@ def read_back(run: WatchedRun, scalars: Sequence[Scalar]) -> None:
         if action_id not in run.ledger.acked and action_id not in waiting:
             waiting.add(action_id)
             run.unacked.append((action_id, s.step, lr_at.get(s.step)))
+
+
+def _decision_key(decision: Decision) -> tuple[Any, ...]:
+    """What identifies a decision across restarts: decisions no longer depend on where reads
+    stop, so a re-derived one is equal in all of these (held-back ones have no action id)."""
+    return (
+        decision.step,
+        decision.action.value,
+        decision.factor,
+        decision.max_norm,
+        decision.reason,
+    )
+
+
+def _record_key(record: dict[str, Any]) -> tuple[Any, ...]:
+    """:func:`_decision_key` of a decision line of the audit log."""
+    max_norm = record.get("max_norm")
+    with contextlib.suppress(TypeError, ValueError):
+        max_norm = None if max_norm is None else float(max_norm)  # "inf" in strict JSON
+    return (
+        record.get("step"),
+        record.get("action"),
+        record.get("factor"),
+        max_norm,
+        record.get("reason"),
+    )
 
 
 def issue(run: WatchedRun, decision: Decision, rails: Rails) -> tuple[int | None, str | None]:

@@ -233,19 +233,20 @@ class Monitor:
         self._step += 1
         closure = args[1] if len(args) > 1 else kwargs.get("closure")  # args[0]: the optimizer
         self._closure_step = closure is not None
-        actions: list[Any] = []
+        acks: list[int] = []  # action ids to acknowledge at this step
         new_args: StepArgs | None = None
         if self._controller is not None:  # never raises
             actions = self._controller.before_step(
                 self.optimizer, self._step, closure=self._closure_step
             )
+            acks = [*self._controller.take_reacks(), *(a.id for a in actions)]
             if closure is not None and self._controller.max_norm is not None:
                 # The closure computes this step's gradients inside step(): clip after it.
                 clipped = self._controller.clipping_closure(self.optimizer, closure)
                 new_args = _with_closure(args, kwargs, clipped)
         if rec is not None:
             rec.pending = None
-            self._guard("pre-step logging", self._log_before, None, rec, actions)
+            self._guard("pre-step logging", self._log_before, None, rec, acks)
         self._cadence.pre_done(time.perf_counter() - now)
         return new_args
 
@@ -259,10 +260,10 @@ class Monitor:
         if self.raise_on_stop and self.should_stop:
             raise StopTraining(f"lrwatch: stop action applied at step {self._step}")
 
-    def _log_before(self, rec: Recorder, actions: list[Any]) -> None:
+    def _log_before(self, rec: Recorder, acks: list[int]) -> None:
         rec.before_step(
             self._step,
-            actions,
+            acks,
             controller=self._controller,
             cadence=self._cadence,
             closure=self._closure_step,

@@ -54,12 +54,12 @@ class Recorder:
         self._last_submit = time.monotonic()
 
     def before_step(
-        self, step: int, actions: list[Any], *, controller: Any, cadence: Cadence, closure: bool
+        self, step: int, acks: list[int], *, controller: Any, cadence: Cadence, closure: bool
     ) -> None:
-        """In the pre-hook: acknowledge ``actions``, start a logging step, record the grads."""
-        if actions:
+        """In the pre-hook: acknowledge action ids, start a logging step, record the grads."""
+        if acks:
             self.rows.submit(self.writer, before=step)  # keep every tag's steps in order
-            write_acks(self.writer, step, actions, controller=controller, optimizer=self.optimizer)
+            write_acks(self.writer, step, acks, controller=controller, optimizer=self.optimizer)
         if cadence.begin_logging(step):
             t0 = time.perf_counter()
             self.pending = self.measure.start(closure_step=closure)
