@@ -34,13 +34,21 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _state(model: nn.Module, optimizer: torch.optim.Optimizer, mon: Any) -> dict[str, Any]:
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "lrwatch": mon.state_dict(),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("logdir", type=Path)
     parser.add_argument("steps", type=int)
     parser.add_argument("--lr", type=float, default=0.5)
     parser.add_argument("--val-every", type=int, default=25)
-    parser.add_argument("--ckpt-every", type=int, default=50)
+    parser.add_argument("--ckpt-every", type=int, default=50, help="0: no checkpoints")
     parser.add_argument("--pace", type=float, default=0.0)
     parser.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
     args = parser.parse_args()
@@ -58,7 +66,10 @@ def main() -> None:
         model, optimizer, logdir=args.logdir, criterion=loss_fn, log_every=5, control_every=1
     )
     start = 0
-    if ckpt.exists() and not args.fresh:
+    resuming = ckpt.exists() and not args.fresh
+    if not resuming and args.ckpt_every:  # step 0 is a checkpoint too: every restart resumes
+        save_checkpoint(ckpt, {**_state(model, optimizer, mon), "step": 0})
+    if resuming:
         state = torch.load(ckpt, weights_only=False)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -66,7 +77,6 @@ def main() -> None:
         start = state["step"]
         print(f"resumed {start}", flush=True)
     gen = torch.Generator().manual_seed(start)
-    seen = set(mon.applied_ids) if hasattr(mon, "applied_ids") else set()
     with mon:
         for step in range(start, args.steps):
             if args.pace:
@@ -78,19 +88,10 @@ def main() -> None:
             if (step + 1) % args.val_every == 0:
                 with torch.no_grad():
                     mon.log(**{"val/loss": float(loss_fn(model(x[:300]), y[:300]))})
-            if (step + 1) % args.ckpt_every == 0:
-                save_checkpoint(
-                    ckpt,
-                    {
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "lrwatch": mon.state_dict(),
-                        "step": step + 1,
-                    },
-                )
+            if args.ckpt_every and (step + 1) % args.ckpt_every == 0:
+                save_checkpoint(ckpt, {**_state(model, optimizer, mon), "step": step + 1})
             if mon.should_stop:
                 break
-    del seen
     print(f"done {step + 1}", flush=True)
 
 
