@@ -19,6 +19,7 @@ clipped inside the closure.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -78,6 +79,10 @@ class Controller:
         self._reack: list[int] = []  # applied ids whose ack may not have reached the disk
         if self.run_dir is not None and ranks.rank() == 0:
             self._previous = self._load_applied(self.run_dir / APPLIED_FILENAME)
+            # One trainer per run directory: a temporary record is one a killed trainer left.
+            for stale in self.run_dir.glob(f".{APPLIED_FILENAME}.*.tmp"):
+                with contextlib.suppress(OSError):
+                    stale.unlink()
 
     # ------------------------------------------------------------------ what is in force
     @property

@@ -73,6 +73,10 @@ class WatchedRun:
         self._hooked = False
         self.load()
         self._recall_audit()
+        # One daemon per run: a temporary state file is one a killed daemon left behind.
+        for stale in self.state_path.parent.glob(f".{STATE_FILENAME}.*"):
+            with contextlib.suppress(OSError):
+                stale.unlink()
         if mode == "apply":
             self.outbox.extend(_orphans(self.run_dir, self.audited))
 

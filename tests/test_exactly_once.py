@@ -91,3 +91,22 @@ def test_a_resumed_trainer_acknowledges_again_and_the_daemon_records_it_once(
     again.close()
     ack_lines = [r["action_id"] for r in read_audit(run_dir) if r["event"] == "acknowledged"]
     assert ack_lines == [cut.id]
+
+
+def test_temporary_files_left_by_killed_writers_are_removed(tmp_path: Path) -> None:
+    """A SIGKILL between a temporary file and its rename leaves the temporary behind."""
+    from lrwatch.controller import Controller
+
+    leftovers = [
+        tmp_path / f".{schema.CONTROL_FILENAME}.abc123.tmp",
+        tmp_path / f".{schema.APPLIED_FILENAME}.abc123.tmp",
+        tmp_path / schema.DAEMON_SUBRUN / ".state.json.abc123",
+    ]
+    leftovers[-1].parent.mkdir()
+    for path in leftovers:
+        path.write_text("{")
+    write(tmp_path, losses((1, 0.5)))
+    WatchedRun(tmp_path, analyzer_factory=LossAbove, mode="apply").close()
+    Controller(tmp_path)
+    append_action(tmp_path, action=ActionKind.STOP)
+    assert [p for p in leftovers if p.exists()] == []
