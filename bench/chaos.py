@@ -22,15 +22,17 @@ ckpt     ``ckpt.pt`` replaced                             the trainer (resumes f
 apply    a ``lrwatch apply`` temporary file created       that ``lrwatch apply``
 ======== =============================================== ====================================
 
-At the end of a session the harness stops the trainer with a ``stop`` action, lets the daemon
+At the end of a session the harness stops the trainer with a ``stop`` action (unless the daemon
+already stopped the run, e.g. for overfitting; a stopped run stays stopped), lets the daemon
 catch up, and checks, from the files alone:
 
 * lost: an action issued before the trainer's last look that no event file acknowledges, or
   without exactly one ``acknowledged`` audit line; a daemon action without exactly one decision
   line; a decision with no line;
-* doubled: an LR (``lrwatch/lr``) at any step of any event file other than the trainer's base LR
-  divided by the cuts in force in that process (an action applied twice shows as a second
-  division), a decision or ack line written twice, a hook run twice for one decision;
+* doubled (or dropped): an LR (``lrwatch/lr``) at any step of any event file other than the
+  trainer's base LR divided by the cuts in force (acknowledged in that file up to that step, or
+  in any earlier process of the run): an action applied twice shows as a second division, one
+  forgotten after a resume as a missing one; a decision line or hook run twice for a decision;
 * hung: a process that did not finish within its timeout (its stacks are dumped through
   ``faulthandler`` with SIGABRT and printed).
 
@@ -149,6 +151,7 @@ class Session:
         self.notify.watch(self.run_dir / schema.DAEMON_SUBRUN)
         self.daemon = self.start_daemon()
         self.trainer = self.start_trainer()
+        self.stopped = False
 
     # ------------------------------------------------------------------ processes
     def start_daemon(self) -> subprocess.Popen[bytes]:
@@ -192,6 +195,9 @@ class Session:
     # ------------------------------------------------------------------ one trial
     def trial(self, target: str) -> None:
         self.counts.trials += 1
+        if self.stopped:
+            self.counts.missed[target] += 1  # a stop action ended the run: nothing to kill
+            return
         if target == "apply":
             self.kill_apply()
             return
@@ -237,7 +243,8 @@ class Session:
                         return True
                     skip -= 1
             if self.trainer.poll() is not None:
-                self.trainer = self.start_trainer()  # it stopped on its own (should not happen)
+                self.stopped = True  # the daemon stopped the run (overfitting): it stays stopped
+                return False
         return False
 
     def kill_apply(self) -> None:
@@ -254,12 +261,10 @@ class Session:
 
     # ------------------------------------------------------------------ the end and the checks
     def end(self) -> None:
-        stop = subprocess.run(
-            lrwatch_cmd("apply", str(self.run_dir), "--stop", "--reason", "chaos: end"),
-            env=env(), capture_output=True, timeout=PROC_TIMEOUT, check=False,
-        )  # fmt: skip
-        if stop.returncode != 0:
-            self.counts.lost.append(f"final stop refused: {stop.stderr.decode()[-300:]}")
+        if self.trainer.poll() is not None:
+            self.stopped = True
+        if not self.stopped:
+            self.final_stop()
         self.finish(self.trainer, "trainer")
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not self.caught_up():
@@ -268,6 +273,14 @@ class Session:
         self.finish(self.daemon, "daemon")
         self.notify.close()
         self.check()
+
+    def final_stop(self) -> None:
+        stop = subprocess.run(
+            lrwatch_cmd("apply", str(self.run_dir), "--stop", "--reason", "chaos: end"),
+            env=env(), capture_output=True, timeout=PROC_TIMEOUT, check=False,
+        )  # fmt: skip
+        if stop.returncode != 0:
+            self.counts.lost.append(f"final stop refused: {stop.stderr.decode()[-300:]}")
 
     def caught_up(self) -> bool:
         acked = {i for f in self.event_files() for _, i in acks_in(f)}
@@ -318,13 +331,14 @@ class Session:
 
     def check_doubled(self, actions: Any, audit: list[dict[str, Any]]) -> None:
         by_id = {a.id: a for a in actions}
+        before: set[int] = set()  # applied by earlier processes: in force from a resume on
         for path in self.event_files():
             lrs = lrs_in(path)
             self.counts.lr_rows += len(lrs)
             pairs = acks_in(path)
             first = min((s for s, _ in pairs), default=None)
             for step, lr in sorted(lrs.items()):
-                in_force = {i for s, i in pairs if s <= step}
+                in_force = before | {i for s, i in pairs if s <= step}
                 expected = BASE_LR / cut_factor(in_force, by_id)
                 if not math.isclose(lr, expected, rel_tol=1e-5):
                     self.counts.doubled.append(
@@ -332,6 +346,7 @@ class Session:
                         f"(acks {sorted(pairs)[:6]}, first {first})"
                     )
                     break
+            before |= {i for _, i in pairs}
 
 
 def acks_in(path: Path) -> list[tuple[int, int]]:

@@ -255,7 +255,13 @@ class Controller:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """What has been applied: enough for a resumed run to neither reapply nor lose."""
+        """What has been applied: enough for a resumed run to neither reapply nor lose.
+
+        A checkpoint taken before the first step already names its run: a process resumed
+        from it must recognise the run directory's record of that run as its own.
+        """
+        if self._resumed is None and self.run_dir is not None and ranks.rank() == 0:
+            self._start_new_run()
         return self._applied.to_json()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -269,7 +275,8 @@ class Controller:
         loaded = Applied.from_json(state)
         run_id = loaded.run_id
         known = [a for a in (self._applied, self._previous) if a is not None]
-        same = [loaded, *(a for a in known if a.run_id == run_id)]
+        # A state saved before run ids ("") is taken to be of the directory's run, as then.
+        same = [loaded, *(a for a in known if a.run_id == run_id or not run_id)]
         self._applied = max(same, key=lambda a: a.last_id)
         self._resumed = True
         self._reack = list(self._applied.ids)

@@ -287,6 +287,11 @@ class Monitor:
         try:
             self._guard("closing skipped steps", self._close_skips, None, rec)
             self._guard("writing the last rows", rec.rows.submit, None, rec.writer)
+            # Last: a reader that sees it knows every record of this process is in (issue 9).
+            self._guard(
+                "marking the run closed",
+                rec.writer.add_scalars, None, self._step, [schema.CLOSED], [float(self._step)],
+            )  # fmt: skip
         finally:
             rec.writer.close()
 
