@@ -305,9 +305,10 @@ class Session:
         lines = collections.Counter(
             r["action_id"] for r in audit if r["event"] == "decision" and r["action_id"]
         )
+        stops = [a.id for a in actions if a.action is schema.ActionKind.STOP and a.id in acked]
         for a in actions:
-            if a.action is schema.ActionKind.UNDO:
-                continue
+            if a.action is schema.ActionKind.UNDO or (stops and a.id > min(stops)):
+                continue  # nothing is applied after a stop: such an action is not lost
             if a.id not in acked:
                 self.counts.lost.append(f"action {a.id} ({a.action.value}) never acknowledged")
             if ack_lines[a.id] != 1:
