@@ -106,6 +106,9 @@ class Daemon:
 # ------------------------------------------------------------------------------ the watch loop
 RESCAN_SECONDS = 30.0  # with inotify, a full pass this often anyway: events are only hints
 FALLBACK_POLL = 1.0  # seconds between passes when inotify cannot be used (e.g. too many watches)
+# watchdog installs its watches on its own thread after start(): a run written in that moment
+# raises no event, so the second pass comes this soon instead of after RESCAN_SECONDS.
+STARTUP_RESCAN = 1.0
 MIN_INTERVAL = 0.05  # seconds: a trainer flushing in bursts wakes us once per burst, not per write
 
 
@@ -162,9 +165,11 @@ def watch(daemon: Daemon, *, waker: Waker, poll: float | None = None) -> None:
     if poll is None:
         observer, interval = _observer(daemon.logdirs, waker)
     with observer:
+        wait = min(interval, STARTUP_RESCAN)
         while True:
             daemon.process()
-            waker.wait(interval)
+            waker.wait(wait)
+            wait = interval
 
 
 def _observer(logdirs: Sequence[Path], waker: Waker) -> tuple[Any, float]:
