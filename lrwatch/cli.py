@@ -218,6 +218,8 @@ def apply(
         raise click.UsageError(str(err)) from err
     except LrwatchError as err:
         fail(err)
+    except OSError as err:  # a full disk or a read-only run: one line, the file left as it was
+        raise click.ClickException(f"{run_dir}: control file not written: {err}") from err
     click.echo(json.dumps(action.to_json()))
 
 

@@ -10,10 +10,12 @@ temporary file in the same directory and renames it over the old one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import math
 import os
+import reprlib
 import stat
 import tempfile
 import time
@@ -33,6 +35,8 @@ from lrwatch.schema import (
 )
 
 MAX_CONTROL_BYTES = 1 << 20  # ~10k actions; anything bigger is not something lrwatch wrote
+# The hook acknowledges an id as a float32 TensorBoard value, exact up to 2**24.
+MAX_ACTION_ID = 1 << 24
 LOCK_FILENAME = ".lrwatch_control.lock"  # serialises the daemon and a human appending at once
 
 # Which optional field each action needs; the others must be absent (or null).
@@ -42,36 +46,63 @@ _KINDS = {kind.value: kind for kind in CONTROL_ACTIONS}
 
 
 def read_control(path: Path) -> ControlFile:
-    """Read and validate a control file; raise ControlFileError with one reason if untrusted."""
+    """Read and validate a control file; raise ControlFileError with one reason if untrusted.
+
+    Whatever is at ``path`` (a FIFO, socket, device or symlink swapped in at any moment, a huge
+    or hostile document), this returns or raises ControlFileError; it never blocks or escapes.
+    """
     try:
-        st = os.lstat(path)
-    except OSError as err:
-        raise ControlFileError(f"{path}: cannot stat: {err.strerror}") from err
-    if stat.S_ISLNK(st.st_mode):
-        raise ControlFileError(f"{path}: is a symlink; lrwatch only reads a regular file")
-    if not stat.S_ISREG(st.st_mode):
-        raise ControlFileError(f"{path}: not a regular file")
-    if st.st_size > MAX_CONTROL_BYTES:
-        raise ControlFileError(f"{path}: {st.st_size} bytes, over the {MAX_CONTROL_BYTES} cap")
-    try:
-        # O_NOFOLLOW closes the gap between the lstat above and this open.
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-        with os.fdopen(fd, "rb") as f:
-            raw = f.read(MAX_CONTROL_BYTES + 1)
-    except OSError as err:
-        raise ControlFileError(f"{path}: cannot read: {err.strerror}") from err
-    if len(raw) > MAX_CONTROL_BYTES:
-        raise ControlFileError(f"{path}: grew over the {MAX_CONTROL_BYTES} byte cap")
+        return decode_control(_read_regular(path))
+    except ControlFileError as err:
+        raise ControlFileError(f"{path}: {err}") from None
+
+
+def decode_control(raw: bytes) -> ControlFile:
+    """Validate the bytes of a control file (strict UTF-8 JSON, no BOM); ControlFileError if not."""
     try:
         doc = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as err:
-        raise ControlFileError(
-            f"{path}: not valid JSON (maybe still being written): {err}"
-        ) from err
+        # ValueError also covers integers past Python's 4300-digit parsing limit.
+        raise ControlFileError(f"not valid JSON (maybe still being written): {err}") from err
+    return parse_control(doc)
+
+
+def _read_regular(path: Path) -> bytes:
+    """At most MAX_CONTROL_BYTES + 1 bytes of the regular file at ``path``.
+
+    There is no lstat-then-open: whatever is checked must be what was opened, or a FIFO swapped
+    in between would block ``open`` forever. So: open without following a symlink and without
+    blocking (a FIFO opens at once, a socket fails), then fstat the descriptor itself.
+    """
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
     try:
-        return parse_control(doc)
-    except ControlFileError as err:
-        raise ControlFileError(f"{path}: {err}") from None
+        fd = os.open(path, flags)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise ControlFileError(
+                f"{path}: is a symlink; lrwatch only reads a regular file"
+            ) from None
+        raise ControlFileError(f"{path}: cannot open: {err.strerror}") from err
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ControlFileError(f"{path}: not a regular file")
+        if st.st_size > MAX_CONTROL_BYTES:
+            raise ControlFileError(f"{path}: {st.st_size} bytes, over the {MAX_CONTROL_BYTES} cap")
+        chunks, size = [], 0
+        while size <= MAX_CONTROL_BYTES:
+            chunk = os.read(fd, MAX_CONTROL_BYTES + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as err:
+        raise ControlFileError(f"{path}: cannot read: {err.strerror}") from err
+    finally:
+        os.close(fd)
+    if size > MAX_CONTROL_BYTES:
+        raise ControlFileError(f"{path}: grew over the {MAX_CONTROL_BYTES} byte cap")
+    return b"".join(chunks)
 
 
 def _refuse_constant(name: str) -> Any:
@@ -84,15 +115,15 @@ def parse_control(doc: Any) -> ControlFile:
         raise ControlFileError("top level must be a JSON object")
     version = doc.get("version")
     if not _is_int(version) or version < 1:
-        raise ControlFileError(f"version must be a positive integer, got {version!r}")
+        raise ControlFileError(f"version must be a positive integer, got {_show(version)}")
     if version > CONTROL_VERSION:
         raise ControlFileError(
             f"version {version} is newer than this lrwatch understands ({CONTROL_VERSION}); "
             "upgrade lrwatch"
         )
     run = doc.get("run", "")
-    if not isinstance(run, str):
-        raise ControlFileError("run must be a string")
+    if not _is_text(run):
+        raise ControlFileError("run must be a string of Unicode text")
     entries = doc.get("actions")
     if not isinstance(entries, list):
         raise ControlFileError("actions must be a list")
@@ -109,28 +140,27 @@ def _parse_action(entry: Any, earlier: list[Action]) -> Action:
     if not isinstance(entry, dict):
         raise ControlFileError("an action must be a JSON object")
     id_ = entry.get("id")
-    if not _is_int(id_) or id_ < 1:
-        raise ControlFileError(f"id must be a positive integer, got {id_!r}")
+    if not _is_int(id_) or not 1 <= id_ <= MAX_ACTION_ID:
+        raise ControlFileError(f"id must be an integer in 1..{MAX_ACTION_ID}, got {_show(id_)}")
     if earlier and id_ <= earlier[-1].id:
         raise ControlFileError(f"id {id_} does not increase (previous id {earlier[-1].id})")
     word = entry.get("action")
     kind = _KINDS.get(word) if isinstance(word, str) else None
     if kind is None:
-        raise ControlFileError(f"unknown action {word!r}; one of {', '.join(_KINDS)}")
+        raise ControlFileError(f"unknown action {_show(word)}; one of {', '.join(_KINDS)}")
     fields = {name: entry.get(name) for name in _OPTIONAL}
     for name, value in fields.items():
         if name != _FIELD_OF.get(kind) and value is not None:
             raise ControlFileError(f"{name} does not belong to a {kind.value} action")
     _check_field(kind, fields, earlier)
     reason, source = entry.get("reason", ""), entry.get("source", "human")
-    if not isinstance(reason, str) or not isinstance(source, str):
-        raise ControlFileError("reason and source must be strings")
-    issued_at = entry.get("issued_at", 0.0)
-    if not _is_number(issued_at) or not math.isfinite(issued_at) or issued_at < 0:
-        raise ControlFileError(f"issued_at must be a finite time >= 0, got {issued_at!r}")
-    return Action(
-        id=id_, action=kind, reason=reason, source=source, issued_at=float(issued_at), **fields
-    )
+    if not _is_text(reason) or not _is_text(source):
+        raise ControlFileError("reason and source must be strings of Unicode text")
+    issued_at = _finite(entry.get("issued_at", 0.0))
+    if issued_at is None or issued_at < 0:
+        shown = _show(entry.get("issued_at"))
+        raise ControlFileError(f"issued_at must be a finite time >= 0, got {shown}")
+    return Action(id=id_, action=kind, reason=reason, source=source, issued_at=issued_at, **fields)
 
 
 def _check_field(kind: ActionKind, fields: dict[str, Any], earlier: list[Action]) -> None:
@@ -138,26 +168,59 @@ def _check_field(kind: ActionKind, fields: dict[str, Any], earlier: list[Action]
         not _is_int(fields["factor"]) or fields["factor"] not in ALLOWED_LR_FACTORS
     ):
         raise ControlFileError(
-            f"factor must be one of {ALLOWED_LR_FACTORS}, got {fields['factor']!r}"
+            f"factor must be one of {ALLOWED_LR_FACTORS}, got {_show(fields['factor'])}"
         )
     if kind is ActionKind.CLIP:
-        norm = fields["max_norm"]
-        if not _is_number(norm) or not math.isfinite(norm) or norm <= 0:
-            raise ControlFileError(f"max_norm must be a finite number > 0, got {norm!r}")
-        fields["max_norm"] = float(norm)
+        norm = _finite(fields["max_norm"])
+        if norm is None or norm <= 0:
+            raise ControlFileError("max_norm must be a finite number > 0")
+        fields["max_norm"] = norm
     if kind is ActionKind.UNDO:
         target = fields["target"]
         undoable = {a.id for a in earlier if a.action in (ActionKind.LR_CUT, ActionKind.CLIP)}
         if not _is_int(target) or target not in undoable:
-            raise ControlFileError(f"target {target!r} is not the id of an earlier lr_cut or clip")
+            raise ControlFileError(
+                f"target {_show(target)} is not the id of an earlier lr_cut or clip"
+            )
 
 
 def _is_int(x: Any) -> TypeGuard[int]:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _is_number(x: Any) -> TypeGuard[int | float]:
-    return isinstance(x, int | float) and not isinstance(x, bool)
+def _finite(x: Any) -> float | None:
+    """``x`` as a finite float, or None: not a number, NaN/Inf, or an int past float's range.
+
+    A 400-digit JSON integer is a valid Python int that ``float`` and ``math.isfinite`` refuse
+    with OverflowError; it must be refused as untrusted, not raised past the reader.
+    """
+    if not isinstance(x, int | float) or isinstance(x, bool):
+        return None
+    try:
+        value = float(x)
+    except OverflowError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _is_text(x: Any) -> TypeGuard[str]:
+    """A str that can be written back as UTF-8 (JSON allows lone surrogates, files do not)."""
+    if not isinstance(x, str):
+        return False
+    try:
+        x.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+_SHORT = reprlib.Repr()  # bounded depth and length: a hostile value may be 4000 digits or deep
+_SHORT.maxstring = _SHORT.maxother = _SHORT.maxlong = 40
+
+
+def _show(value: Any) -> str:
+    """A value from the file, shortened for a one-line message."""
+    return _SHORT.repr(value)
 
 
 def write_atomic(path: Path, doc: Mapping[str, Any]) -> None:
@@ -221,6 +284,7 @@ def append_action(
         raise RunGone(f"{run_dir}: no such run directory")
     with _locked(run_dir):
         path = run_dir / CONTROL_FILENAME
+        _remove_stale_temporaries(path)
         current = read_control(path) if os.path.lexists(path) else ControlFile(run=run_dir.name)
         new = Action(
             id=current.actions[-1].id + 1 if current.actions else 1,
@@ -238,6 +302,14 @@ def append_action(
             raise ControlFileError(f"{path}: full; start a new run directory")
         write_atomic(path, doc)
     return new
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete temporary files of writers killed before their rename (called under the lock,
+    which every writer of this file holds, so none of them is still being written)."""
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        with contextlib.suppress(OSError):
+            stale.unlink()
 
 
 def _check_new(new: Action, current: ControlFile) -> None:

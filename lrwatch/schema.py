@@ -36,6 +36,7 @@ CLIP_MAX_NORM = "lrwatch/clip_max_norm"  # max_norm of an lrwatch clip action in
 LR_FACTOR = "lrwatch/lr_factor"  # cumulative divisor applied by lrwatch cuts (1.0 = none)
 CONTROL_ACK = "lrwatch/control/ack"  # id of a control action, at the step it was applied
 STOP = "lrwatch/stop"  # 1.0 at the step a stop action was applied
+CLOSED = "lrwatch/closed"  # written last by Monitor.close(), at the last step: all of it is in
 
 LR_GROUP_FMT = "lrwatch/lr/group{}"  # param groups 1..n-1; group 0 is LR
 PER_TENSOR_PREFIXES = {
@@ -47,6 +48,7 @@ PER_TENSOR_PREFIXES = {
 # The daemon writes its own findings and decisions into this sub-run of each run, so TensorBoard
 # shows them on the same step axis without touching the trainer's files.
 DAEMON_SUBRUN = "lrwatch_daemon"
+HOOK_FILE_SUFFIX = ".lrwatch"  # the hook's event files end with it; the daemon looks for it
 FINDING_TAG_FMT = "lrwatch_daemon/finding/{}"  # scalar marker per finding kind (value: severity)
 DECISION_TAG_FMT = "lrwatch_daemon/decision/{}"  # scalar marker per action
 DECISION_TEXT_TAG = "lrwatch_daemon/decisions"  # text summary with the reason

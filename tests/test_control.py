@@ -309,8 +309,8 @@ def test_a_check_that_finds_nothing_new_is_one_stat(
     assert calls == {"lstat": 3, "stat": 0, "open": 0}
     append_action(tmp_path, action=STOP)
     calls.update(lstat=0, stat=0, open=0)
-    train(sgd(), ctl, 30)  # first check parses (lstat + read's lstat + open), then one lstat each
-    assert calls == {"lstat": 4, "stat": 0, "open": 1}
+    train(sgd(), ctl, 30)  # first check parses (lstat + open, then fstat), then one lstat each
+    assert calls == {"lstat": 3, "stat": 0, "open": 1}
 
 
 # ---------------------------------------------------------------------------- schedulers
@@ -453,22 +453,41 @@ def test_stop_sets_should_stop_and_is_reported_once(
 
 
 # ---------------------------------------------------------------------------- exactly once
-def test_a_restarted_controller_neither_reapplies_nor_loses(tmp_path: Path) -> None:
+def test_a_new_run_in_an_old_directory_inherits_nothing_and_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 9: a fresh watch() (no state loaded) is a new run, not the old one restarted."""
+    first = Controller(tmp_path, check_every=1)
+    append_action(tmp_path, action=CUT, factor=5)
+    append_action(tmp_path, action=CLIP, max_norm=3.0)
+    assert len(first.before_step(sgd(), 0)) == 2
+    second = Controller(tmp_path, check_every=1)  # a new training run in the same directory
+    opt = sgd(0.1)
+    assert second.before_step(opt, 0) == []
+    assert opt.param_groups[0]["lr"] == 0.1  # the old run's cut by 5 is not inherited
+    assert (second.lr_factor, second.max_norm) == (1.0, None)
+    second.after_step(opt)
+    assert any("belong to run" in m for m in warnings_of(caplog))
+    cut = append_action(tmp_path, action=CUT, factor=2)  # written for the new run
+    assert second.before_step(opt, 1) == [cut]
+    assert second.lr_factor == 2.0
+    saved = json.loads((tmp_path / APPLIED_FILENAME).read_text())
+    assert saved["applied_ids"] == [3] and saved["base"] == 2
+
+
+def test_a_resumed_run_keeps_what_it_applied_and_acknowledges_it_again(tmp_path: Path) -> None:
     first = Controller(tmp_path, check_every=1)
     append_action(tmp_path, action=CUT, factor=2)
     append_action(tmp_path, action=CLIP, max_norm=3.0)
-    assert len(first.before_step(sgd(), 0)) == 2
-    restarted = Controller(tmp_path, check_every=1)  # the trainer came back from the run dir
-    assert (restarted.lr_factor, restarted.max_norm, restarted.applied_ids) == (2.0, 3.0, [1, 2])
+    first.before_step(sgd(), 0)
+    checkpoint = json.loads(json.dumps(first.state_dict()))
+    resumed = Controller(tmp_path, check_every=1)
+    resumed.load_state_dict(checkpoint)
     opt = sgd(0.1)
-    assert restarted.before_step(opt, 0) == []
+    assert resumed.before_step(opt, 0) == []
     assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
-    restarted.after_step(opt)
-    cut = append_action(tmp_path, action=CUT, factor=5)
-    assert restarted.before_step(opt, 1) == [cut]
-    assert restarted.lr_factor == 10.0
-    saved = json.loads((tmp_path / APPLIED_FILENAME).read_text())
-    assert saved["applied_ids"] == [1, 2, 3]
+    assert resumed.take_reacks() == [1, 2]  # the ack may not have reached the disk
+    assert resumed.take_reacks() == []
 
 
 def test_state_dict_round_trips_and_resumes_without_reapplying(tmp_path: Path) -> None:

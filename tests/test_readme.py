@@ -30,7 +30,7 @@ def test_readme_tag_table_names_every_tag_the_hook_writes() -> None:
     hook_tags = [
         schema.LOSS, schema.NONFINITE, schema.LR, schema.GRAD_NORM, schema.GRAD_NORM_PRECLIP,
         schema.UPDATE_RATIO, schema.WEIGHT_NORM, schema.LOSS_SCALE, schema.SKIPPED,
-        schema.CLIP_MAX_NORM, schema.LR_FACTOR, schema.CONTROL_ACK, schema.STOP,
+        schema.CLIP_MAX_NORM, schema.LR_FACTOR, schema.CONTROL_ACK, schema.STOP, schema.CLOSED,
         schema.lr_group_tag(1).replace("1", "<i>"),
         *(schema.per_tensor_tag(q, "<param>") for q in schema.PER_TENSOR_PREFIXES),
     ]  # fmt: skip

@@ -54,7 +54,7 @@ class LossAbove:
         self.findings: list[Finding] = []
         self.fed = 0
 
-    def feed(self, scalars: Iterable[Scalar]) -> list[Decision]:
+    def feed(self, scalars: Iterable[Scalar], **how: bool) -> list[Decision]:
         out = []
         for s in sorted(scalars, key=lambda s: s.step):
             self.fed += 1

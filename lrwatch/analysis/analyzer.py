@@ -32,7 +32,7 @@ from lrwatch.analysis.role_checks import RoleChecks
 from lrwatch.analysis.run_tags import RunTags
 from lrwatch.errors import LrwatchError
 from lrwatch.policy.responses import plan_for
-from lrwatch.schema import Analysis, Decision, Finding, Scalar
+from lrwatch.schema import Analysis, Decision, Finding, Scalar, json_number
 
 __all__ = ["NoUsableTags", "RunAnalyzer", "analyze_run"]
 
@@ -70,6 +70,8 @@ class RunAnalyzer:
         self._cut: LastCut | None = None
         # why each warning or critical finding led to no decision, by (kind, tag, step)
         self.why_quiet: dict[tuple[str, str, int], str] = {}
+        self._held: list[Scalar] = []  # read, but their step may still be incomplete
+        self._rows_upto = -1  # the newest step of a per-step lrwatch/lr row
 
     # ---------------------------------------------------------------- public surface
     @property
@@ -97,17 +99,24 @@ class RunAnalyzer:
         """Whether any tag the detectors read has been seen."""
         return bool(self._tags.roles)
 
-    def feed(self, scalars: Iterable[Scalar]) -> list[Decision]:
+    def feed(
+        self, scalars: Iterable[Scalar], *, live: bool = False, hooked: bool = False
+    ) -> list[Decision]:
         """Take new scalars (any order within the batch); returns the decisions they led to.
 
+        With ``live=True`` (a run still being written, as the daemon reads it) a step is
+        judged only once all of it is in (:meth:`_complete`), so the decisions do not depend
+        on where reads happened to stop; a later call without it judges what is held too.
+        ``hooked``: the run has lrwatch's own event file, so its per-step rows will come.
         Tags are learned in step order, so a replay sees the run exactly as a live watcher
         did: the monitored metric is the training loss until a validation loss first appears.
         """
-        batch = list(scalars)
-        tags = {s.tag for s in batch}
+        batch = [*self._held, *scalars]
+        ready, self._held = self._complete(batch, hooked=hooked) if live else (batch, [])
+        tags = {s.tag for s in ready}
         self._tags.tags |= tags
         keep = {t for t in tags if self._tags.is_useful(t, metric=self.config.metric)}
-        mine = sorted((s for s in batch if s.tag in keep), key=_STEP)
+        mine = sorted((s for s in ready if s.tag in keep), key=_STEP)
         out: list[Decision] = []
         for step, group in itertools.groupby(mine, key=_STEP):
             points = list(group)
@@ -116,6 +125,25 @@ class RunAnalyzer:
             out.extend(self._at_step(step, points))
         self.decisions.extend(out)
         return out
+
+    def _complete(self, batch: list[Scalar], *, hooked: bool) -> tuple[list[Scalar], list[Scalar]]:
+        """Split ``batch`` into the steps known complete and the rest, held for the next feed.
+
+        The hook writes a step's rows in batches, values passed to ``mon.log`` at once, so
+        ``val/loss`` at step 901 can precede the loss at step 900 in the file. Its per-step
+        ``lrwatch/lr`` row comes last in each batch, after the logging step's events: every
+        step before the newest such row is complete (nothing is, in a hooked run whose first
+        rows are not in yet), and every step up to ``lrwatch/closed``, which the hook writes
+        last when it closes. A run without those rows (not lrwatch's) holds its newest step.
+        """
+        rows = [s.step for s in batch if s.tag == schema.LR]
+        rows += [s.step + 1 for s in batch if s.tag == schema.CLOSED]  # closed: all of it is in
+        if rows:
+            self._rows_upto = max(self._rows_upto, *rows)
+        limit = self._rows_upto
+        if limit < 0 and not hooked:
+            limit = max((s.step for s in batch), default=-1)
+        return [s for s in batch if s.step < limit], [s for s in batch if s.step >= limit]
 
     # ---------------------------------------------------------------- one step
     def _at_step(self, step: int, points: list[Scalar]) -> list[Decision]:
@@ -134,7 +162,7 @@ class RunAnalyzer:
         point = self._last_lr()
         lr = None if point is None else point.value
         if self._cut_unapplied():
-            held = [f for f in found if self._held(f)]
+            held = [f for f in found if self._cut_answers(f)]
             for f in held:
                 if f.severity is not schema.Severity.INFO:
                     why = "the last cut was never applied, so no further cut is made"
@@ -157,7 +185,7 @@ class RunAnalyzer:
                 self._cut = LastCut(step, known_lr, d.factor)
         return out
 
-    def _held(self, f: Finding) -> bool:
+    def _cut_answers(self, f: Finding) -> bool:
         """Whether an unapplied cut answers ``f`` already: it asks for no deeper cut than that
         one. A plateau's unapplied halving must not silence an explosion's cut by 10."""
         if f.kind not in HELD_WHEN_UNAPPLIED:
@@ -242,6 +270,8 @@ class RunAnalyzer:
             "active": self._checks.conditions.state(),
             "gates": {tag: g.state() for tag, g in self._checks.gates.items()},
             "cut": None if self._cut is None else self._cut.state(),
+            "held": [[p.tag, p.step, p.wall_time, json_number(p.value)] for p in self._held],
+            "rows_upto": self._rows_upto,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -258,6 +288,11 @@ class RunAnalyzer:
         self._checks.gates = {tag: ExplosionGate.from_state(g) for tag, g in state["gates"].items()}
         # "cut" is absent from states saved before it existed
         self._cut = LastCut.from_state(state.get("cut"))
+        # "held" and "rows_upto" are absent from states saved before read-boundary holding
+        self._held = [
+            Scalar(str(t), int(s), float(w), float(v)) for t, s, w, v in state.get("held", [])
+        ]
+        self._rows_upto = int(state.get("rows_upto", -1))
 
 
 def _tag_hint(wanted: str, tags: Iterable[str]) -> str:

@@ -15,6 +15,7 @@ An output that fails (a full disk, a vanished run) logs a warning and never stop
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -114,12 +115,20 @@ def append_audit(run_dir: Path, record: dict[str, Any]) -> None:
     """Append one line to the run's audit log.
 
     One ``write`` on an ``O_APPEND`` descriptor, so a concurrent reader or a second writer never
-    sees half a line interleaved with another.
+    sees half a line interleaved with another. Raises OSError when the line is not on disk whole.
     """
     line = (json.dumps(record, sort_keys=False, allow_nan=False) + "\n").encode()
     fd = os.open(audit_path(run_dir), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, line)
+        size = os.fstat(fd).st_size
+        try:
+            written = os.write(fd, line)
+        except OSError:
+            written = -1
+        if written != len(line):
+            # A full disk can take part of a line: cut it off, so a retry appends it whole.
+            os.ftruncate(fd, size)
+            raise OSError(errno.ENOSPC, f"{audit_path(run_dir)}: line not written whole")
     finally:
         os.close(fd)
 
@@ -281,8 +290,8 @@ class DecisionSink:
             wall_time=now,
             held_back=held_back,
         )
-        logger.log(console_level(decision, applied=action_id is not None), console_line(record))
         self._append(record)
+        logger.log(console_level(decision, applied=action_id is not None), console_line(record))
         self._write(decision_markers(decision), (decision.step, decision_text(record)), now)
         return record
 
@@ -293,10 +302,10 @@ class DecisionSink:
     def acknowledge(self, action_id: int, *, step: int, lr: float | None = None) -> None:
         """Record that the trainer applied ``action_id`` at ``step`` (read back from its events)."""
         now = self._clock()
+        self._append(ack_record(action_id, run=str(self.run_dir), step=step, lr=lr, wall_time=now))
         logger.info(
             "%s: action #%d acknowledged at step %d (lr %s)", self.run_dir, action_id, step, lr
         )
-        self._append(ack_record(action_id, run=str(self.run_dir), step=step, lr=lr, wall_time=now))
 
     def close(self) -> None:
         """Flush and close the TensorBoard writer, if one was opened."""
@@ -314,9 +323,10 @@ class DecisionSink:
         self.close()
 
     def _append(self, record: dict[str, Any]) -> None:
+        """Append one audit line; OSError (a full disk) reaches the caller, which retries."""
         try:
             append_audit(self.run_dir, record)
-        except (OSError, ValueError) as err:
+        except ValueError as err:  # not strict JSON: retrying would not help
             logger.warning("%s: cannot append to the audit log: %s", self.run_dir, err)
 
     def _write(

@@ -89,6 +89,10 @@ class Daemon:
                 continue
             except Exception:  # broad: one run's bad data must not blind the daemon to the rest
                 logger.exception("%s: processing failed; will retry on the next wake-up", run_dir)
+                # The failed pass consumed records in memory only: forget the run, so the next
+                # pass rebuilds it from its saved state and reads (and decides) them again.
+                run.close()
+                del self.runs[run_dir]
                 continue
             if decisions:
                 taken[run_dir] = decisions
@@ -103,6 +107,9 @@ class Daemon:
 RESCAN_SECONDS = 30.0  # with inotify, a full pass this often anyway: events are only hints
 FALLBACK_POLL = 1.0  # seconds between passes when inotify cannot be used (e.g. too many watches)
 NEW_DIR_RECHECK = 0.5  # seconds after a new directory appeared: one more pass
+# watchdog installs its watches on its own thread after start(): a run written in that moment
+# raises no event, so the second pass comes this soon instead of after RESCAN_SECONDS.
+STARTUP_RESCAN = 1.0
 MIN_INTERVAL = 0.02  # seconds: a trainer flushing in bursts wakes us once per burst, not per write
 
 
@@ -164,13 +171,15 @@ def watch(daemon: Daemon, *, waker: Waker, poll: float | None = None) -> None:
     if poll is None:
         observer, interval = _observer(daemon.logdirs, waker)
     with observer:
+        wait = min(interval, STARTUP_RESCAN)
         while True:
             daemon.process()
             if waker.new_dir.is_set():
                 waker.new_dir.clear()
                 waker.stopping.wait(NEW_DIR_RECHECK)
                 waker.woken.set()  # one more pass for writes the new watch may have missed
-            waker.wait(interval)
+            waker.wait(wait)
+            wait = interval
 
 
 def _observer(logdirs: Sequence[Path], waker: Waker) -> tuple[Any, float]:

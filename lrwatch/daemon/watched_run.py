@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -47,7 +48,9 @@ class Analyzer(Protocol):
     def why_quiet(self) -> dict[tuple[str, str, int], str]:
         """Why each warning or critical finding led to no decision, by (kind, tag, step)."""
 
-    def feed(self, scalars: Iterable[Scalar]) -> list[Decision]: ...
+    def feed(
+        self, scalars: Iterable[Scalar], *, live: bool = False, hooked: bool = False
+    ) -> list[Decision]: ...
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -67,8 +70,26 @@ class WatchedRun:
         self.ledger = Ledger()
         self.sink = DecisionSink(self.run_dir, mode=mode)
         self.audited: set[int] = set()  # action ids whose decision line is in the audit log
+        self.recorded: set[tuple[Any, ...]] = set()  # decisions with a line (see _record_key)
+        self.outbox: list[Decision] = []  # decided, not yet fully written (a full disk)
+        self.unacked: list[tuple[int, int, float | None]] = []  # (id, step, lr) acks to record
+        self.dirty = False  # state changed since the last successful save
+        self._hooked = False
         self.load()
         self._recall_audit()
+        # One daemon per run: a temporary state file is one a killed daemon left behind.
+        for stale in self.state_path.parent.glob(f".{STATE_FILENAME}.*"):
+            with contextlib.suppress(OSError):
+                stale.unlink()
+        if mode == "apply":
+            self.outbox.extend(_orphans(self.run_dir, self.audited))
+
+    @property
+    def hooked(self) -> bool:
+        """Whether lrwatch's hook writes this run (its event file has the ``.lrwatch`` suffix)."""
+        if not self._hooked:
+            self._hooked = any(self.run_dir.glob(f"*tfevents*{schema.HOOK_FILE_SUFFIX}"))
+        return self._hooked
 
     @property
     def state_path(self) -> Path:
@@ -109,16 +130,21 @@ class WatchedRun:
         """Seed what the audit log already says, so a restart after a crash (state not saved)
         writes no decision or acknowledgement line twice and runs no hook twice."""
         for record in read_audit(self.run_dir):
-            action_id = record.get("action_id")
+            event, action_id = record.get("event"), record.get("action_id")
+            if event == "decision":
+                self.recorded.add(_record_key(record))
             if not isinstance(action_id, int):
                 continue
-            if record.get("event") == "decision":
+            if event == "decision":
                 self.audited.add(action_id)
-            elif record.get("event") == "acknowledged":
+            elif event == "acknowledged":
                 self.ledger.acked.add(action_id)
 
-    def save(self) -> None:
-        """Write the state atomically: a daemon killed mid-write leaves the previous state."""
+    def save(self) -> bool:
+        """Write the state atomically: a daemon killed mid-write leaves the previous state.
+
+        Returns False (after a warning) when it could not be written, e.g. on a full disk.
+        """
         path = self.state_path
         try:
             path.parent.mkdir(exist_ok=True)
@@ -135,6 +161,8 @@ class WatchedRun:
                 raise
         except (OSError, ValueError, TypeError) as err:
             logger.warning("%s: cannot save daemon state: %s", path, err)
+            return False
+        return True
 
     def close(self) -> None:
         self.sink.close()
@@ -146,64 +174,145 @@ def run_once(
     """Read what is new in one run, decide, and send each decision everywhere it goes.
 
     In apply mode (``run.sink.mode``) each decision the rails allow becomes a control-file
-    action. Returns the decisions taken; saves the run's state when anything was read.
+    action. Returns the decisions taken. Outputs that a full disk refused wait in the run's
+    outbox and go out, in order and once, on a later pass; the state is saved only when nothing
+    waits, so a daemon killed meanwhile re-derives them from the last saved state.
     """
     scalars = run.reader.poll()
-    if not scalars:
-        return []
-    read_back(run, scalars)
-    seen = len(run.analyzer.findings)
-    decisions = run.analyzer.feed(scalars)
-    for decision in decisions:
-        action_id, held = None, None
-        if run.sink.mode == "apply":
-            action_id, held = issue(run, decision, rails or Rails())
-            if action_id is not None and action_id in run.audited:
-                continue  # re-derived after a crash: its audit line and hooks already went out
-        record = run.sink.emit(decision, action_id=action_id, held_back=held)
-        if action_id is not None:
-            run.audited.add(action_id)
-        if hooks is not None:
-            hooks.notify(record)
-    decided = [f for d in decisions for f in d.findings]
-    quiet = [f for f in list(run.analyzer.findings)[seen:] if f not in decided]
-    for f in quiet:  # printed as they happen: a warning nobody acts on says why
-        if f.severity is not Severity.INFO:
-            why = run.analyzer.why_quiet.get((f.kind.value, f.tag, f.step))
-            logger.warning("%s", finding_line(run.run_dir, f, why))
-    run.sink.mark_findings(quiet)
-    run.save()
+    decisions: list[Decision] = []
+    if scalars:
+        read_back(run, scalars)
+        seen = len(run.analyzer.findings)
+        decisions = run.analyzer.feed(scalars, live=True, hooked=run.hooked)
+        run.outbox.extend(decisions)
+        decided = [f for d in decisions for f in d.findings]
+        quiet = [f for f in list(run.analyzer.findings)[seen:] if f not in decided]
+        for f in quiet:  # printed as they happen: a warning nobody acts on says why
+            if f.severity is not Severity.INFO:
+                why = run.analyzer.why_quiet.get((f.kind.value, f.tag, f.step))
+                logger.warning("%s", finding_line(run.run_dir, f, why))
+        run.sink.mark_findings(quiet)
+        run.dirty = True
+    deliver(run, rails or Rails(), hooks)
+    if run.dirty and not run.outbox and not run.unacked:
+        run.dirty = not run.save()
     return decisions
 
 
+def deliver(run: WatchedRun, rails: Rails, hooks: HookRunner | None) -> None:
+    """Send what waits (acknowledgements, then decisions), oldest first; stop at a full disk."""
+    while run.unacked:
+        action_id, step, lr = run.unacked[0]
+        try:
+            run.sink.acknowledge(action_id, step=step, lr=lr)
+        except OSError as err:
+            logger.warning(
+                "%s: ack of #%d not recorded yet (%s); will retry", run.run_dir, action_id, err
+            )
+            return
+        run.ledger.acked.add(action_id)
+        run.unacked.pop(0)
+    while run.outbox:
+        if not _deliver_one(run, run.outbox[0], rails, hooks):
+            return
+        run.outbox.pop(0)
+
+
+def _deliver_one(
+    run: WatchedRun, decision: Decision, rails: Rails, hooks: HookRunner | None
+) -> bool:
+    """Issue (apply mode) and record one decision; False if a write failed and must be retried."""
+    action_id, held = None, None
+    key = _decision_key(decision)
+    if key in run.recorded:
+        return True  # re-derived after a restart: its line (and action, hooks) already went out
+    try:
+        if run.sink.mode == "apply":
+            action_id, held = issue(run, decision, rails)
+            if action_id is not None and action_id in run.audited:
+                return True  # re-derived after a crash: its audit line and hooks already went out
+        record = run.sink.emit(decision, action_id=action_id, held_back=held)
+    except OSError as err:
+        logger.warning(
+            "%s: decision at step %d waits (%s); will retry", run.run_dir, decision.step, err
+        )
+        return False
+    run.recorded.add(key)
+    if action_id is not None:
+        run.audited.add(action_id)
+    if hooks is not None:
+        hooks.notify(record)
+    return True
+
+
 def read_back(run: WatchedRun, scalars: Sequence[Scalar]) -> None:
-    """Follow the effective LR (for the LR floor) and record the hook's acknowledgements."""
+    """Follow the effective LR (for the LR floor) and queue the hook's acknowledgements."""
     lr_at = {s.step: s.value for s in scalars if s.tag == schema.LR}
     if lr_at:
         run.ledger.lr = lr_at[max(lr_at)]
+    waiting = {a[0] for a in run.unacked}
     for s in scalars:
         if s.tag != schema.CONTROL_ACK or not math.isfinite(s.value):
             continue
-        if (action_id := int(s.value)) not in run.ledger.acked:
-            run.ledger.acked.add(action_id)
-            run.sink.acknowledge(action_id, step=s.step, lr=lr_at.get(s.step))
+        action_id = int(s.value)
+        if action_id not in run.ledger.acked and action_id not in waiting:
+            waiting.add(action_id)
+            run.unacked.append((action_id, s.step, lr_at.get(s.step)))
+
+
+def _decision_key(decision: Decision) -> tuple[Any, ...]:
+    """What identifies a decision across restarts: decisions no longer depend on where reads
+    stop, so a re-derived one is equal in all of these (held-back ones have no action id)."""
+    return (
+        decision.step,
+        decision.action.value,
+        decision.factor,
+        decision.max_norm,
+        decision.reason,
+    )
+
+
+def _record_key(record: dict[str, Any]) -> tuple[Any, ...]:
+    """:func:`_decision_key` of a decision line of the audit log."""
+    max_norm = record.get("max_norm")
+    with contextlib.suppress(TypeError, ValueError):
+        max_norm = None if max_norm is None else float(max_norm)  # "inf" in strict JSON
+    return (
+        record.get("step"),
+        record.get("action"),
+        record.get("factor"),
+        max_norm,
+        record.get("reason"),
+    )
 
 
 def issue(run: WatchedRun, decision: Decision, rails: Rails) -> tuple[int | None, str | None]:
-    """Write ``decision`` to the control file unless the rails hold it back: (id, why not)."""
+    """Write ``decision`` to the control file unless the rails hold it back: (id, why not).
+
+    Raises OSError when the control file could not be written for now (a full disk): the
+    caller retries later. An untrusted control file is a reason to hold back, not to retry.
+    """
+    # The step makes the reason unique per decision: a daemon killed between writing the control
+    # file and saving its state re-derives the same decision on restart and finds it here, as
+    # does a retry after a full disk refused the audit line. It is found before the rails are
+    # asked, since they would now count the action against itself.
+    reason = f"{decision.reason} (lrwatch decision at step {decision.step})"
+    try:
+        action = _already_issued(run.run_dir, decision, reason)
+    except LrwatchError as err:
+        logger.warning("%s: control file not trusted: %s", run.run_dir, err)
+        return None, f"control file: {err}"
+    if action is not None:
+        if not any(i.id == action.id for i in run.ledger.issued):
+            run.ledger.issued.append(Issued(action.id, decision.step, decision.action))
+        return action.id, None
     held = rails.hold_back(decision, run.ledger)
     if held is None and run.analyzer.advice_only:
         held = "advice only: this run was not written by lrwatch's hook"
     if held is not None:
         return None, held
-    # The step makes the reason unique per decision: a daemon killed between writing the control
-    # file and saving its state re-derives the same decision on restart and finds it here.
-    reason = f"{decision.reason} (lrwatch decision at step {decision.step})"
     try:
-        action = _already_issued(run.run_dir, decision, reason)
-        if action is not None and any(i.id == action.id for i in run.ledger.issued):
-            return action.id, None
-        action = action or control.append_action(
+        action = control.append_action(
             run.run_dir,
             action=decision.action,
             factor=decision.factor,
@@ -211,16 +320,43 @@ def issue(run: WatchedRun, decision: Decision, rails: Rails) -> tuple[int | None
             reason=reason,
             source="daemon",
         )
-    except (LrwatchError, OSError) as err:
+    except LrwatchError as err:
         logger.warning("%s: could not write the control file: %s", run.run_dir, err)
         return None, f"control file: {err}"
     run.ledger.issued.append(Issued(action.id, decision.step, decision.action))
     return action.id, None
 
 
+_MARK = re.compile(r"^(?P<reason>.*) \(lrwatch decision at step (?P<step>\d+)\)$", re.DOTALL)
+
+
+def _orphans(run_dir: Path, audited: set[int]) -> list[Decision]:
+    """The daemon's own actions in the control file that have no decision line (it was
+    killed between the two writes), as decisions to adopt: delivering them finds the action
+    already issued, writes the missing line and runs the hooks, instead of deciding anew."""
+    path = run_dir / schema.CONTROL_FILENAME
+    try:
+        actions = control.read_control(path).actions if os.path.lexists(path) else ()
+    except LrwatchError as err:
+        logger.warning("%s: control file not trusted: %s", run_dir, err)
+        return []
+    adopted = []
+    for action in actions:
+        mark = _MARK.match(action.reason)
+        if action.source != "daemon" or action.id in audited or mark is None:
+            continue
+        logger.warning("%s: adopting action #%d, issued before a crash", run_dir, action.id)
+        adopted.append(
+            Decision(
+                int(mark["step"]), action.action, mark["reason"], action.factor, action.max_norm
+            )
+        )
+    return adopted
+
+
 def _already_issued(run_dir: Path, decision: Decision, reason: str) -> schema.Action | None:
     path = run_dir / schema.CONTROL_FILENAME
-    if not path.exists():
+    if not os.path.lexists(path):
         return None
     for action in control.read_control(path).actions:
         if (

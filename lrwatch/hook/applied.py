@@ -1,9 +1,11 @@
 """What the hook has applied from the control file: the bookkeeping that must survive restarts.
 
-The state is tiny (ids, the cuts and clips in force, stop) and lives in two places: the
-checkpoint, through ``Monitor.state_dict()``, and ``RUN_DIR/lrwatch_applied.json``, rewritten
-atomically after every new action, so a trainer restarted from the run directory neither
-reapplies nor loses an action.
+The state is tiny (a run id, ids, the cuts and clips in force, stop) and lives in two places:
+the checkpoint, through ``Monitor.state_dict()``, and ``RUN_DIR/lrwatch_applied.json``,
+rewritten atomically after every new action. A trainer resumed from a checkpoint of the same
+run takes whichever of the two knows more, so it neither reapplies nor loses an action; a new
+run in the same directory (no state loaded) records the control file's last id as ``base`` and
+applies only what comes after it.
 """
 
 from __future__ import annotations
@@ -28,10 +30,12 @@ class Applied:
     cuts: dict[int, int] = field(default_factory=dict)  # id -> factor, for undo by id
     clips: dict[int, float] = field(default_factory=dict)  # id -> max_norm
     stop: bool = False
+    run_id: str = ""  # the training run these belong to ("" in states saved before run ids)
+    base: int = 0  # actions up to this id belong to an earlier run in the same directory
 
     @property
     def last_id(self) -> int:
-        return self.ids[-1] if self.ids else 0
+        return max(self.ids[-1] if self.ids else 0, self.base)
 
     @property
     def lr_factor(self) -> float:
@@ -64,6 +68,8 @@ class Applied:
             "cuts": [[i, f] for i, f in self.cuts.items()],
             "clips": [[i, n] for i, n in self.clips.items()],
             "stop": self.stop,
+            "run_id": self.run_id,
+            "base": self.base,
         }
 
     @classmethod
@@ -86,11 +92,16 @@ class Applied:
             raise ValueError("a clip max_norm is not a finite number > 0")
         if not isinstance(stop, bool):
             raise ValueError("stop must be true or false")
+        run_id, base = doc.get("run_id", ""), doc.get("base", 0)
+        if not isinstance(run_id, str) or type(base) is not int or base < 0:
+            raise ValueError("run_id must be a string and base an integer >= 0")
         return cls(
             ids=list(ids),
             cuts={c[0]: c[1] for c in cuts},
             clips={c[0]: float(c[1]) for c in clips},
             stop=stop,
+            run_id=run_id,
+            base=base,
         )
 
     @classmethod

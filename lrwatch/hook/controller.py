@@ -19,13 +19,15 @@ clipped inside the closure.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -36,6 +38,7 @@ from lrwatch.hook.applied import Applied
 from lrwatch.schema import APPLIED_FILENAME, CONTROL_FILENAME, Action, ActionKind
 
 logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 LOOK_SECS = 0.02  # look at the control file at least this often (one lstat, ~2 us)
 
@@ -71,9 +74,19 @@ class Controller:
         self._written: list[Any] = []  # what lrwatch set, to spot a step that never finished
         self._synced = False
         self._last_look = -math.inf  # time.monotonic() of the last look at the control file
+        self._unsaved = False  # the applied state is newer than lrwatch_applied.json
         self._warned: set[str] = set()
+        # Whether this is a resumed run is known at the first check: load_state_dict comes
+        # after construction. Until then the run directory's record is only a candidate.
+        self._resumed: bool | None = None
+        self._previous: Applied | None = None
+        self._reack: list[int] = []  # applied ids whose ack may not have reached the disk
         if self.run_dir is not None and ranks.rank() == 0:
-            self._load_applied(self.run_dir / APPLIED_FILENAME)
+            self._previous = self._load_applied(self.run_dir / APPLIED_FILENAME)
+            # One trainer per run directory: a temporary record is one a killed trainer left.
+            for stale in self.run_dir.glob(f".{APPLIED_FILENAME}.*.tmp"):
+                with contextlib.suppress(OSError):
+                    stale.unlink()
 
     # ------------------------------------------------------------------ what is in force
     @property
@@ -107,18 +120,25 @@ class Controller:
         """
         new: list[Action] = []
         self.preclip_norm = None
-        try:
-            self._restore_unfinished(optimizer)
-            if not self._synced or step % self.check_every == 0 or self._due():
-                self._synced = True
-                self._last_look = time.monotonic()
-                new = self._check(step)
-            self._set_lr(optimizer)
-            if not closure:
-                self._clip(optimizer)
-        except Exception as err:  # noqa: BLE001 - the user's training must never break
-            self._warn_once(f"control step failed: {err!r}")
+        # Separate guards: a failure to read new actions must never suspend the ones in force
+        # (a skipped _set_lr would run the step at the scheduler's uncut LR).
+        self._guarded("restoring the lr", lambda: self._restore_unfinished(optimizer))
+        if not self._synced or step % self.check_every == 0 or self._due():
+            self._synced = True
+            self._last_look = time.monotonic()
+            new = self._guarded("reading the control file", lambda: self._check(step)) or []
+        self._guarded("setting the lr", lambda: self._set_lr(optimizer))
+        if not closure:
+            self._guarded("clipping", lambda: self._clip(optimizer))
         return new
+
+    def _guarded(self, what: str, work: Callable[[], _T]) -> _T | None:
+        """``work()``, or one warning and None if it raised."""
+        try:
+            return work()
+        except Exception as err:  # noqa: BLE001 - the user's training must never break
+            self._warn_once(f"control step failed ({what}): {err!r}")
+            return None
 
     def clipping_closure(
         self, optimizer: torch.optim.Optimizer, closure: Callable[[], Any]
@@ -205,8 +225,11 @@ class Controller:
         if not ranks.distributed():
             return self._poll(step)
         if ranks.rank() == 0:
-            new = self._poll(step)
-            ranks.from_rank0((self.state_dict(), new))
+            new: list[Action] = []
+            try:
+                new = self._poll(step)
+            finally:  # the other ranks wait for this broadcast: it must happen whatever failed
+                ranks.from_rank0((self.state_dict(), new))
             return new
         state, new = ranks.from_rank0(None)
         self._applied = Applied.from_json(state)
@@ -216,6 +239,10 @@ class Controller:
         """One lstat; parse only if the file changed; apply what is new. Never raises."""
         if self.run_dir is None:
             return []
+        if self._resumed is None:
+            self._start_new_run()
+        if self._unsaved:  # a full disk refused the last save: try again at every check
+            self._save_applied()
         path = self.run_dir / CONTROL_FILENAME
         try:
             st = os.lstat(path)
@@ -245,32 +272,71 @@ class Controller:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """What has been applied: enough for a resumed run to neither reapply nor lose."""
+        """What has been applied: enough for a resumed run to neither reapply nor lose.
+
+        A checkpoint taken before the first step already names its run: a process resumed
+        from it must recognise the run directory's record of that run as its own.
+        """
+        if self._resumed is None and self.run_dir is not None and ranks.rank() == 0:
+            self._start_new_run()
         return self._applied.to_json()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume from ``state`` (ValueError if malformed) unless newer actions are known.
+        """Resume the run of ``state`` (ValueError if malformed) with the newest knowledge of it.
 
-        The run directory's record (loaded at construction) can be newer than a checkpoint:
-        the newest knowledge wins, so nothing applied after the checkpoint is applied twice.
+        The run directory's record (read at construction) can be newer than a checkpoint of the
+        same run: the newest wins, so nothing applied after the checkpoint is applied twice.
+        Every applied action is acknowledged again at the next step: a kill between saving the
+        record and writing the ack must not leave an action that nothing ever acknowledges.
         """
-        applied = Applied.from_json(state)
-        if applied.last_id < self._applied.last_id:
-            return
-        self._applied = applied
+        loaded = Applied.from_json(state)
+        run_id = loaded.run_id
+        known = [a for a in (self._applied, self._previous) if a is not None]
+        # A state saved before run ids ("") is taken to be of the directory's run, as then.
+        same = [loaded, *(a for a in known if a.run_id == run_id or not run_id)]
+        self._applied = max(same, key=lambda a: a.last_id)
+        self._resumed = True
+        self._reack = list(self._applied.ids)
         self._signature = None  # re-read the control file (and re-sync ranks) at the next step
         self._synced = False
+        logger.info(
+            "lrwatch: resumed run %r with %d applied actions (last id %d)",
+            run_id, len(self._applied.ids), self._applied.last_id,
+        )  # fmt: skip
         self._save_applied()
 
-    def _load_applied(self, path: Path) -> None:
+    def take_reacks(self) -> list[int]:
+        """Ids to acknowledge again at this step (after a resume); each is returned once."""
+        ids, self._reack = self._reack, []
+        return ids
+
+    def _start_new_run(self) -> None:
+        """No state was loaded: a new run, which inherits nothing an earlier run applied.
+
+        The earlier run's record in the directory says how far it got; actions after that
+        (such as one written before this run's first step) are this run's.
+        """
+        previous = self._previous
+        self._applied = Applied(
+            run_id=uuid.uuid4().hex[:12], base=previous.last_id if previous is not None else 0
+        )
+        self._resumed = False
+        if previous is not None and previous.last_id:
+            logger.warning(
+                "lrwatch: new run %s: actions up to #%d in %s belong to run %r and are not "
+                "applied (load mon.state_dict() from its checkpoint to continue that run)",
+                self._applied.run_id, previous.last_id, self.run_dir, previous.run_id,
+            )  # fmt: skip
+            self._save_applied()  # the earlier run's record must not be taken for this one's
+        else:
+            logger.info("lrwatch: new run %s", self._applied.run_id)
+
+    def _load_applied(self, path: Path) -> Applied | None:
         try:
-            applied = Applied.load(path)
+            return Applied.load(path)
         except (OSError, ValueError) as err:
-            self._warn_once(f"ignoring unreadable {path} (actions may be applied again): {err}")
-            return
-        if applied is not None:
-            self._applied = applied
-            logger.info("lrwatch: resumed control state from %s: %s", path, applied.to_json())
+            self._warn_once(f"ignoring unreadable {path}: {err}")
+            return None
 
     def _save_applied(self) -> None:
         if self.run_dir is None or ranks.rank() != 0:
@@ -278,7 +344,10 @@ class Controller:
         try:
             self._applied.save(self.run_dir / APPLIED_FILENAME)
         except OSError as err:
-            self._warn_once(f"cannot record applied actions in {self.run_dir}: {err}")
+            self._unsaved = True
+            self._warn_once(f"cannot record applied actions in {self.run_dir} (will retry): {err}")
+        else:
+            self._unsaved = False
 
     def _warn_once(self, message: str) -> None:
         if message not in self._warned:

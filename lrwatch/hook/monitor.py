@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 import torch
 
+from lrwatch import schema
 from lrwatch.errors import ConfigError
 from lrwatch.events.writer import EventWriter
 from lrwatch.hook import ranks
@@ -248,11 +249,13 @@ class Monitor:
         if steps is not None:  # before anything clips
             self._guard("gradient norms", self._take_grads, None, steps)
         actions: list[Any] = []
+        acks: list[int] = []  # action ids to acknowledge at this step (re-acks after a resume)
         new_args: StepArgs | None = None
         if self._controller is not None:  # never raises
             actions = self._controller.before_step(
                 self.optimizer, self._step, closure=self._closure_step
             )
+            acks = [*self._controller.take_reacks(), *(a.id for a in actions)]
             if closure is not None and self._controller.max_norm is not None:
                 # The closure computes this step's gradients inside step(): clip after it.
                 clipped = self._controller.clipping_closure(self.optimizer, closure)
@@ -260,7 +263,7 @@ class Monitor:
         if steps is not None:
             self._guard("pre-step measure", self._begin, None, steps)
         if rec is not None:
-            self._guard("pre-step logging", self._log_before, None, rec, actions)
+            self._guard("pre-step logging", self._log_before, None, rec, acks)
         self._cadence.pre_done(time.perf_counter() - now)
         return new_args
 
@@ -292,10 +295,10 @@ class Monitor:
             self._step, cadence=cadence, closure=closure, preclip=preclip, per_layer=self.per_layer
         )
 
-    def _log_before(self, rec: Recorder, actions: list[Any]) -> None:
+    def _log_before(self, rec: Recorder, acks: list[int]) -> None:
         grads = self._steps.grads if self._steps else None
         closure, controller = self._closure_step, self._controller
-        rec.before_step(self._step, actions, controller=controller, closure=closure, grads=grads)
+        rec.before_step(self._step, acks, controller=controller, closure=closure, grads=grads)
 
     def _log_after(self, rec: Recorder, block: Any) -> None:
         grads = self._steps.grads if self._steps else None
@@ -311,6 +314,11 @@ class Monitor:
         try:
             self._guard("closing skipped steps", self._close_skips, None, rec)
             self._guard("writing the last rows", rec.rows.submit, None, rec.writer)
+            # Last: a reader that sees it knows every record of this process is in (issue 9).
+            self._guard(
+                "marking the run closed",
+                rec.writer.add_scalars, None, self._step, [schema.CLOSED], [float(self._step)],
+            )  # fmt: skip
         finally:
             rec.writer.close()
 
@@ -324,7 +332,7 @@ class Monitor:
 
     def _open_writer(self) -> EventWriter | None:
         try:
-            return EventWriter(self.run_dir, filename_suffix=".lrwatch")
+            return EventWriter(self.run_dir, filename_suffix=schema.HOOK_FILE_SUFFIX)
         except Exception as exc:  # an unwritable logdir must not stop the training
             logger.warning(
                 "lrwatch cannot write to %s (%r): training continues unlogged", self.run_dir, exc

@@ -119,16 +119,16 @@ class Recorder:
     def before_step(
         self,
         step: int,
-        actions: list[Any],
+        acks: list[int],
         *,
         controller: Any,
         closure: bool,
         grads: StepGrads | None,
     ) -> None:
-        """In the pre-hook: acknowledge ``actions``; the row, unless a closure is to come."""
-        if actions:
+        """In the pre-hook: acknowledge action ids; the row, unless a closure is to come."""
+        if acks:
             self.rows.submit(self.writer, before=step)  # keep every tag's steps in order
-            write_acks(self.writer, step, actions, controller=controller, optimizer=self.optimizer)
+            write_acks(self.writer, step, acks, controller=controller, optimizer=self.optimizer)
         if not closure:
             self.add_row(step, grads)
 

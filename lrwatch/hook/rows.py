@@ -67,12 +67,12 @@ class HostColumns:
 def write_acks(
     writer: EventWriter,
     step: int,
-    actions: list[Any],
+    acks: list[int],
     *,
     controller: Any,
     optimizer: torch.optim.Optimizer,
 ) -> None:
-    """One event per control action applied at ``step``, on disk before training goes on.
+    """One event per control action id acknowledged at ``step``, on disk before training goes on.
 
     The caller submits the rows before ``step`` first, so every tag's steps stay in order.
     """
@@ -80,8 +80,8 @@ def write_acks(
     groups = optimizer.param_groups
     tags = [schema.CONTROL_ACK, schema.LR_FACTOR, schema.CLIP_MAX_NORM, schema.STOP]
     tags += [schema.lr_group_tag(i) for i in range(len(groups))]
-    for action in actions:
-        values = [float(action.id), c.lr_factor, c.max_norm or 0.0, float(c.should_stop)]
+    for action_id in acks:
+        values = [float(action_id), c.lr_factor, c.max_norm or 0.0, float(c.should_stop)]
         values += [float(g["lr"]) for g in groups]
         writer.add_scalars(step, tags, values)
     writer.flush(timeout=2.0)
