@@ -176,6 +176,10 @@ def test_a_refused_reread_keeps_the_cut_in_force(tmp_path: Path, name: str) -> N
 
 
 def test_apply_on_a_hostile_file_prints_one_line_and_no_traceback(tmp_path: Path) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(tmp_path)) as w:  # `apply` needs a run: a directory with events
+        w.add_scalar("loss", 1.0, 0)
     (tmp_path / CONTROL_FILENAME).write_bytes(HOSTILE_BYTES["400-digit issued_at"])
     result = CliRunner().invoke(main, ["apply", str(tmp_path), "--stop"])
     assert result.exit_code == 1

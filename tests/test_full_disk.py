@@ -143,6 +143,7 @@ def test_the_hook_saves_its_applied_state_once_space_returns(disk: Disk) -> None
 def test_apply_on_a_full_disk_prints_one_line_and_exits_nonzero(disk: Disk) -> None:
     run_dir = disk.root / "run"
     run_dir.mkdir()
+    (run_dir / "events.out.tfevents.0.test").write_bytes(b"")  # `apply` needs a run's directory
     append_action(run_dir, action=ActionKind.LR_CUT, factor=2)
     before = (run_dir / CONTROL_FILENAME).read_bytes()
     disk.fill()

@@ -168,11 +168,8 @@ class ExplosionDetector:
             )
         if not self.noise_floor >= 0:
             raise ConfigError(f"explosion needs noise_floor >= 0, got {self.noise_floor}")
-        if not self.min_ratio <= self.lone_ratio:
-            raise ConfigError(
-                f"explosion needs lone_ratio >= min_ratio, got {self.lone_ratio} and "
-                f"{self.min_ratio}"
-            )
+        if not self.lone_ratio >= 1:  # at or below min_ratio: every lone spike is a warning
+            raise ConfigError(f"explosion needs lone_ratio >= 1, got {self.lone_ratio}")
         if self.confirm < 1 or not self.sigma_floor > 0:
             raise ConfigError(
                 f"explosion needs confirm >= 1 and sigma_floor > 0, got {self.confirm} and "
