@@ -394,7 +394,7 @@ def _banner(
     show_default=True,
     type=click.FloatRange(min=0.0),
     metavar="SECONDS",
-    help="A run with no new event for this long is 'stale'.",
+    help="A run with no new event for this long, and not closed cleanly ('ended'), is 'stale'.",
 )
 def status(logdir: pathlib.Path, as_json: bool, stale_after: float) -> None:
     """One line per run under LOGDIR: health, LR, cut, last finding and decision, last step."""

@@ -96,10 +96,23 @@ def test_status_should_warn_on_a_diverging_run(logdir: Path) -> None:
     assert s.lr == pytest.approx(3.0)
 
 
-def test_status_should_be_stale_when_no_event_arrived_for_too_long(logdir: Path) -> None:
-    run = logdir / "healthy"
-    assert run_status(run, now=_now(run) + 100, stale_after=50).health == "stale"
-    assert run_status(run, now=_now(run) + 10, stale_after=50).health == "ok"
+def test_status_should_say_ended_for_a_cleanly_closed_run_however_old(logdir: Path) -> None:
+    run = logdir / "healthy"  # the trainer's `with lrwatch.watch(...)` closed the monitor
+    assert run_status(run, now=_now(run) + 1e6, stale_after=50).health == "ended"
+
+
+def test_status_should_be_stale_when_no_event_arrived_for_too_long_and_no_close(
+    tmp_path: Path,
+) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    run = tmp_path / "hung"  # events but no clean close of lrwatch's monitor: hung or killed
+    with SummaryWriter(str(run)) as w:
+        for step in range(30):
+            w.add_scalar("train/loss", 1.0 / (step + 1), step)
+    last = _last_scalar(run, "train/loss")[2]
+    assert run_status(run, now=last + 100, stale_after=50).health == "stale"
+    assert run_status(run, now=last + 10, stale_after=50).health == "ok"
 
 
 def test_status_table_should_have_one_aligned_line_per_run(logdir: Path) -> None:

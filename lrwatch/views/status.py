@@ -9,7 +9,9 @@ daemon or a human) and the hook's applied file.
 Health, first match wins:
 
 - ``stopped``: a stop action was applied (``lrwatch/stop`` logged, or the applied file says so);
-- ``stale``: no new event for ``stale_after`` seconds (the job ended, hung or died);
+- ``ended`` / ``stale``: no new event for ``stale_after`` seconds, and the job closed its monitor
+  (``lrwatch/closed`` at its last step: it finished) / did not (hung, killed, or a run that
+  lrwatch's hook does not write);
 - ``acting``: a control action was issued and the job has not acknowledged it yet;
 - ``warning``: a warning or critical finding in the recent part of the run;
 - ``ok``: none of the above.
@@ -32,7 +34,7 @@ from lrwatch.schema import Action, Finding, Scalar, Severity
 
 logger = logging.getLogger(__name__)
 
-Health = Literal["ok", "warning", "acting", "stopped", "stale"]
+Health = Literal["ok", "warning", "acting", "stopped", "ended", "stale"]
 STALE_AFTER = 300.0  # seconds without a new event before a run counts as stale
 # A finding counts as current when it lies in the last RECENT_FRACTION of the run's steps, or
 # the last RECENT_MIN steps: an old, handled spike must not keep a healthy run "warning".
@@ -170,7 +172,7 @@ def run_status(
     if snap.stop_applied:
         health: Health = "stopped"
     elif age is None or age > stale_after:
-        health = "stale"
+        health = "ended" if _closed(snap) else "stale"
     elif pending:
         health = "acting"
     elif _recent_trouble(snap.findings, snap.last_step):
@@ -192,6 +194,12 @@ def run_status(
         pending_actions=pending,
         problems=tuple(snap.problems),
     )
+
+
+def _closed(snap: Snapshot) -> bool:
+    """Closed cleanly at its last step (a resumed run that logged on is open again)."""
+    steps = snap.series.get(schema.CLOSED, ([], []))[0]
+    return bool(steps) and snap.last_step is not None and steps[-1] >= snap.last_step
 
 
 def _last(series: Mapping[str, tuple[list[int], list[float]]], tag: str | None) -> float | None:
