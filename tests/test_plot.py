@@ -20,6 +20,7 @@ from lrwatch.analysis.analyzer import analyze_run
 from lrwatch.cli import main
 from lrwatch.daemon.outputs import DecisionSink, read_audit
 from lrwatch.errors import ConfigError
+from lrwatch.schema import Decision
 from lrwatch.views.plot import ReportData, _panels, key_lines, pyplot, report_data, thin
 from lrwatch.views.report_page import write_report
 
@@ -76,9 +77,8 @@ def test_report_markers_should_be_the_analyzers_findings_and_decisions(blow: Pat
     assert all(m.reason and len(m.reason) <= 90 for m in data.markers)
 
 
-def test_report_should_take_decisions_from_the_daemons_audit_log(
-    blow: Path, tmp_path: Path
-) -> None:
+def _audited_copy(blow: Path, tmp_path: Path) -> tuple[Path, Decision]:
+    """A copy of the run whose first decision the daemon's audit log records as action #7."""
     import shutil
 
     run = tmp_path / "run"
@@ -86,6 +86,13 @@ def test_report_should_take_decisions_from_the_daemons_audit_log(
     first = analyze_run(run).decisions[0]
     with DecisionSink(run, mode="apply") as sink:
         sink.emit(first, action_id=7)
+    return run, first
+
+
+def test_report_should_take_decisions_from_the_daemons_audit_log(
+    blow: Path, tmp_path: Path
+) -> None:
+    run, first = _audited_copy(blow, tmp_path)
     data = report_data(run)
     decisions = [m for m in data.markers if m.kind == "decision"]
     assert data.source == "audit"
@@ -143,15 +150,9 @@ def test_thin_should_keep_the_extremes_and_bound_the_points(n: int) -> None:
 def test_report_should_mark_the_step_the_trainer_applied_a_decision(
     blow: Path, tmp_path: Path
 ) -> None:
-    import shutil
-
     from torch.utils.tensorboard import SummaryWriter
 
-    run = tmp_path / "run"
-    shutil.copytree(blow, run)
-    first = analyze_run(run).decisions[0]
-    with DecisionSink(run, mode="apply") as sink:
-        sink.emit(first, action_id=7)
+    run, first = _audited_copy(blow, tmp_path)
     with SummaryWriter(str(run), filename_suffix=".ack") as w:  # the hook's ack, 3 steps later
         w.add_scalar(schema.CONTROL_ACK, 7.0, first.step + 3)
     data = report_data(run)
