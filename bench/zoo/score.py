@@ -12,6 +12,8 @@ Definitions (README repeats them):
 - false alarms: good runs with a warning or critical finding in the recommend-mode replay (for
   ReduceLROnPlateau: good runs it cut);
 - rescue: bad runs at >= 10x whose final is >= 20% better (a finite final rescues a NaN one);
+  in brackets, those of them no longer bad (final within 25% of the sweep's best): a run that
+  ends at 1e10 instead of NaN is "20% better" and still useless;
 - NaN prevented: runs that go non-finite without intervention and end finite with it;
 - too-low LR: runs at <= 0.03x with ``raise_lr_advice`` within 300 steps of the replay.
 """
@@ -122,7 +124,7 @@ def _score(
         "bad": sum(labels[k] == "bad" for k in keys),
     }
     for method in METHODS:
-        harm = alarms = rescued = rescuable = saved = nans = low = lows = 0
+        harm = alarms = rescued = healed = rescuable = saved = nans = low = lows = 0
         for k in keys:
             base, mine = by[(*k, "none")], by.get((*k, MODE_OF[method]))
             if mine is None:
@@ -136,7 +138,11 @@ def _score(
             if labels[k] == "bad" and k[2] >= 10:
                 rescuable += 1
                 end = _final(mine)  # non-finite on both sides is no rescue (inf <= inf)
-                rescued += math.isfinite(end) and end <= 0.8 * _final(base)
+                ok = math.isfinite(end) and end <= 0.8 * _final(base)
+                rescued += ok
+                # ...and no longer bad by the sweep's own label: within 25% of its best final
+                best = _final(by[(k[0], k[1], best_mult[(k[0], k[1])], "none")])
+                healed += ok and end < 1.25 * best
             if _went_nonfinite(base):
                 nans += 1
                 saved += math.isfinite(_final(mine))
@@ -150,6 +156,7 @@ def _score(
             "harm": harm,
             "false_alarms": alarms,
             "rescued": rescued,
+            "rescued_not_bad": healed,
             "rescuable": rescuable,
             "nan_prevented": saved,
             "nan_runs": nans,
@@ -187,7 +194,8 @@ def markdown(board: dict[str, Any], split: str) -> str:
     """The README table for one split: a row per task and overall."""
     head = (
         "| task | runs (good/bad) | harm lrwatch / RLROP | false alarms lrwatch / RLROP cut "
-        "| rescue lrwatch / RLROP | NaN prevented lrwatch / RLROP | too-low advised "
+        "| rescue (of which no longer bad) lrwatch / RLROP "
+        "| NaN prevented lrwatch / RLROP | too-low advised "
         "| median delay |\n|---|---|---|---|---|---|---|---|"
     )
     rows = [head]
@@ -196,7 +204,8 @@ def markdown(board: dict[str, Any], split: str) -> str:
         rows.append(
             f"| {name} | {s['runs']} ({s['good']}/{s['bad']}) | {lw['harm']} / {pl['harm']} "
             f"| {lw['false_alarms']} / {pl['false_alarms']} "
-            f"| {lw['rescued']}/{lw['rescuable']} / {pl['rescued']}/{pl['rescuable']} "
+            f"| {lw['rescued']}/{lw['rescuable']} ({lw['rescued_not_bad']}) "
+            f"/ {pl['rescued']}/{pl['rescuable']} ({pl['rescued_not_bad']}) "
             f"| {lw['nan_prevented']}/{lw['nan_runs']} / {pl['nan_prevented']}/{pl['nan_runs']} "
             f"| {lw['too_low_advised']}/{lw['too_low_runs']} | {lw['delay_median']} |"
         )

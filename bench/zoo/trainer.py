@@ -77,6 +77,23 @@ def _wait_for_daemon(mon: lrwatch.Monitor, run_dir: Path, timeout: float = 60.0)
         time.sleep(0.05)
 
 
+def _wait_for_acks(run_dir: Path, timeout: float = 10.0) -> None:
+    """Wait until the daemon has read back the hook's ack of every action it applied."""
+    from lrwatch.daemon.outputs import read_audit
+    from lrwatch.hook.applied import Applied
+
+    applied = Applied.load(run_dir / schema.APPLIED_FILENAME)
+    if applied is None:  # nothing applied (no file, or one the daemon must not wait on)
+        return
+    want = set(applied.ids)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        acked = {r["action_id"] for r in read_audit(run_dir) if r.get("event") == "acknowledged"}
+        if want <= acked:
+            return
+        time.sleep(0.02)  # polling a condition with a bound, not a sleep for synchronisation
+
+
 def _stop_daemon(proc: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
@@ -126,7 +143,7 @@ def train(task: str, mult: float, seed: int, mode: str, run_dir: Path) -> dict[s
         if mon is not None:
             mon.close()
         if daemon is not None:
-            time.sleep(0.3)  # let the daemon read the last flush (acks) before it stops
+            _wait_for_acks(run_dir)
             _stop_daemon(daemon)
     facts.update(task=task, mult=mult, seed=seed, mode=mode)
     return facts
