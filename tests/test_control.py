@@ -109,9 +109,12 @@ def test_append_action_leaves_the_old_file_when_the_rename_fails(
         ({"action": UNDO, "target": 99}, "target"),
         ({"action": STOP, "factor": 2}, "does not belong"),
         ({"action": ActionKind.RAISE_LR_ADVICE}, "unknown action"),
+        ({"action": ActionKind.ROLLBACK}, "to_step"),
+        ({"action": ActionKind.ROLLBACK, "to_step": -1}, "to_step"),
+        ({"action": CUT, "factor": 2, "to_step": 5}, "does not belong"),
     ],
     ids=["factor-3", "no-factor", "nan-norm", "negative-norm", "unknown-target", "stray-field",
-         "advice-only"],
+         "advice-only", "rollback-nowhere", "rollback-negative", "cut-with-to-step"],
 )  # fmt: skip
 def test_append_action_refuses_an_invalid_action(
     tmp_path: Path, kwargs: dict[str, Any], match: str
@@ -212,6 +215,9 @@ HOSTILE: dict[str, str | bytes] = {
     "undo-unknown": _doc({"id": 1, "action": "undo", "target": 7}),
     "undo-a-stop": _doc({"id": 1, "action": "stop"}, {"id": 2, "action": "undo", "target": 1}),
     "stray-field": _doc({"id": 1, "action": "stop", "factor": 2}),
+    "rollback-bool": _doc({"id": 1, "action": "rollback", "to_step": True}),
+    "rollback-float": _doc({"id": 1, "action": "rollback", "to_step": 5.0}),
+    "rollback-huge": _doc({"id": 1, "action": "rollback", "to_step": 10**400}),
     "negative-time": _doc({"id": 1, "action": "stop", "issued_at": -5}),
     "reason-not-text": _doc({"id": 1, "action": "stop", "reason": ["x"]}),
     "deep-nesting": "[" * 200_000,
