@@ -283,14 +283,16 @@ def apply(
     show_default=True,
     type=click.IntRange(min=0),
     help="Apply mode rail: steps between automatic decisions (the policy's own "
-    "[policy] cooldown_steps, 200 by default, applies first; the longer wait wins).",
+    "[policy] cooldown_steps, 200 by default, applies first; the longer wait wins). A stop "
+    "is exempt; a cut answering a divergence waits only 20 steps ([policy] settle_steps).",
 )
 @click.option(
     "--budget",
     default=3,
     show_default=True,
     type=click.IntRange(min=0),
-    help="Apply mode: automatic decisions per window; past it, only recommend.",
+    help="Apply mode: automatic decisions per window; past it, only recommend. The stop of a "
+    "lost run (non-finite, or diverged past the cut budget) is exempt.",
 )
 @click.option(
     "--window",
