@@ -564,13 +564,15 @@ def test_apply_writes_each_action_and_prints_it(tmp_path: Path) -> None:
     _a_run(tmp_path)
     runner = CliRunner()
     out = [runner.invoke(main, ["apply", str(tmp_path), *args]) for args in (
-        ["--lr-cut", "5", "--reason", "plateau"], ["--clip", "1.0"], ["--undo", "1"], ["--stop"],
+        ["--lr-cut", "5", "--reason", "plateau"], ["--clip", "1.0"], ["--undo", "1"],
+        ["--rollback", "40"], ["--stop"],
     )]  # fmt: skip
-    assert [r.exit_code for r in out] == [0, 0, 0, 0], [r.output for r in out]
+    assert [r.exit_code for r in out] == [0, 0, 0, 0, 0], [r.output for r in out]
     printed = [json.loads(r.output) for r in out]
     assert [(d["id"], d["action"]) for d in printed] == [
-        (1, "lr_cut"), (2, "clip"), (3, "undo"), (4, "stop")
+        (1, "lr_cut"), (2, "clip"), (3, "undo"), (4, "rollback"), (5, "stop")
     ]  # fmt: skip
+    assert printed[3]["to_step"] == 40
     assert printed[0]["factor"] == 5 and printed[0]["reason"] == "plateau"
     assert [a.to_json() for a in read_control(tmp_path / CONTROL_FILENAME).actions] == printed
 
