@@ -292,7 +292,7 @@ def apply(
     type=click.IntRange(min=0),
     help="Apply mode rail: steps between automatic decisions (the policy's own "
     "[policy] cooldown_steps, 200 by default, applies first; the longer wait wins). A stop "
-    "is exempt; a cut answering a divergence waits only 20 steps ([policy] settle_steps).",
+    "is exempt; an answer to a divergence or to non-finite values waits only 10 steps.",
 )
 @click.option(
     "--budget",

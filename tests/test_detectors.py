@@ -230,7 +230,7 @@ def test_oscillation_stays_quiet_on_a_healthy_falling_run() -> None:
 # ------------------------------------------------------------------------------------- ratio
 RATIO_CASES = [
     ("healthy", np.full(60, 1e-3), None, None),
-    ("high", np.full(60, 3e-2), schema.Kind.RATIO_HIGH, W),
+    ("high", np.full(60, 5e-2), schema.Kind.RATIO_HIGH, W),
     ("very_high", np.full(60, 0.2), schema.Kind.RATIO_HIGH, C),
     ("low", np.full(60, 1e-5), schema.Kind.RATIO_LOW, I),
     ("single_high_step_is_not_sustained", np.r_[np.full(59, 1e-3), 1.0], None, None),
@@ -239,7 +239,7 @@ RATIO_CASES = [
     ("nan_last", np.r_[np.full(59, 1.0), math.nan], None, None),
     (
         "nans_inside_ignored",
-        np.r_[np.full(30, 3e-2), np.full(10, math.nan), np.full(20, 3e-2)],
+        np.r_[np.full(30, 5e-2), np.full(10, math.nan), np.full(20, 5e-2)],
         schema.Kind.RATIO_HIGH,
         W,
     ),

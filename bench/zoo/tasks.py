@@ -339,7 +339,7 @@ TASKS: dict[str, Task] = {
         Task("mlp_synth", 3e-3, 400, mlp_synth, "MLP on generated 5-class data, AdamW, constant"),
         Task(
             "lstm_chars",
-            1.0,
+            3.0,
             300,
             lstm_chars,
             "char LSTM LM on stdlib source, SGD+momentum 0.9, StepLR(100, 0.5), clip_grad_norm_(5)",

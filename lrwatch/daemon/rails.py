@@ -40,9 +40,10 @@ class Rails:
             only recommended; 1e-8 is below any LR that still trains.
         cooldown: steps after an applied action before the next one (a stop is exempt): the
             effect of a cut must show in the metrics before the next decision is trusted.
-        settle: the cooldown of a cut that answers a divergence (the loss still far above its
-            start and not falling after the last action): 20 steps, the policy's
-            ``settle_steps``. Waiting 100 steps at an LR that diverged wastes them all.
+        settle: the cooldown of an answer to a divergence or to non-finite values (the cut, the
+            rollback): 10 steps. Waiting 100 steps at an LR that diverged wastes them all; the
+            policy already spaces its escalations by its ``settle_steps`` (20), so this rail
+            only stops a burst.
         budget: automatic decisions per ``window`` steps (actions the policy pairs at one step,
             such as a cut with a clip, count once); past it the daemon only recommends, so a
             misfiring detector can at most cost ``budget`` decisions before a human looks. A
@@ -52,7 +53,7 @@ class Rails:
 
     min_lr: float = 1e-8
     cooldown: int = 100
-    settle: int = 20
+    settle: int = 10
     budget: int = 3
     window: int = 1000
 
@@ -80,7 +81,8 @@ class Rails:
         if decision.action is ActionKind.STOP and _model_gone(decision):
             return None  # every further step is wasted: no cooldown, and no budget either
         last = max(steps, default=None)
-        wait = self.settle if _answers(decision, Kind.DIVERGENCE) else self.cooldown
+        urgent = _answers(decision, Kind.DIVERGENCE, Kind.NONFINITE)
+        wait = self.settle if urgent else self.cooldown
         if last is not None and decision.action is not ActionKind.STOP:
             if decision.step - last < wait:
                 return f"cooldown: the last action was at step {last} (cooldown {wait})"
