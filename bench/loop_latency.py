@@ -44,7 +44,6 @@ def trainer(run_dir: Path, trigger: int, flush_secs: float, by_time: bool) -> No
     import lrwatch
     from lrwatch import schema
     from lrwatch.hook import controller
-
     if not by_time:
         controller.LOOK_SECS = math.inf  # the look by elapsed time off: as before issue 8
     torch.set_num_threads(1)
