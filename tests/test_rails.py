@@ -78,8 +78,9 @@ def answering(kind: Kind, decision: Decision) -> Decision:
             answering(Kind.EXPLOSION, cut(50, 10)),
             "cooldown: the last action was at step 45 (cooldown 10)",
         ),
+        (answering(Kind.NONFINITE, Decision(50, ActionKind.ROLLBACK, "r", to_step=40)), None),
     ],
-    ids=["divergence-settled", "divergence-settling", "explosion-cooldown"],
+    ids=["divergence-settled", "divergence-settling", "explosion-cooldown", "nonfinite-rollback"],
 )
 def test_a_cut_answering_a_divergence_should_wait_only_the_settling_time(
     decision: Decision, held: str | None
