@@ -78,7 +78,7 @@ def answering(kind: Kind, decision: Decision) -> Decision:
             answering(Kind.EXPLOSION, cut(50, 10)),
             "cooldown: the last action was at step 45 (cooldown 10)",
         ),
-        (answering(Kind.NONFINITE, Decision(50, ActionKind.ROLLBACK, "r", to_step=40)), None),
+        (answering(Kind.NONFINITE, Decision(46, ActionKind.ROLLBACK, "r", to_step=40)), None),
     ],
     ids=["divergence-settled", "divergence-settling", "explosion-cooldown", "nonfinite-rollback"],
 )

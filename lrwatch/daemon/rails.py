@@ -47,7 +47,7 @@ class Rails:
         budget: automatic decisions per ``window`` steps (actions the policy pairs at one step,
             such as a cut with a clip, count once); past it the daemon only recommends, so a
             misfiring detector can at most cost ``budget`` decisions before a human looks. A
-            stop of a lost run (non-finite, or diverged past the cut budget) is exempt.
+            stop or rollback of a lost run (non-finite, or diverged) is exempt.
         window: the budget's window, in optimizer steps.
     """
 
@@ -78,7 +78,7 @@ class Rails:
         steps = {a.step for a in ledger.issued}
         if decision.step in steps:
             return None
-        if decision.action is ActionKind.STOP and _model_gone(decision):
+        if decision.action in (ActionKind.STOP, ActionKind.ROLLBACK) and _model_gone(decision):
             return None  # every further step is wasted: no cooldown, and no budget either
         last = max(steps, default=None)
         urgent = _answers(decision, Kind.DIVERGENCE, Kind.NONFINITE)
@@ -97,9 +97,10 @@ def _answers(decision: Decision, *kinds: Kind) -> bool:
 
 
 def _model_gone(decision: Decision) -> bool:
-    """A stop for a run no LR saves: non-finite values that stayed, or a divergence that the
-    cut budget could not bring back. The budget bounds what a misfiring detector can do to a
-    healthy run; a stop of a lost run must not wait on it."""
+    """A stop or a rollback for a run no LR saves: non-finite values that stayed, or a
+    divergence. The budget bounds what a misfiring detector can do to a healthy run; the answer
+    to a lost run must not wait on it (the policy issues each of them a bounded number of
+    times)."""
     return _answers(decision, Kind.NONFINITE, Kind.DIVERGENCE)
 
 
