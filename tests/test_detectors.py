@@ -178,12 +178,12 @@ def _ratio(level: float, n: int = 100) -> Series:
 OSC_CASES: list[tuple[str, np.ndarray, Series | None, str | None]] = [
     ("alternating_no_ratio", _alternating(), None, "mild"),
     ("alternating_high_ratio", _alternating(), _ratio(2e-2), "strong"),
-    ("alternating_mid_ratio", _alternating(), _ratio(6e-3), "strong"),
-    ("flat_noise_high_ratio", flat_noise(), _ratio(2e-2), "strong"),
-    ("flat_noise_mid_ratio", flat_noise(), _ratio(6e-3), "mild"),
+    ("alternating_mid_ratio", _alternating(), _ratio(2.5e-2), "strong"),
+    ("flat_noise_high_ratio", flat_noise(), _ratio(4e-2), "strong"),
+    ("flat_noise_mid_ratio", flat_noise(), _ratio(2.5e-2), "mild"),
     ("flat_noise_healthy_ratio", flat_noise(), _ratio(1e-3), None),
     ("flat_noise_no_ratio", flat_noise(), None, None),
-    ("falling_noisy_high_ratio", healthy_loss(100), _ratio(2e-2), None),
+    ("falling_noisy_high_ratio", healthy_loss(100), _ratio(4e-2), None),
     (
         "random_walk_high_ratio",
         5 + np.cumsum(0.05 * rng(7).standard_normal(100)),
