@@ -299,8 +299,8 @@ def apply(
     default=3,
     show_default=True,
     type=click.IntRange(min=0),
-    help="Apply mode: automatic decisions per window; past it, only recommend. The stop or rollback of a "
-    "lost run (non-finite, or diverged) is exempt.",
+    help="Apply mode: automatic decisions per window; past it, only recommend. The stop or "
+    "rollback of a lost run (non-finite, or diverged) is exempt.",
 )
 @click.option(
     "--window",
