@@ -8,7 +8,7 @@ looked at on the host, and an alarm-level step (a non-finite value, or a gradien
 ``RATIO`` times the recent median) is flushed at once.
 
 Looking must not sync the device. On the CPU a tensor's value is already on the host. On an
-accelerator the two values are copied to pinned host memory without blocking, behind an event,
+CUDA device the two values are copied to pinned host memory without blocking, behind an event,
 and read one step later if the event has completed (never waited on): an alarm reaches the disk
 one step late instead of up to ``flush_secs`` late.
 """
@@ -28,23 +28,33 @@ _REFRESH = 16  # steps between two medians of the history
 
 
 class Alarm:
-    """Say whether the step just recorded (or, on an accelerator, the one before) is alarming."""
+    """Say whether the step just recorded (on CUDA, the one before) is alarming. Other devices:
+    never (their rows wait for ``flush_secs``)."""
 
     def __init__(self) -> None:
         self._norms: deque[float] = deque(maxlen=_HISTORY)
         self._ref = math.inf
         self._seen = 0
         self._pending: tuple[torch.Tensor, Any] | None = None  # pinned copy, event
+        self._pinned: list[torch.Tensor] = []  # two host buffers, used in turn
+        self._turn = 0
+        self._broken = False
 
     def check(self, loss: torch.Tensor | None, grad_norm: torch.Tensor | None) -> bool:
         """True when the values just recorded (or those of the previous step) call for a flush."""
         pair = [t for t in (loss, grad_norm) if t is not None]
-        if not pair:
+        if not pair or self._broken:
             return False
-        if all(t.device.type == "cpu" for t in pair):  # already on the host: ~1 us a value
-            return self._judge([float(t) for t in pair], has_norm=grad_norm is not None)
-        values = torch.stack([t.detach().reshape(()).float() for t in pair])
-        return self._check_async(values, has_norm=grad_norm is not None)
+        kinds = {t.device.type for t in pair}
+        try:
+            if kinds == {"cpu"}:  # already on the host: ~1 us a value
+                return self._judge([float(t) for t in pair], has_norm=grad_norm is not None)
+            if kinds == {"cuda"}:
+                values = torch.stack([t.detach().reshape(()).float() for t in pair])
+                return self._check_async(values, has_norm=grad_norm is not None)
+        except Exception:  # noqa: BLE001 - a failed look must not stop the row's normal flush
+            self._broken = True
+        return False  # other devices, or mixed ones: rows wait for flush_secs as before
 
     def _check_async(self, values: torch.Tensor, *, has_norm: bool) -> bool:
         """Read the previous step's copy if it has landed; start this step's copy."""
@@ -53,13 +63,12 @@ class Alarm:
             host, event = self._pending
             if event.query():
                 alarm = self._judge(host.tolist(), has_norm=has_norm)
-        host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+        if not self._pinned or self._pinned[0].shape != values.shape:
+            self._pinned = [torch.empty(values.shape, pin_memory=True) for _ in range(2)]
+        self._turn ^= 1  # not the buffer the pending copy may still be writing
+        host = self._pinned[self._turn]
         host.copy_(values, non_blocking=True)
-        cuda = values.device.type == "cuda"
-        event = torch.cuda.Event() if cuda else None  # type: ignore[no-untyped-call]
-        if event is None:  # a device without events: skip rather than sync
-            self._pending = None
-            return alarm
+        event = torch.cuda.Event()  # type: ignore[no-untyped-call]
         event.record()
         self._pending = (host, event)
         return alarm
