@@ -7,7 +7,7 @@ after it happened (bench/loop_latency.py). So each step's loss and global gradie
 looked at on the host, and an alarm-level step (a non-finite value, or a gradient norm at least
 ``RATIO`` times the recent median) is flushed at once.
 
-Looking must not sync the device. On the CPU a tensor's value is already on the host. On an
+Looking must not sync the device. On the CPU a tensor's value is already on the host. On a
 CUDA device the two values are copied to pinned host memory without blocking, behind an event,
 and read one step later if the event has completed (never waited on): an alarm reaches the disk
 one step late instead of up to ``flush_secs`` late.
