@@ -29,7 +29,7 @@ from numpy.typing import ArrayLike
 from lrwatch.errors import ConfigError
 from lrwatch.policy.autoclip import clip_threshold
 from lrwatch.policy.budget import fit_factor, stop_reason
-from lrwatch.policy.responses import Plan, headline, overfit_stop, plan_for
+from lrwatch.policy.responses import Plan, escalates, headline, overfit_stop, plan_for
 from lrwatch.policy.state import PolicyState
 from lrwatch.schema import ActionKind, Decision, Finding, Kind, Severity
 
@@ -175,14 +175,11 @@ class Policy:
         return out
 
     def _escalates(self, step: int, why: tuple[Finding, ...]) -> bool:
-        """A divergence ``settle_steps`` or more after the last action: that action did not
-        bring the loss back, so waiting out the cooldown only wastes steps at a bad LR."""
+        """A divergence (or an early critical update ratio) ``settle_steps`` or more after the
+        last action: that action did not bring the run back, so waiting out the cooldown only
+        wastes steps at a bad LR."""
         last = self._state.last_action_step
-        return (
-            last is not None
-            and step - last >= self.settle_steps
-            and any(f.kind is Kind.DIVERGENCE for f in why)
-        )
+        return last is not None and step - last >= self.settle_steps and any(map(escalates, why))
 
     def _lost(self, step: int, findings: Sequence[Finding]) -> Decision | None:
         """The answer when the model itself is gone: non-finite weights, or a loss non-finite
