@@ -120,7 +120,7 @@ def test_oscillation_with_high_ratio_needs_a_fall_larger_than_the_band_to_be_sti
     loss = 0.5 + drift + 0.1 * rng.standard_normal(n)
     steps = np.arange(n)
     assert kendall(steps.astype(np.float64), loss, alternative="less")[1] < 0.05  # type: ignore[index]
-    high = (steps, np.full(n, 4e-2))
+    high = (steps, np.full(n, 2e-2))
     f = OscillationDetector().check(steps, loss, tag="l", ratio=high)
     assert f is not None and f.evidence["long_fall_bands"] < 1.0
     assert f.evidence["strength"] == "strong"

@@ -73,7 +73,12 @@ class RoleChecks:
             out.append(self._divergence(tag, point.value))
         if role == "loss" and n % max(c.oscillation.jitter_window // _OSCILLATION_STRIDE, 1) == 0:
             ratio = self._window_of("update_ratio", c.oscillation.window)
-            f = c.oscillation.check(*self._fresh(tag, c.oscillation.window), tag=tag, ratio=ratio)
+            f = c.oscillation.check(
+                *self._fresh(tag, c.oscillation.window),
+                tag=tag,
+                ratio=ratio,
+                scale=self._start_level(tag),
+            )
             out.append(self._note(Kind.OSCILLATION, tag, f))
         trend_every = max(c.plateau_trend.window // _TREND_STRIDE, 1)
         if role == "loss" and self.tags.metric(c.metric) == tag and n % trend_every == 0:

@@ -83,10 +83,15 @@ class OscillationDetector:
             at -0.5, a drifting or smooth curve at 0 or above.
         excess_z: turning-point z that counts as alternation beyond noise. 2.33: a one-sided
             1% test, so a noisy plateau is rarely called an oscillation.
-        ratio_mild: update/weight ratio median that corroborates. 2e-2: above what small
-            networks show at their tuned LR (1-2e-2 in bench/zoo, where 5e-3 corroborated the
-            minibatch jitter of a converged classifier and cut it by 10).
-        ratio_strong: ratio median that makes it strong. 3e-2: the ratio detector's "high".
+        ratio_mild: update/weight ratio median that corroborates. 5e-3: five times the
+            healthy ~1e-3; converged small runs sat at 1e-3 to 3e-3 in our replays.
+        ratio_strong: ratio median that makes it strong. 1e-2.
+        min_level: with the loss's ``scale`` (its start level, as the analyzer passes it), the
+            jitter band's median must be at least this fraction of it. 0.1: in bench/zoo a
+            converged classifier (plain SGD on breast cancer, at its tuned LR) jittered at 4.5%
+            of its start and a cut by 10 there cost 17-41% of its final loss, while the runs
+            stuck by an LR ten times too high bounce at 30-40% of theirs
+            (examples/mistuned.py: 0.9 against 2.3).
         min_fall: drop over ``window``, in jitter bands, that means "still falling". 1.0: in
             the labelled runs, still-improving healthy runs fell 1.7-40 bands over 400 steps,
             oscillating ones 0.0-0.9.
@@ -99,8 +104,9 @@ class OscillationDetector:
     min_sign_changes: float = 0.55
     max_autocorr: float = -0.3
     excess_z: float = 2.33
-    ratio_mild: float = 2e-2
-    ratio_strong: float = 3e-2
+    ratio_mild: float = 5e-3
+    ratio_strong: float = 1e-2
+    min_level: float = 0.1
     min_fall: float = 1.0
 
     def __post_init__(self) -> None:
@@ -129,11 +135,13 @@ class OscillationDetector:
         *,
         tag: str,
         ratio: Window | None = None,
+        scale: float | None = None,
     ) -> Finding | None:
         """Finding if the loss window is flat and jittering, corroborated; else None.
 
         ``ratio`` is the update/weight ratio series (e.g. ``lrwatch/update_ratio``); only its
-        points inside the loss window's step range are used.
+        points inside the loss window's step range are used. ``scale``: the loss's start level
+        (see ``min_level``); None skips that test.
         """
         s, v = as_window(steps, values)
         if v.size == 0 or not math.isfinite(float(v[-1])):
@@ -152,6 +160,8 @@ class OscillationDetector:
         stats = _jitter_stats(s, v, min_points=self.min_points)
         if stats is None or stats["p_value"] < self.alpha:
             return None
+        if scale is not None and scale > 0 and stats["level"] < self.min_level * scale:
+            return None  # minibatch noise of a loss near its floor, not a bouncing LR
         if stats["sign_changes"] < self.min_sign_changes or stats["autocorr"] > self.max_autocorr:
             return None
         long_trend = kendall(long_s.astype(np.float64), long_v, alternative="less")
