@@ -16,15 +16,17 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pytest
-from test_serve import RAILS, diverging, losses, lrwatch_cmd, watched, write
+from test_serve import RAILS, LossAbove, diverging, losses, lrwatch_cmd, watched, write
 
 from lrwatch.daemon.notify import HookRunner
 from lrwatch.daemon.outputs import read_audit
+from lrwatch.daemon.serve import Daemon
 from lrwatch.daemon.watched_run import WatchedRun, run_once
+from lrwatch.schema import Decision, Scalar
 
 # A hook that records every run and, idempotently, its effect (one line per decision id); on
 # its first run ever it SIGKILLs the daemon that started it, before or after that effect.
@@ -235,3 +237,37 @@ def test_a_hook_no_longer_configured_is_not_run_for_old_decisions(
         again.close()
     assert [n for _, n in hook_runs(tmp_path)] == [1] and hooked(run_dir) == [(1, False, 1, False)]
     assert "no longer configured" in caplog.text
+
+
+class FailsOnce(LossAbove):
+    """Raises on the first loss of 99 it sees (one bad pass), then behaves."""
+
+    failed = False
+
+    def feed(self, scalars: Iterable[Scalar], **how: bool) -> list[Decision]:
+        scalars = list(scalars)
+        if not FailsOnce.failed and any(s.value == 99.0 for s in scalars):
+            FailsOnce.failed = True
+            raise ValueError("one bad pass")
+        return super().feed(scalars, **how)
+
+
+def test_a_run_rebuilt_after_a_failed_pass_does_not_start_a_running_hook_again(
+    tmp_path: Path,
+) -> None:
+    logdir = tmp_path / "runs"
+    write(logdir / "exp", losses((1, 2.0)))
+    release = tmp_path / "release"
+    hook = script(tmp_path, "slow", f"while not os.path.exists({str(release)!r}): time.sleep(0.01)")
+    with HookRunner([hook], timeout=60) as runner:
+        daemon = Daemon(
+            [logdir], mode="apply", analyzer_factory=FailsOnce, rails=RAILS, hooks=runner
+        )
+        daemon.process()  # a decision; its hook starts and waits for the release file
+        write(logdir / "exp", losses((2, 99.0)))
+        daemon.process()  # the pass fails: the run is forgotten, to be rebuilt from its state
+        daemon.process()  # rebuilt: the hook still runs, the audit log has no hooked line yet
+        release.touch()
+        passes_until(daemon.runs[logdir / "exp"], runner, lambda: len(hooked(logdir / "exp")) == 2)
+        daemon.close()
+    assert sorted(n for _, n in hook_runs(tmp_path)) == [1, 1]  # one run for each of 2 decisions

@@ -74,6 +74,7 @@ class HookJobs:
         self._ended = queue.SimpleQueue()
         self._refused: list[dict[str, Any]] = []  # hooked lines a full disk refused, in order
         self._queue_full = False
+        self.recalled = False
 
     def owe(self, record: dict[str, Any]) -> None:
         """Owe a run of every hook the decision line ``record`` lists."""
@@ -83,6 +84,7 @@ class HookJobs:
 
     def recall(self, records: Iterable[dict[str, Any]]) -> None:
         """Owe what the audit log's decision lines list and no ``ok`` hooked line closed."""
+        self.recalled = True
         decisions: dict[str, dict[str, Any]] = {}
         runs: dict[tuple[Any, Any], list[dict[str, Any]]] = {}
         for r in records:

@@ -59,10 +59,19 @@ class Analyzer(Protocol):
 
 
 class WatchedRun:
-    """Everything the daemon keeps about one run; built from ``state.json`` when there is one."""
+    """Everything the daemon keeps about one run; built from ``state.json`` when there is one.
+
+    ``hook_jobs`` carries the hook runs of an earlier object for the same run in this process
+    (rebuilt after a failed pass): runs still in flight there must not be started again.
+    """
 
     def __init__(
-        self, run_dir: Path, *, analyzer_factory: Callable[[], Analyzer], mode: Mode
+        self,
+        run_dir: Path,
+        *,
+        analyzer_factory: Callable[[], Analyzer],
+        mode: Mode,
+        hook_jobs: HookJobs | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         self._analyzer_factory = analyzer_factory
@@ -70,7 +79,7 @@ class WatchedRun:
         self.analyzer = analyzer_factory()
         self.ledger = Ledger()
         self.sink = DecisionSink(self.run_dir, mode=mode)
-        self.hook_jobs = HookJobs(self.run_dir)  # hook runs owed, durable in the audit log
+        self.hook_jobs = hook_jobs or HookJobs(self.run_dir)  # owed runs; durable in the audit
         self.audited: set[int] = set()  # action ids whose decision line is in the audit log
         self.recorded: set[tuple[Any, ...]] = set()  # decisions with a line (see _record_key)
         self.outbox: list[Decision] = []  # decided, not yet fully written (a full disk)
@@ -132,7 +141,8 @@ class WatchedRun:
         """Seed what the audit log already says, so a restart after a crash (state not saved)
         writes no decision or acknowledgement line twice, and runs the hooks still owed."""
         records = read_audit(self.run_dir)
-        self.hook_jobs.recall(records)
+        if not self.hook_jobs.recalled:
+            self.hook_jobs.recall(records)
         for record in records:
             event, action_id = record.get("event"), record.get("action_id")
             if event == "decision":
