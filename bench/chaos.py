@@ -89,6 +89,18 @@ TARGETS = (
 DAEMON_TARGETS = ("control", "audit", "state", "hookstart", "hookend", "hooked")
 # The counting hook: a marker file when it starts and one when it ends, 0.2 s apart, so a kill
 # aimed at its start lands while it runs. Not idempotent on purpose: it counts every run.
+# The daemon decides every few seconds, so kills can be aimed at its decisions and their hooks:
+# a short cooldown, a plateau after two flat checks, no stop for the cut budget or overfitting
+# (a stopped run would end the session's trials).
+BUSY_CONFIG = """\
+[policy]
+cooldown_steps = 30
+max_total_cut = 1e12
+overfit_patience = 1000
+
+[plateau]
+patience = 2
+"""
 COUNTING_HOOK = """\
 import json, os, pathlib, sys, time
 doc = json.load(sys.stdin)
@@ -181,6 +193,8 @@ class Session:
         (self.counter.parent / "runs").mkdir(parents=True)
         self.counter.write_text(f"#!{sys.executable}\n{COUNTING_HOOK}")
         self.counter.chmod(0o755)
+        self.config = root / "lrwatch.toml"
+        self.config.write_text(BUSY_CONFIG)
         self.daemon_kills: list[float] = []  # wall times, for the rerun check
         self.rng, self.counts = rng, counts
         self.notify = Inotify()
@@ -195,7 +209,7 @@ class Session:
     # ------------------------------------------------------------------ processes
     def start_daemon(self) -> subprocess.Popen[bytes]:
         args = ["serve", str(self.logdir), "--apply", "--cooldown", "20", "--budget", "100"]
-        args += ["--hook", str(HOOK), "--hook", str(self.counter)]
+        args += ["--hook", str(HOOK), "--hook", str(self.counter), "--config", str(self.config)]
         return subprocess.Popen(
             lrwatch_cmd(*args),
             env={**env(), "LRWATCH_HOOK_FILE": str(self.hook_log)},
