@@ -65,8 +65,8 @@ def make_killer(tmp_path: Path, when: str) -> Path:
     return hook
 
 
-def serve_once(logdir: Path, *hooks: Path) -> subprocess.CompletedProcess[str]:
-    args = ["serve", "--once", "--apply"]
+def serve_once(logdir: Path, *hooks: Path, mode: str = "apply") -> subprocess.CompletedProcess[str]:
+    args = ["serve", "--once"] + (["--apply"] if mode == "apply" else [])
     for hook in hooks:
         args += ["--hook", str(hook)]
     root = str(Path(__file__).resolve().parent.parent)
@@ -80,16 +80,17 @@ def decisions(run_dir: Path) -> list[dict[str, object]]:
     return [r for r in read_audit(run_dir) if r["event"] == "decision"]
 
 
-@pytest.mark.parametrize("when", ["before", "after"])
+@pytest.mark.slow
+@pytest.mark.parametrize(("when", "mode"), [("before", "apply"), ("after", "recommend")])
 def test_a_daemon_killed_during_a_hook_run_runs_every_owed_hook_after_a_restart(
-    tmp_path: Path, when: str
+    tmp_path: Path, when: str, mode: str
 ) -> None:
     logdir = tmp_path / "runs"
     diverging(logdir / "exp1")
     hook = make_killer(tmp_path, when)
-    first = serve_once(logdir, hook)
+    first = serve_once(logdir, hook, mode=mode)
     assert first.returncode == -signal.SIGKILL, first.stderr  # the hook killed it
-    again = serve_once(logdir, hook)
+    again = serve_once(logdir, hook, mode=mode)
     assert again.returncode == 0, again.stderr
     lines = decisions(logdir / "exp1")
     assert lines, "the daemon decided nothing on a diverging run"
@@ -108,7 +109,7 @@ def test_a_daemon_killed_during_a_hook_run_runs_every_owed_hook_after_a_restart(
     hooked = [r for r in read_audit(logdir / "exp1") if r["event"] == "hooked"]
     assert sorted(r["decision_id"] for r in hooked) == sorted(ids)
     assert all(r["ok"] and r["hook"] == str(hook) for r in hooked)
-    third = serve_once(logdir, hook)  # nothing is owed any more: nothing runs
+    third = serve_once(logdir, hook, mode=mode)  # nothing is owed any more: nothing runs
     assert third.returncode == 0, third.stderr
     assert len((hook.parent / "runs.jsonl").read_text().splitlines()) == len(runs)
 

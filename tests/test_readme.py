@@ -62,4 +62,4 @@ def test_readme_decision_json_table_names_every_field_and_hooked_lines_too() -> 
         record, hook="h", attempt=1, returncode=0, timed_out=False, wall_time=0.0
     )
     audit = README[README.index("1. **The audit log**") : README.index("2. **TensorBoard**")]
-    assert [k for k in hooked if f"\"{k}\"" not in audit] == ["version", "run"]  # "..."
+    assert [k for k in hooked if f'"{k}"' not in audit] == ["version", "run"]  # "..."
