@@ -4,6 +4,7 @@ Run from the repository root::
 
     python bench/chaos.py --trials 200          # the figures in README (tens of minutes)
     python bench/chaos.py --trials 12 --seed 3  # a quick look
+    python bench/chaos.py --trials 50 --mode recommend  # the daemon only recommends
 
 A session is one training run (``tests/chaos_trainer.py``: digits MLP, SGD, checkpoint every 20
 steps, ``val/loss`` through ``mon.log``) watched by ``lrwatch serve --apply`` (cooldown 20), plus
@@ -183,7 +184,10 @@ def lrwatch_cmd(*args: str) -> list[str]:
 class Session:
     """One training run with its daemon, under kills."""
 
-    def __init__(self, root: Path, rng: random.Random, counts: Counts) -> None:
+    def __init__(
+        self, root: Path, rng: random.Random, counts: Counts, *, mode: str = "apply"
+    ) -> None:
+        self.mode = mode
         self.logdir = root / "runs"
         self.run_dir = self.logdir / "run"
         self.run_dir.mkdir(parents=True)
@@ -208,7 +212,8 @@ class Session:
 
     # ------------------------------------------------------------------ processes
     def start_daemon(self) -> subprocess.Popen[bytes]:
-        args = ["serve", str(self.logdir), "--apply", "--cooldown", "20", "--budget", "100"]
+        args = ["serve", str(self.logdir), "--cooldown", "20", "--budget", "100"]
+        args += ["--apply"] if self.mode == "apply" else []
         args += ["--hook", str(HOOK), "--hook", str(self.counter), "--config", str(self.config)]
         return subprocess.Popen(
             lrwatch_cmd(*args),
@@ -508,6 +513,10 @@ def main() -> None:
     parser.add_argument("--per-session", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--targets", default=",".join(TARGETS))
+    parser.add_argument(
+        "--mode", choices=["apply", "recommend"], default="apply",
+        help="the daemon's mode (recommend: its decisions are lines and hook runs only)",
+    )  # fmt: skip
     args = parser.parse_args()
     rng = random.Random(args.seed)
     targets = args.targets.split(",")
@@ -517,7 +526,7 @@ def main() -> None:
         session_no = 0
         while counts.trials < args.trials:
             session_no += 1
-            session = Session(Path(tmp) / f"s{session_no}", rng, counts)
+            session = Session(Path(tmp) / f"s{session_no}", rng, counts, mode=args.mode)
             try:
                 for i in range(min(args.per_session, args.trials - counts.trials)):
                     session.trial(targets[(session_no + i) % len(targets)])
