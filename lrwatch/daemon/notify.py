@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_TIMEOUT = 10.0  # seconds: a notification that takes longer is stuck, not slow
 KILL_AFTER = 2.0  # seconds between SIGTERM and SIGKILL: time for a hook to clean up
 MAX_WORKERS = 2  # hooks running at once; more would compete with the trainer for CPU
-MAX_PENDING = 64  # queued notifications; past this, new ones are dropped with a warning
+MAX_PENDING = 64  # queued runs; past this, notify() drops one, HookJobs waits for a later pass
 STDERR_LIMIT = 2000  # characters of a hook's stderr kept in the log line
 # Seconds before the 2nd and 3rd run of a hook that failed (non-zero exit, timeout, no start):
 # a webhook's endpoint down for a moment gets another chance, a broken hook is not run forever.

@@ -79,7 +79,8 @@ class WatchedRun:
         self.analyzer = analyzer_factory()
         self.ledger = Ledger()
         self.sink = DecisionSink(self.run_dir, mode=mode)
-        self.hook_jobs = hook_jobs or HookJobs(self.run_dir)  # owed runs; durable in the audit
+        # Hook runs owed to decisions, durable in the audit log (see hook_jobs).
+        self.hook_jobs = hook_jobs if hook_jobs is not None else HookJobs(self.run_dir)
         self.audited: set[int] = set()  # action ids whose decision line is in the audit log
         self.recorded: set[tuple[Any, ...]] = set()  # decisions with a line (see _record_key)
         self.outbox: list[Decision] = []  # decided, not yet fully written (a full disk)
