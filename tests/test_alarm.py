@@ -56,9 +56,13 @@ def test_a_nonfinite_step_reaches_the_disk_at_once_and_healthy_ones_wait(tmp_pat
         crit(model(bad), y).backward()  # step 21: a non-finite loss and gradient
         opt.step()
         opt.zero_grad()
-        got = wait_for(tmp_path, schema.LOSS, 21)
+        crit(model(x), y).backward()  # step 22: its rows show that step 21 is complete
+        opt.step()
+        opt.zero_grad()
+        got = wait_for(tmp_path, schema.LOSS, 22)
         assert 21 in got and math.isnan(got[21])
-        assert set(range(1, 22)) <= set(got)  # every row before it, in order
+        assert set(range(1, 23)) <= set(got)  # every row before it, in order
+        assert 22 in wait_for(tmp_path, schema.LR, 22)  # the row that closes step 21
     finally:
         mon.close()
 

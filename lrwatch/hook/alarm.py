@@ -5,7 +5,8 @@ hand-off, one host transfer, per second rather than per step. That is right for 
 and a second too late for one blowing up: at 150 steps/s the daemon would see a NaN 150 steps
 after it happened (bench/loop_latency.py). So each step's loss and global gradient norm are
 looked at on the host, and an alarm-level step (a non-finite value, or a gradient norm at least
-``RATIO`` times the recent median) is flushed at once.
+``RATIO`` times the recent median) is flushed as soon as the next step is recorded: the daemon
+judges a step once a later step's rows show that all of it is in (lrwatch/analysis/analyzer.py).
 
 Looking must not sync the device. On the CPU a tensor's value is already on the host. On a
 CUDA device the two values are copied to pinned host memory without blocking, behind an event,

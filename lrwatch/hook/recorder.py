@@ -117,6 +117,7 @@ class Recorder:
         self._flush_secs = flush_secs
         self._last_submit = time.monotonic()
         self._alarm = Alarm()
+        self._alarmed = False  # the previous step was alarming: flush once this one is in
 
     def before_step(
         self,
@@ -143,7 +144,12 @@ class Recorder:
         if block is not None:
             self.rows.add_event(step, *block)
         row = self.rows.last()
+        # An alarming step goes to the disk with the next one: the daemon judges a step once a
+        # later step's rows show it complete (``mon.log`` may still add to the step just taken).
+        alarmed, self._alarmed = self._alarmed, False
         if row is not None and self._alarm.check(row.loss, row.grad_norm):
+            self._alarmed = True
+        if alarmed:
             self.rows.submit(self.writer, before=step + 1)  # a NaN or a spike: on disk now
             self.writer.flush(timeout=0.0)
             self._last_submit = time.monotonic()
