@@ -268,7 +268,8 @@ def apply(
     multiple=True,
     envvar="LRWATCH_SERVE_HOOK",
     type=click.Path(path_type=pathlib.Path),
-    help="Executable run with each decision as JSON on stdin (repeatable).",
+    help="Executable run with each decision as JSON on stdin (repeatable); at least once "
+    "per decision, also after a restart; $LRWATCH_DECISION_ID is the key to deduplicate on.",
 )
 @click.option(
     "--hook-timeout",

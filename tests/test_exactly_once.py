@@ -6,8 +6,8 @@ themselves are in ``bench/chaos.py``, with a small deterministic subset in ``tes
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -17,44 +17,49 @@ from torch import nn
 import lrwatch
 from lrwatch import schema
 from lrwatch.control import append_action
+from lrwatch.daemon.notify import HookRunner
 from lrwatch.daemon.outputs import read_audit
 from lrwatch.daemon.watched_run import WatchedRun, run_once
 from lrwatch.events.reader import read_run
 from lrwatch.schema import ActionKind
 
 
-class CountingHooks:
-    """Counts what would go to hook executables (HookRunner.notify's contract)."""
+def counting_hook(tmp_path: Path) -> Path:
+    """A hook executable that appends the step of each decision it is run for to steps.txt."""
+    hook = tmp_path / "hooks" / "count"
+    hook.parent.mkdir()
+    out = str(hook.parent / "steps.txt")
+    body = f"step = json.load(sys.stdin)['step']\nopen({out!r}, 'a').write(f'{{step}}\\n')\n"
+    hook.write_text(f"#!{sys.executable}\nimport json, sys\n{body}")
+    hook.chmod(0o755)
+    return hook
 
-    def __init__(self) -> None:
-        self.steps: list[int] = []
 
-    def notify(self, record: dict[str, Any]) -> None:
-        self.steps.append(record["step"])
-
-
-def once(run_dir: Path, mode: str, hooks: CountingHooks) -> None:
-    run = WatchedRun(run_dir, analyzer_factory=LossAbove, mode=mode)  # type: ignore[arg-type]
-    run_once(run, rails=RAILS, hooks=hooks)  # type: ignore[arg-type]
-    run.close()
+def once(run_dir: Path, mode: str, hook: Path) -> None:
+    """One daemon life: start, one pass, stop (its hook runs end before it does)."""
+    with HookRunner([hook]) as runner:
+        run = WatchedRun(run_dir, analyzer_factory=LossAbove, mode=mode)  # type: ignore[arg-type]
+        run_once(run, rails=RAILS, hooks=runner)
+        run.close()
 
 
 @pytest.mark.parametrize("mode", ["recommend", "apply"])
 def test_a_rolled_back_state_repeats_no_decision_line_and_no_hook(
     tmp_path: Path, mode: str
 ) -> None:
-    hooks = CountingHooks()
-    write(tmp_path, losses((1, 0.5)))
-    once(tmp_path, mode, hooks)
-    state = tmp_path / schema.DAEMON_SUBRUN / "state.json"
+    run_dir = tmp_path / "run"
+    hook = counting_hook(tmp_path)
+    write(run_dir, losses((1, 0.5)))
+    once(run_dir, mode, hook)
+    state = run_dir / schema.DAEMON_SUBRUN / "state.json"
     saved = state.read_bytes()
-    write(tmp_path, losses((2, 3.0), (3, 4.0)))
-    once(tmp_path, mode, hooks)
+    write(run_dir, losses((2, 3.0), (3, 4.0)))
+    once(run_dir, mode, hook)
     state.write_bytes(saved)  # as if killed after the lines, before the state reached disk
-    once(tmp_path, mode, hooks)
-    lines = [r["step"] for r in read_audit(tmp_path) if r["event"] == "decision"]
+    once(run_dir, mode, hook)
+    lines = [r["step"] for r in read_audit(run_dir) if r["event"] == "decision"]
     assert lines == [2, 3]
-    assert hooks.steps == [2, 3]
+    assert sorted((hook.parent / "steps.txt").read_text().split()) == ["2", "3"]
 
 
 def test_a_resumed_trainer_acknowledges_again_and_the_daemon_records_it_once(

@@ -162,3 +162,81 @@ def test_apply_on_a_full_disk_prints_one_line_and_exits_nonzero(disk: Disk) -> N
         capture_output=True, text=True, timeout=120, check=True,
     )  # fmt: skip
     assert json.loads(done.stdout)["id"] == 2
+
+
+def test_hook_runs_on_a_full_disk_end_once_each_and_are_not_rerun(
+    disk: Disk, tmp_path: Path
+) -> None:
+    """A refused ``hooked`` line waits and is retried, so a restart does not run the hook again;
+    a refused decision line owes no hook run until it is written."""
+    from test_hook_jobs import hook_runs, passes_until, script
+
+    from lrwatch.daemon.notify import HookRunner
+
+    hook = script(tmp_path, "count", "")  # writes outside the small disk
+    with HookRunner([hook]) as runner:
+        for free_pages in range(9):
+            run_dir = new_run(disk)
+            run = WatchedRun(run_dir, analyzer_factory=LossAbove, mode="apply")
+            disk.fill(free_pages)
+            run_once(run, rails=RAILS, hooks=runner)  # decided; some writes refused
+            ended = lambda r=run: not any(j.running for j in r.hook_jobs.jobs.values())  # noqa: E731
+            passes_until(run, runner, ended)
+            disk.free()
+            passes_until(run, runner, lambda r=run: r.hook_jobs.idle and not r.outbox)
+            run.close()
+            again = WatchedRun(run_dir, analyzer_factory=LossAbove, mode="apply")
+            run_once(again, rails=RAILS, hooks=runner)  # a restart: is anything owed?
+            passes_until(again, runner, lambda r=again: r.hook_jobs.idle)
+            again.close()
+            audit = read_audit(run_dir)
+            ids = [r["decision_id"] for r in audit if r["event"] == "decision"]
+            ok = [r["decision_id"] for r in audit if r["event"] == "hooked" and r["ok"]]
+            assert len(ids) == 2 and sorted(ok) == sorted(ids), f"{free_pages} free pages"
+            runs = [i for i, _ in hook_runs(tmp_path) if i in ids]
+            assert sorted(runs) == sorted(ids), f"{free_pages} free pages"
+
+
+def fill_last_page(path: Path) -> None:
+    """Fill the file's last page with a line no reader acts on: the next line needs a new page
+    (tmpfs allocates whole pages, so a line could otherwise still fit on a full disk)."""
+    slack = -path.stat().st_size % PAGE
+    slack += PAGE if slack < 64 else 0  # too little room for the padding line itself
+    pad = {"event": "padding", "pad": ""}
+    pad["pad"] = "x" * (slack - len(json.dumps(pad)) - 1 - 8)
+    with open(path, "a") as f:
+        f.write(json.dumps(pad) + "\n")
+
+
+def test_a_hooked_line_refused_by_a_full_disk_is_written_later_and_the_hook_not_rerun(
+    disk: Disk, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from test_hook_jobs import hook_runs, passes_until, script
+
+    from lrwatch.daemon.notify import HookRunner
+
+    release = tmp_path / "release"
+    hook = script(tmp_path, "slow", f"while not os.path.exists({str(release)!r}): time.sleep(0.01)")
+    run_dir = new_run(disk)
+    with HookRunner([hook], timeout=60) as runner:
+        run = WatchedRun(run_dir, analyzer_factory=LossAbove, mode="apply")
+        run_once(run, rails=RAILS, hooks=runner)  # two decision lines; both hooks start
+        fill_last_page(run_dir / "lrwatch_audit.jsonl")
+        disk.fill()
+        release.touch()  # the hooks end on a full disk: their hooked lines are refused
+        passes_until(
+            run, runner, lambda: "hooked line waits" in caplog.text and run.hook_jobs.idle is False
+        )
+        passes_until(run, runner, lambda: not any(j.running for j in run.hook_jobs.jobs.values()))
+        assert [r for r in read_audit(run_dir) if r["event"] == "hooked"] == []
+        assert "hooked line waits" in caplog.text
+        disk.free()
+        passes_until(run, runner, lambda: run.hook_jobs.idle)
+        run.close()
+        again = WatchedRun(run_dir, analyzer_factory=LossAbove, mode="apply")
+        run_once(again, rails=RAILS, hooks=runner)
+        assert again.hook_jobs.idle  # nothing owed after a restart: no second run
+        again.close()
+    ids = sorted(r["decision_id"] for r in read_audit(run_dir) if r["event"] == "decision")
+    ok = sorted(r["decision_id"] for r in read_audit(run_dir) if r["event"] == "hooked")
+    assert len(ids) == 2 and ok == ids and sorted(i for i, _ in hook_runs(tmp_path)) == ids

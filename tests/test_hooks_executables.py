@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import http.server
 import json
 import os
@@ -27,6 +28,13 @@ DECISION = Decision(
     findings=(Finding(Kind.EXPLOSION, 118, "lrwatch/grad_norm", Severity.CRITICAL, {"x": 40.0}),),
 )
 RECORD = decision_record(DECISION, run="runs/exp1", mode="apply", action_id=4, wall_time=1e9)
+OTHER = decision_record(
+    dataclasses.replace(DECISION, step=121),
+    run="runs/exp1",
+    mode="apply",
+    action_id=5,
+    wall_time=1e9,
+)
 
 
 @pytest.fixture
@@ -110,10 +118,12 @@ def test_notify_desktop_should_pass_the_text_to_notify_send_as_argv(
 class _Recorder(http.server.BaseHTTPRequestHandler):
     status = 200
     bodies: list[dict[str, Any]] = []
+    keys: list[str | None] = []
 
     def do_POST(self) -> None:  # noqa: N802 (the http.server protocol)
         length = int(self.headers["Content-Length"])
         type(self).bodies.append(json.loads(self.rfile.read(length)))
+        type(self).keys.append(self.headers["Idempotency-Key"])
         self.send_response(self.status)
         self.end_headers()
 
@@ -124,6 +134,7 @@ class _Recorder(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def server() -> Iterator[http.server.HTTPServer]:
     _Recorder.bodies = []
+    _Recorder.keys = []
     srv = http.server.HTTPServer(("127.0.0.1", 0), _Recorder)
     thread = threading.Thread(target=srv.serve_forever, name="test-webhook-server")
     thread.start()
@@ -145,6 +156,24 @@ def test_webhook_should_post_slack_compatible_json(
         f"lrwatch runs/exp1 step 120: lr_cut /5 applied as #4: {DECISION.reason}"
     )
     assert body["lrwatch"] == RECORD
+    assert _Recorder.keys == [RECORD["decision_id"]]
+
+
+def test_webhook_with_a_sent_dir_should_post_each_decision_once(
+    server: http.server.HTTPServer, bin_dir: Path, tmp_path: Path
+) -> None:
+    """lrwatch may run a hook twice for a decision (a kill mid-run): the marker skips it."""
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+    sent = tmp_path / "sent"
+    sent.mkdir()
+    env = {"PATH": str(bin_dir), "LRWATCH_WEBHOOK_URL": url, "LRWATCH_WEBHOOK_SENT_DIR": str(sent)}
+    for record in (RECORD, OTHER, RECORD):
+        keyed = {**env, "LRWATCH_DECISION_ID": record["decision_id"]}
+        assert run("webhook", json.dumps(record), env=keyed, cwd=tmp_path).returncode == 0
+    assert [b["lrwatch"]["step"] for b in _Recorder.bodies] == [120, 121]
+    assert sorted(p.name for p in sent.iterdir()) == sorted(
+        [RECORD["decision_id"], OTHER["decision_id"]]
+    )
 
 
 @pytest.mark.parametrize("failure", ["http-500", "refused", "no-url"])
@@ -169,12 +198,17 @@ def test_webhook_should_exit_non_zero_when_the_post_fails(
 def test_append_to_file_should_append_one_json_line_per_decision(
     bin_dir: Path, tmp_path: Path
 ) -> None:
+    """Run again for a decision already in the file (lrwatch reruns a hook after a kill), it
+    appends nothing; the id comes from LRWATCH_DECISION_ID, else from the JSON."""
     target = tmp_path / "log" / "decisions.jsonl"
     target.parent.mkdir()
     env = {"PATH": str(bin_dir), "LRWATCH_HOOK_FILE": str(target)}
-    for _ in range(2):
-        assert run("append-to-file", json.dumps(RECORD), env=env, cwd=tmp_path).returncode == 0
-    assert [json.loads(line) for line in target.read_text().splitlines()] == [RECORD, RECORD]
+    runs = [(RECORD, {}), (OTHER, {}), (RECORD, {"LRWATCH_DECISION_ID": RECORD["decision_id"]})]
+    for record, key in runs:
+        done = run("append-to-file", json.dumps(record), env={**env, **key}, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+    assert [json.loads(line) for line in target.read_text().splitlines()] == [RECORD, OTHER]
+    assert "already in" in done.stderr
 
 
 def test_append_to_file_should_default_to_a_file_in_the_working_directory(

@@ -189,3 +189,21 @@ def test_runner_should_refuse_bad_settings() -> None:
     with pytest.raises(ConfigError, match="at least 1"):
         HookRunner([], max_workers=0)
     assert HookRunner([]).notify(RECORD) == []  # no hooks: no threads, nothing to do
+
+
+def test_submit_should_pass_env_and_report_every_end_to_done_even_a_failed_start(
+    tmp_path: Path,
+) -> None:
+    seen = tmp_path / "seen"
+    hook = make_hook(tmp_path, "env", f"open({str(seen)!r}, 'w').write(os.environ['KEY'])")
+    broken = tmp_path / "broken"
+    broken.write_text("#!/nonexistent/interpreter\n")
+    broken.chmod(0o755)
+    ended: list[HookResult] = []
+    with HookRunner([hook, broken], max_workers=1) as runner:
+        runner.submit(hook, b"{}", env={"KEY": "60-abc"}, done=ended.append).result(timeout=30)
+        with pytest.raises(OSError):
+            runner.submit(broken, b"{}", done=ended.append).result(timeout=30)
+    assert seen.read_text() == "60-abc"
+    assert [(r.hook, r.ok, r.returncode) for r in ended] == [(hook, True, 0), (broken, False, None)]
+    assert "No such file" in ended[1].stderr

@@ -44,3 +44,22 @@ def test_readme_lists_every_kind_action_and_allowed_factor() -> None:
     assert {a.value for a in schema.ActionKind} <= words
     for factor in schema.ALLOWED_LR_FACTORS:
         assert f"{factor}" in README
+
+
+def test_readme_decision_json_table_names_every_field_and_hooked_lines_too() -> None:
+    """What hooks receive and what the audit log holds is a contract: every key is documented."""
+    from lrwatch.daemon.outputs import decision_record, hooked_record
+    from lrwatch.schema import ActionKind, Decision
+
+    record = decision_record(
+        Decision(5, ActionKind.STOP, "why"), run="r", mode="apply", action_id=1, wall_time=0.0
+    )
+    table = README[README.index("The decision JSON (") : README.index("### Hooks")]
+    decision_keys = set(record) - set(Decision(5, ActionKind.STOP, "why").to_json())
+    missing = [k for k in decision_keys if f"`{k}`" not in table]
+    assert not missing, f"decision JSON fields missing from README's table: {missing}"
+    hooked = hooked_record(
+        record, hook="h", attempt=1, returncode=0, timed_out=False, wall_time=0.0
+    )
+    audit = README[README.index("1. **The audit log**") : README.index("2. **TensorBoard**")]
+    assert [k for k in hooked if f'"{k}"' not in audit] == ["version", "run"]  # "..."

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -69,11 +70,13 @@ def test_emit_should_append_one_audit_line_per_decision_with_evidence(tmp_path: 
     assert first == {
         "version": outputs.RECORD_VERSION,
         "event": "decision",
+        "decision_id": first["decision_id"],
         "run": str(tmp_path),
         "mode": "apply",
         "applied": True,
         "action_id": 3,
         "held_back": None,
+        "hooks": [],
         "wall_time": 1_700_000_000.5,
         "time": "2023-11-14T22:13:20Z",
         "lrwatch_version": first["lrwatch_version"],
@@ -85,6 +88,10 @@ def test_emit_should_append_one_audit_line_per_decision_with_evidence(tmp_path: 
     }
     assert first["findings"][0]["evidence"]["nan_seen"] == "nan"
     assert read_audit(tmp_path) == [first, json.loads(lines[1])]
+    # The id hooks deduplicate on: the step, then a hash; one per decision, stable across emits.
+    assert re.fullmatch(r"100-[0-9a-f]{16}", first["decision_id"])
+    assert json.loads(lines[1])["decision_id"].startswith("130-")
+    assert first["decision_id"] == outputs.decision_id(str(tmp_path), CUT)
 
 
 def test_acknowledge_should_append_an_acknowledged_line(tmp_path: Path) -> None:

@@ -363,8 +363,12 @@ def test_serve_once_should_process_every_run_and_exit(tmp_path: Path) -> None:
         env=cli_env(tmp_path), capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    records = read_audit(logdir / "exp1")
+    audit = read_audit(logdir / "exp1")
+    records = [r for r in audit if r["event"] == "decision"]
     assert records and all(r["step"] >= 60 for r in records)
+    # After each hook run, its line: the decision's hook ran and ended well.
+    hook_lines = [(r["decision_id"], r["ok"]) for r in audit if r["event"] == "hooked"]
+    assert sorted(hook_lines) == sorted((r["decision_id"], True) for r in records)
     assert result.stdout.strip() == f"2 runs, {len(records)} decisions"
     assert "applied as action #1" in result.stderr  # the console line, shown without -v
     assert records[0]["action_id"] == 1 and control_ids(logdir / "exp1")[0][0] == 1

@@ -6,7 +6,8 @@ line. The decision travels on stdin (:func:`lrwatch.daemon.outputs.decision_reco
 fields). Each hook gets ``timeout`` seconds; then its whole process group gets SIGTERM and,
 ``kill_after`` seconds later, SIGKILL, so a hook's own children die with it. Hooks run on a few
 worker threads behind a bounded queue: a slow, failing or hanging hook is reported through
-:mod:`logging` and never blocks or kills the daemon.
+:mod:`logging` and never blocks or kills the daemon. Which runs are owed, and their retries,
+is :mod:`.hook_jobs`' business: this module only runs what it is handed.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +33,11 @@ logger = logging.getLogger(__name__)
 DEFAULT_TIMEOUT = 10.0  # seconds: a notification that takes longer is stuck, not slow
 KILL_AFTER = 2.0  # seconds between SIGTERM and SIGKILL: time for a hook to clean up
 MAX_WORKERS = 2  # hooks running at once; more would compete with the trainer for CPU
-MAX_PENDING = 64  # queued notifications; past this, new ones are dropped with a warning
+MAX_PENDING = 64  # queued runs; past this, notify() drops one, HookJobs waits for a later pass
 STDERR_LIMIT = 2000  # characters of a hook's stderr kept in the log line
+# Seconds before the 2nd and 3rd run of a hook that failed (non-zero exit, timeout, no start):
+# a webhook's endpoint down for a moment gets another chance, a broken hook is not run forever.
+RETRY_AFTER = (5.0, 30.0)
 
 
 def validate_hooks(paths: Iterable[Path]) -> tuple[Path, ...]:
@@ -73,9 +77,17 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
 
 
 def run_hook(
-    hook: Path, payload: bytes, *, timeout: float = DEFAULT_TIMEOUT, kill_after: float = KILL_AFTER
+    hook: Path,
+    payload: bytes,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    kill_after: float = KILL_AFTER,
+    env: Mapping[str, str] | None = None,
 ) -> HookResult:
-    """Run one hook to completion (or to its timeout) and say how it ended. Blocks the caller."""
+    """Run one hook to completion (or to its timeout) and say how it ended. Blocks the caller.
+
+    ``env`` is added to the daemon's environment (the decision id and attempt number).
+    """
     proc = subprocess.Popen(
         [str(hook)],
         stdin=subprocess.PIPE,
@@ -83,6 +95,7 @@ def run_hook(
         stderr=subprocess.PIPE,
         start_new_session=True,  # a group of its own, so a timeout reaches its children too
         close_fds=True,
+        env=None if env is None else {**os.environ, **env},
     )
     timed_out = False
     try:
@@ -139,7 +152,13 @@ def report_result(result: HookResult) -> None:
         )
 
 
-_Job = tuple[Path, bytes, "Future[HookResult]"]
+def could_not_start(hook: Path, err: BaseException) -> HookResult:
+    """The result of a hook that never ran (exec failed): a failure, with the reason as stderr."""
+    return HookResult(hook=hook, returncode=None, timed_out=False, stderr=str(err), stdout="")
+
+
+_Done = Callable[[HookResult], None]
+_Job = tuple[Path, bytes, Mapping[str, str] | None, "Future[HookResult]", _Done | None]
 
 
 class HookRunner:
@@ -148,6 +167,9 @@ class HookRunner:
     Args:
         hooks: executables the user passed with ``--hook`` (checked by :func:`validate_hooks`).
         timeout: seconds a hook may run before its process group is stopped.
+        retry_after: seconds before each further run of a hook that failed; its length plus
+            one is the number of runs a failing hook gets per decision (used by the caller,
+            :class:`lrwatch.daemon.hook_jobs.HookJobs`, which schedules them).
 
     Example::
 
@@ -163,14 +185,18 @@ class HookRunner:
         kill_after: float = KILL_AFTER,
         max_workers: int = MAX_WORKERS,
         max_pending: int = MAX_PENDING,
+        retry_after: Sequence[float] = RETRY_AFTER,
     ) -> None:
         if timeout <= 0 or kill_after <= 0:
             raise ConfigError("hook timeout and kill_after must be positive seconds")
         if max_workers < 1 or max_pending < 1:
             raise ConfigError("max_workers and max_pending must be at least 1")
+        if any(not delay >= 0 for delay in retry_after):
+            raise ConfigError("retry delays must be seconds >= 0")
         self.hooks = tuple(hooks)
         self.timeout = timeout
         self.kill_after = kill_after
+        self.retry_after = tuple(retry_after)
         self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=max_pending)
         self._threads: list[threading.Thread] = []
         self._max_workers = max_workers
@@ -188,21 +214,44 @@ class HookRunner:
         except (TypeError, ValueError) as err:
             logger.warning("decision not sent to hooks: not JSON (%s)", err)
             return []
-        self._start_workers()
         futures: list[Future[HookResult]] = []
         for hook in self.hooks:
-            future: Future[HookResult] = Future()
-            try:
-                self._jobs.put_nowait((hook, payload, future))
-            except queue.Full:
+            future = self.submit(hook, payload)
+            if future.cancelled():
                 logger.warning(
                     "hook %s: %d notifications already queued; this one is dropped",
                     hook,
                     self._jobs.maxsize,
                 )
-                future.cancel()
             futures.append(future)
         return futures
+
+    @property
+    def attempts(self) -> int:
+        """Runs a failing hook gets per decision, in all."""
+        return len(self.retry_after) + 1
+
+    def submit(
+        self,
+        hook: Path,
+        payload: bytes,
+        *,
+        env: Mapping[str, str] | None = None,
+        done: _Done | None = None,
+    ) -> Future[HookResult]:
+        """Queue one run of ``hook`` with ``payload`` on stdin and return at once.
+
+        ``done`` is called on the worker thread with the result when the run has ended (also
+        when it could not start). A full queue cancels the returned future and never calls
+        ``done``: the caller keeps the job and submits it again later.
+        """
+        self._start_workers()
+        future: Future[HookResult] = Future()
+        try:
+            self._jobs.put_nowait((hook, payload, env, future, done))
+        except queue.Full:
+            future.cancel()
+        return future
 
     def close(self, *, timeout: float | None = None) -> None:
         """Let the queued hooks run, then stop the threads.
@@ -241,14 +290,27 @@ class HookRunner:
 
     def _work(self) -> None:
         while (job := self._jobs.get()) is not None:
-            hook, payload, future = job
+            hook, payload, env, future, done = job
             if not future.set_running_or_notify_cancel():
                 continue
             try:
-                result = run_hook(hook, payload, timeout=self.timeout, kill_after=self.kill_after)
+                result = run_hook(
+                    hook, payload, timeout=self.timeout, kill_after=self.kill_after, env=env
+                )
             except Exception as err:  # broad: a hook that cannot even start must not end the thread
                 logger.warning("hook %s could not run: %s", hook, err)
+                self._finish(done, could_not_start(hook, err))
                 future.set_exception(err)
                 continue
             report_result(result)
+            self._finish(done, result)
             future.set_result(result)
+
+    @staticmethod
+    def _finish(done: _Done | None, result: HookResult) -> None:
+        if done is None:
+            return
+        try:
+            done(result)
+        except Exception:  # broad: the caller's bookkeeping failing must not end the thread
+            logger.exception("hook %s: recording its result failed", result.hook)

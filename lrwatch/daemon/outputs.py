@@ -5,7 +5,8 @@ run, and why?" from whichever place they look first:
 
 1. ``<run>/lrwatch_audit.jsonl``: append-only, one JSON object per line (see
    :func:`decision_record` for the fields), plus an ``acknowledged`` line when the hook's ack is
-   read back from the event files. :func:`read_audit` reads it back.
+   read back from the event files and a ``hooked`` line after each run of a hook executable
+   (:func:`hooked_record`). :func:`read_audit` reads it back.
 2. TensorBoard: scalar markers and a text summary in the sub-run ``<run>/lrwatch_daemon/``, at the
    decision's step, so they line up with the trainer's own charts.
 3. The console, through :mod:`logging`: one line per decision.
@@ -16,12 +17,14 @@ An output that fails (a full disk, a vanished run) logs a warning and never stop
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import math
 import os
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -61,6 +64,17 @@ def audit_path(run_dir: Path) -> Path:
     return Path(run_dir) / AUDIT_FILENAME
 
 
+def decision_id(run: str, decision: Decision) -> str:
+    """A stable id of one decision of one run, safe as a file name: ``<step>-<16 hex digits>``.
+
+    It is a hash of what identifies a decision across daemon restarts (the run, step, action,
+    factor or max_norm and reason), so hooks can deduplicate on it (``LRWATCH_DECISION_ID``).
+    """
+    key = [run, decision.step, decision.action.value, decision.factor, decision.max_norm]
+    digest = hashlib.sha256(json.dumps([*key, decision.reason]).encode()).hexdigest()
+    return f"{decision.step}-{digest[:16]}"
+
+
 def decision_record(
     decision: Decision,
     *,
@@ -69,25 +83,29 @@ def decision_record(
     action_id: int | None,
     wall_time: float,
     held_back: str | None = None,
+    hooks: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The JSON document of one decision: an audit line, and what hook executables get on stdin.
 
     ``decision.to_json()`` (step, action, factor | max_norm, reason, findings with evidence) plus
-    ``version``, ``event`` ("decision"), ``run``, ``mode``, ``applied`` (an action was written to
-    the control file), ``action_id`` (its id, else null), ``held_back`` (in apply mode, why it
-    was not applied, else null), ``wall_time`` (Unix seconds), ``time`` (the same, ISO 8601 UTC)
-    and ``lrwatch_version``.
+    ``version``, ``event`` ("decision"), ``decision_id`` (:func:`decision_id`), ``run``,
+    ``mode``, ``applied`` (an action was written to the control file), ``action_id`` (its id,
+    else null), ``held_back`` (in apply mode, why it was not applied, else null), ``hooks`` (the
+    hook executables that owe this decision a run), ``wall_time`` (Unix seconds), ``time`` (the
+    same, ISO 8601 UTC) and ``lrwatch_version``.
     """
     from lrwatch import __version__
 
     return {
         "version": RECORD_VERSION,
         "event": "decision",
+        "decision_id": decision_id(run, decision),
         "run": run,
         "mode": mode,
         "applied": action_id is not None,
         "action_id": action_id,
         "held_back": held_back,
+        "hooks": list(hooks),
         "wall_time": wall_time,
         "time": _iso(wall_time),
         "lrwatch_version": __version__,
@@ -111,6 +129,43 @@ def ack_record(
     }
 
 
+def hooked_record(
+    record: dict[str, Any],
+    *,
+    hook: str,
+    attempt: int,
+    returncode: int | None,
+    timed_out: bool,
+    wall_time: float,
+) -> dict[str, Any]:
+    """The audit line written after one run of one hook executable for the decision ``record``.
+
+    ``ok`` is true when the hook exited 0 within its timeout; ``returncode`` is negative when a
+    signal ended it and null when it could not be started. A decision line's hooks without an
+    ``ok`` line (and with attempts left) are run again by a restarted daemon.
+    """
+    return {
+        "version": RECORD_VERSION,
+        "event": "hooked",
+        "run": record["run"],
+        "decision_id": record["decision_id"],
+        "step": record["step"],
+        "hook": hook,
+        "attempt": attempt,
+        "ok": returncode == 0 and not timed_out,
+        "returncode": returncode,
+        "timed_out": timed_out,
+        "wall_time": wall_time,
+        "time": _iso(wall_time),
+    }
+
+
+# Lines come from the daemon's loop and from its hook threads. A full disk can take part of a
+# line, which is then cut off with ftruncate: another thread's line appended in between would
+# be cut off with it, so appends in one process take turns.
+_APPEND_LOCK = threading.Lock()
+
+
 def append_audit(run_dir: Path, record: dict[str, Any]) -> None:
     """Append one line to the run's audit log.
 
@@ -118,7 +173,12 @@ def append_audit(run_dir: Path, record: dict[str, Any]) -> None:
     sees half a line interleaved with another. Raises OSError when the line is not on disk whole.
     """
     line = (json.dumps(record, sort_keys=False, allow_nan=False) + "\n").encode()
-    fd = os.open(audit_path(run_dir), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    with _APPEND_LOCK:
+        _append_line(audit_path(run_dir), line)
+
+
+def _append_line(path: Path, line: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         size = os.fstat(fd).st_size
         try:
@@ -128,7 +188,7 @@ def append_audit(run_dir: Path, record: dict[str, Any]) -> None:
         if written != len(line):
             # A full disk can take part of a line: cut it off, so a retry appends it whole.
             os.ftruncate(fd, size)
-            raise OSError(errno.ENOSPC, f"{audit_path(run_dir)}: line not written whole")
+            raise OSError(errno.ENOSPC, f"{path}: line not written whole")
     finally:
         os.close(fd)
 
@@ -274,12 +334,17 @@ class DecisionSink:
         self._writer: MarkerWriter | None = None
 
     def emit(
-        self, decision: Decision, *, action_id: int | None, held_back: str | None = None
+        self,
+        decision: Decision,
+        *,
+        action_id: int | None,
+        held_back: str | None = None,
+        hooks: Sequence[str] = (),
     ) -> dict[str, Any]:
         """Record one decision everywhere; returns its record (the JSON for hook executables).
 
         ``action_id`` is the control-file id when the decision was applied; ``held_back`` says
-        why an apply-mode decision was not.
+        why an apply-mode decision was not; ``hooks`` are the executables that owe it a run.
         """
         now = self._clock()
         record = decision_record(
@@ -289,6 +354,7 @@ class DecisionSink:
             action_id=action_id,
             wall_time=now,
             held_back=held_back,
+            hooks=hooks,
         )
         self._append(record)
         logger.log(console_level(decision, applied=action_id is not None), console_line(record))

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lrwatch import schema
+from lrwatch.daemon.hook_jobs import HookJobs
 from lrwatch.daemon.notify import HookRunner
 from lrwatch.daemon.outputs import Mode
 from lrwatch.daemon.rails import Rails
@@ -58,6 +59,9 @@ class Daemon:
         self.hooks = hooks
         self._analyzer_factory = analyzer_factory
         self.runs: dict[Path, WatchedRun] = {}
+        # Hook runs of a run forgotten after a failed pass: the rebuilt run takes them over, so
+        # a hook still running is not started again (the audit log does not say it ended yet).
+        self._hook_jobs: dict[Path, HookJobs] = {}
 
     def discover(self) -> None:
         """Add every run that appeared under the logdirs since the last call."""
@@ -72,7 +76,10 @@ class Daemon:
                     logger.info("watching run %s", run_dir)
                     _ensure_layout(run_dir)
                     self.runs[run_dir] = WatchedRun(
-                        run_dir, analyzer_factory=self._analyzer_factory, mode=self.mode
+                        run_dir,
+                        analyzer_factory=self._analyzer_factory,
+                        mode=self.mode,
+                        hook_jobs=self._hook_jobs.pop(run_dir, None),
                     )
 
     def process(self) -> dict[Path, list[Decision]]:
@@ -93,6 +100,7 @@ class Daemon:
                 # pass rebuilds it from its saved state and reads (and decides) them again.
                 run.close()
                 del self.runs[run_dir]
+                self._hook_jobs[run_dir] = run.hook_jobs
                 continue
             if decisions:
                 taken[run_dir] = decisions

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from lrwatch import control, schema
+from lrwatch.daemon.hook_jobs import HookJobs
 from lrwatch.daemon.notify import HookRunner
 from lrwatch.daemon.outputs import DecisionSink, Mode, finding_line, read_audit
 from lrwatch.daemon.rails import Issued, Ledger, Rails
@@ -58,10 +59,19 @@ class Analyzer(Protocol):
 
 
 class WatchedRun:
-    """Everything the daemon keeps about one run; built from ``state.json`` when there is one."""
+    """Everything the daemon keeps about one run; built from ``state.json`` when there is one.
+
+    ``hook_jobs`` carries the hook runs of an earlier object for the same run in this process
+    (rebuilt after a failed pass): runs still in flight there must not be started again.
+    """
 
     def __init__(
-        self, run_dir: Path, *, analyzer_factory: Callable[[], Analyzer], mode: Mode
+        self,
+        run_dir: Path,
+        *,
+        analyzer_factory: Callable[[], Analyzer],
+        mode: Mode,
+        hook_jobs: HookJobs | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         self._analyzer_factory = analyzer_factory
@@ -69,6 +79,8 @@ class WatchedRun:
         self.analyzer = analyzer_factory()
         self.ledger = Ledger()
         self.sink = DecisionSink(self.run_dir, mode=mode)
+        # Hook runs owed to decisions, durable in the audit log (see hook_jobs).
+        self.hook_jobs = hook_jobs if hook_jobs is not None else HookJobs(self.run_dir)
         self.audited: set[int] = set()  # action ids whose decision line is in the audit log
         self.recorded: set[tuple[Any, ...]] = set()  # decisions with a line (see _record_key)
         self.outbox: list[Decision] = []  # decided, not yet fully written (a full disk)
@@ -128,8 +140,11 @@ class WatchedRun:
 
     def _recall_audit(self) -> None:
         """Seed what the audit log already says, so a restart after a crash (state not saved)
-        writes no decision or acknowledgement line twice and runs no hook twice."""
-        for record in read_audit(self.run_dir):
+        writes no decision or acknowledgement line twice, and runs the hooks still owed."""
+        records = read_audit(self.run_dir)
+        if not self.hook_jobs.recalled:
+            self.hook_jobs.recall(records)
+        for record in records:
             event, action_id = record.get("event"), record.get("action_id")
             if event == "decision":
                 self.recorded.add(_record_key(record))
@@ -194,6 +209,8 @@ def run_once(
         run.sink.mark_findings(quiet)
         run.dirty = True
     deliver(run, rails or Rails(), hooks)
+    if hooks is not None:
+        run.hook_jobs.pump(hooks)
     if run.dirty and not run.outbox and not run.unacked:
         run.dirty = not run.save()
     return decisions
@@ -225,13 +242,14 @@ def _deliver_one(
     action_id, held = None, None
     key = _decision_key(decision)
     if key in run.recorded:
-        return True  # re-derived after a restart: its line (and action, hooks) already went out
+        return True  # re-derived after a restart: its line is there, its hook runs recalled
     try:
         if run.sink.mode == "apply":
             action_id, held = issue(run, decision, rails)
             if action_id is not None and action_id in run.audited:
-                return True  # re-derived after a crash: its audit line and hooks already went out
-        record = run.sink.emit(decision, action_id=action_id, held_back=held)
+                return True  # re-derived after a crash: its line is there, its hook runs recalled
+        owed = [str(h) for h in hooks.hooks] if hooks is not None else []
+        record = run.sink.emit(decision, action_id=action_id, held_back=held, hooks=owed)
     except OSError as err:
         logger.warning(
             "%s: decision at step %d waits (%s); will retry", run.run_dir, decision.step, err
@@ -240,8 +258,7 @@ def _deliver_one(
     run.recorded.add(key)
     if action_id is not None:
         run.audited.add(action_id)
-    if hooks is not None:
-        hooks.notify(record)
+    run.hook_jobs.owe(record)  # started by run_once's pump, right after this
     return True
 
 
