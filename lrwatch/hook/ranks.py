@@ -74,3 +74,28 @@ def all_sum(packed: Any) -> None:
 
     _guard_exit()
     dist.all_reduce(packed)
+
+
+class LateRead:
+    """One small reduced tensor, read on the host a step after its collective was issued.
+
+    Reading it at once (``.item()``) would make the host wait for the device to finish the
+    step; a step later the copy started here is long done, so :meth:`value` waits for that
+    copy alone (a device event), not for the work queued since. On CPU it is the tensor.
+    """
+
+    def __init__(self, tensor: Any) -> None:
+        import torch
+
+        self._event: Any = None
+        if tensor.device.type == "cpu":
+            self._host = tensor
+        else:  # untested here (CPU-only CI): the device-generic event API of torch >= 2.4
+            self._host = tensor.to("cpu", non_blocking=True)
+            self._event = torch.Event(device=tensor.device)
+            self._event.record()
+
+    def value(self) -> float:
+        if self._event is not None:
+            self._event.synchronize()
+        return float(self._host.item())

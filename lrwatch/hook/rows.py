@@ -104,10 +104,32 @@ class RowBuffer:
     def last(self) -> Row | None:
         return self.rows[-1] if self.rows else None
 
+    def forget_measures(self, step: int) -> None:
+        """Drop ``step``'s measured values (its grad norm and logging block), not yet submitted.
+
+        A sharded step some rank failed to measure summed the others' shards only: a wrong
+        value, which must not be written. The loss and the rest of its row stay.
+        """
+        for row in self.rows:
+            if row.step == step:
+                row.grad_norm = None
+        for tags, evs in list(self.events.items()):
+            self.events[tags] = [e for e in evs if e[0] != step]
+            if not self.events[tags]:
+                del self.events[tags]
+
     def submit(self, writer: EventWriter, *, before: int | None = None) -> None:
-        """Hand every row with ``step < before`` (all by default) to ``writer``."""
+        """Hand every row and event with ``step < before`` (all by default) to ``writer``."""
         events, self.events = self.events, {}
+        if before is not None:  # a step's block waits with its row (see forget_measures)
+            for tags, evs in list(events.items()):
+                events[tags] = [e for e in evs if e[0] < before]
+                later = [e for e in evs if e[0] >= before]
+                if later:
+                    self.events[tags] = later
         for tags, evs in events.items():  # same tags: one hand-off for all their steps
+            if not evs:
+                continue
             writer.add_rows(
                 [e[0] for e in evs],
                 tags,
