@@ -120,6 +120,37 @@ def test_hsdp_and_tensor_parallel_values_equal_the_unsharded_run(
     assert set(got[schema.UPDATE_RATIO]) == {1, 2, 4}
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("fail", "log_every"),
+    [("step_grads:1:3", "1"), ("_after:0:3", "1"), ("pack:1:3", "2")],
+    ids=["pre-hook-rank1", "post-hook-rank0-logging-step", "post-hook-rank1-other-step"],
+)
+def test_a_failure_on_one_rank_stops_measuring_on_every_rank_without_a_hang(
+    tmp_path: Path, fail: str, log_every: str
+) -> None:
+    """lrwatch's own code raises on one rank only, between backward and the all-reduce.
+
+    Before, a rank failing in the post-hook skipped the all-reduce and the other waited in it
+    until the process group's timeout (``_after``: the worker's faulthandler fired), and one
+    failing in the pre-hook joined it with a vector of another length (summed without an
+    error: garbage). Now every rank issues it at that step with the same length, learns of the
+    failure from it and stops measuring at the next step, together; training goes on.
+    """
+    logdir = tmp_path / "run"
+    args = ["--logdir", str(logdir), "--steps", "6", "--log-every", log_every, "--fail", fail]
+    torchrun("fsdp_worker.py", *args)
+    failed = 3
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["steps"] for r in ranks] == [6, 6]
+    assert collectives_per_step(tmp_path) == [1] * failed + [0] * (6 - failed)
+    got = scalars(logdir)
+    assert set(got[schema.LOSS]) == set(range(1, 7))  # the rest of each row is still written
+    assert set(got[schema.GRAD_NORM]) == set(range(1, failed))  # the failed step's sum dropped
+    assert max(got[schema.UPDATE_RATIO]) < failed
+    check_against(got, json.loads((tmp_path / "expected.json").read_text()))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
