@@ -151,6 +151,43 @@ def test_a_failure_on_one_rank_stops_measuring_on_every_rank_without_a_hang(
     check_against(got, json.loads((tmp_path / "expected.json").read_text()))
 
 
+def test_fsdp1_flat_parameters_are_not_measured_and_the_run_is_still_recorded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """FSDP1 refuses a CPU (``FSDP needs a non-CPU accelerator device``), so its flat
+    parameters are stood in for by plain ones marked with torch's own FSDP1 marker, in a
+    one-rank gloo group. lrwatch writes no norm it would get wrong (rank 0's slice taken for
+    the whole), says why once, and records the loss and the LR of every step.
+    """
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.fsdp._common_utils import _set_fsdp_flattened
+
+    import lrwatch
+
+    store = f"file://{tmp_path / 'store'}"
+    dist.init_process_group("gloo", init_method=store, rank=0, world_size=1)
+    try:
+        model = torch.nn.Linear(4, 2)
+        for p in model.parameters():
+            _set_fsdp_flattened(p)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with caplog.at_level("WARNING", logger="lrwatch"):
+            with lrwatch.watch(model, opt, logdir=tmp_path / "run", log_every=1) as mon:
+                for _ in range(3):
+                    loss = model(torch.randn(8, 4)).pow(2).mean()
+                    loss.backward()
+                    mon.log(loss=loss)
+                    opt.step()
+                    opt.zero_grad()
+    finally:
+        dist.destroy_process_group()
+    got = scalars(tmp_path / "run")
+    assert not {schema.GRAD_NORM, schema.UPDATE_RATIO, schema.WEIGHT_NORM} & set(got)
+    assert set(got[schema.LOSS]) == set(got[schema.lr_group_tag(0)]) == {1, 2, 3}
+    assert caplog.text.count("FSDP1") == 1
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))

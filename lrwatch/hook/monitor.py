@@ -158,9 +158,17 @@ class Monitor:
                 flush_secs=flush_secs,
             )
         # Sharded (DTensor) parameters: every rank measures, and the norms are one all-reduce.
-        world = ranks.world() if ranks.sharded(all_params(optimizer)) else 0
+        params = all_params(optimizer)
+        world = ranks.world() if ranks.sharded(params) else 0
         self._steps: StepMeasure | None = None  # the ranks that measure
-        if writer is not None or world:
+        if ranks.flat_sharded(params):  # values lrwatch cannot make right: none rather than wrong
+            if writer is not None:
+                logger.warning(
+                    "lrwatch: FSDP1 (FullyShardedDataParallel) flat parameters: norms and update "
+                    "ratios are not measured (use FSDP2, torch.distributed.fsdp.fully_shard); "
+                    "loss, LR and control actions work as usual"
+                )
+        elif writer is not None or world:
             self._steps = StepMeasure(model, optimizer, world=world, scaler=scaler)
         self._handles = [
             optimizer.register_step_pre_hook(self._pre_hook),

@@ -68,6 +68,23 @@ def sharded(params: list[Any]) -> bool:
     return distributed() and any(hasattr(p, "device_mesh") for p in params)
 
 
+def flat_sharded(params: list[Any]) -> bool:
+    """True for FSDP1's flat parameters in a process group (``FullyShardedDataParallel``).
+
+    There each rank holds a slice of many parameters flattened into one, as a plain tensor:
+    nothing says which values a slice holds or which ranks hold the same ones, so lrwatch
+    would measure rank 0's slice as if it were the whole model. FSDP1 marks what it
+    flattened (the flat parameters, and the original ones with ``use_orig_params``).
+    """
+    import torch.distributed as dist
+
+    return (
+        dist.is_available()
+        and dist.is_initialized()
+        and any(getattr(p, "_fsdp_flattened", False) for p in params)
+    )
+
+
 def all_sum(packed: Any) -> None:
     """Sum ``packed`` over every rank, in place: the one collective of a sharded logging step."""
     import torch.distributed as dist
