@@ -164,7 +164,7 @@ class Measurer:
         Few kernels on purpose: on a model of many small tensors the per-op overhead, not the
         arithmetic, is what a logging step costs beyond the floor. Sharded, the local norms
         are summed over the ranks by ``exchange`` (the step's one all-reduce, see
-        :meth:`lrwatch.hook.recorder.StepMeasure.exchange`).
+        :meth:`lrwatch.hook.steps.StepMeasure._exchanger`).
         """
         with torch.no_grad():  # the weights require grad: keep autograd out of every op
             if exchange is None:

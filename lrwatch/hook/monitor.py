@@ -41,8 +41,9 @@ from lrwatch.hook.cadence import Cadence
 from lrwatch.hook.capture import share
 from lrwatch.hook.controller import Controller
 from lrwatch.hook.measure import all_params
-from lrwatch.hook.recorder import Recorder, StepMeasure
+from lrwatch.hook.recorder import Recorder
 from lrwatch.hook.snapshots import AUTO_LIMIT_BYTES, Snapshots, param_bytes
+from lrwatch.hook.steps import StepMeasure
 
 logger = logging.getLogger(__name__)
 
