@@ -171,6 +171,8 @@ class Monitor:
                 )
         elif writer is not None or world:
             self._steps = StepMeasure(model, optimizer, world=world, scaler=scaler)
+        if self._recorder is not None and world:
+            self._recorder.rows.hold_events = True
         self._handles = [
             optimizer.register_step_pre_hook(self._pre_hook),
             optimizer.register_step_post_hook(self._post_hook),

@@ -93,6 +93,9 @@ class RowBuffer:
     def __init__(self) -> None:
         self.rows: list[Row] = []
         self.events: dict[tuple[str, ...], list[tuple[int, float, torch.Tensor]]] = {}
+        # Sharded runs: a logging step's values wait with its row until the next step has
+        # checked that every rank measured it (see forget_measures); others go out at once.
+        self.hold_events = False
 
     def add_event(self, step: int, tags: list[str], values: torch.Tensor) -> None:
         """A logging step's values (one event), written with the next batch of rows."""
@@ -119,9 +122,12 @@ class RowBuffer:
                 del self.events[tags]
 
     def submit(self, writer: EventWriter, *, before: int | None = None) -> None:
-        """Hand every row and event with ``step < before`` (all by default) to ``writer``."""
+        """Hand every row with ``step < before`` (all by default) to ``writer``, and the events.
+
+        With ``hold_events``, only the events with ``step < before``.
+        """
         events, self.events = self.events, {}
-        if before is not None:  # a step's block waits with its row (see forget_measures)
+        if before is not None and self.hold_events:
             for tags, evs in list(events.items()):
                 events[tags] = [e for e in evs if e[0] < before]
                 later = [e for e in evs if e[0] >= before]
