@@ -209,9 +209,7 @@ def test_two_nodes_write_one_run_and_every_node_applies_the_decisions(tmp_path: 
         cmd += ["--node_rank", str(node), "--nproc_per_node", "2", "--rdzv-backend", "c10d"]
         cmd += ["--rdzv-endpoint", f"localhost:{port}", "--rdzv-id", "lrwatch-test"]
         cmd += [str(HERE / "fsdp_control_worker.py"), "--logdir", str(tmp_path / f"node{node}")]
-        procs.append(
-            subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        )
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     try:
         outs = [p.communicate(timeout=240) for p in procs]
     finally:
