@@ -95,8 +95,8 @@ def run(args: argparse.Namespace) -> None:
         every = watched.mon.log_every
         n_tensors = sum(1 for _ in watched.model.parameters())
         watched.mon.close()
-    per_step = all_reduce_alone(n_tensors + 1)  # the gradient norms and the cadence slot
-    logging = all_reduce_alone(4 * n_tensors + 1)  # + update, weights before and after
+    per_step = all_reduce_alone(n_tensors + 2)  # the gradient norms, cadence and failure slots
+    logging = all_reduce_alone(4 * n_tensors + 2)  # + update, weights before and after
     if dist.get_rank() == 0:
         b, w = statistics.median(times["bare"]), statistics.median(times["lrwatch"])
         n = sum(p.numel() for p in bare.model.parameters())
@@ -105,9 +105,9 @@ def run(args: argparse.Namespace) -> None:
         print(f"bare step          {b * 1e3:8.2f} ms")
         print(f"lrwatch (defaults) {w * 1e3:8.2f} ms  {w / b - 1:+.1%}  (cadence {every})")
         print(f"all-reduce alone   {per_step * 1e3:8.3f} ms  {per_step / b:+.2%} of a bare step"
-              f"  ({n_tensors + 1} floats, every step)")
+              f"  ({n_tensors + 2} floats, every step)")
         print(f"  on logging steps {logging * 1e3:8.3f} ms  {logging / b:+.2%}"
-              f"  ({4 * n_tensors + 1} floats)")
+              f"  ({4 * n_tensors + 2} floats)")
     dist.destroy_process_group()
 
 

@@ -91,9 +91,29 @@ def counting_all_reduce() -> Iterator[list[int]]:
         dist.all_reduce = real
 
 
+def inject_failure(spec: str, current: list[int]) -> None:
+    """``METHOD:RANK:STEP``: ``Measurer.METHOD`` raises on that rank at that step (test only)."""
+    from lrwatch.hook.measure import Measurer
+
+    method, rank, step = spec.split(":")
+    if dist.get_rank() != int(rank):
+        return
+    real = getattr(Measurer, method)
+
+    def failing(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if current[0] == int(step):
+            raise RuntimeError(f"injected failure in {method} at step {step}")
+        return real(self, *args, **kwargs)
+
+    setattr(Measurer, method, failing)
+
+
 def train_sharded(args: argparse.Namespace, model: nn.Module, world: int) -> dict[int, float]:
     """The run under test; returns torch's own total grad norm per step (a DTensor collective)."""
     rank = dist.get_rank()
+    current = [0]  # the step being trained, for an injected failure
+    if args.fail:
+        inject_failure(args.fail, current)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     crit = nn.MSELoss()
     totals: dict[int, float] = {}
@@ -101,6 +121,7 @@ def train_sharded(args: argparse.Namespace, model: nn.Module, world: int) -> dic
     every: Any = "auto" if args.log_every == 0 else args.log_every
     with lrwatch.watch(model, opt, logdir=args.logdir, criterion=crit, log_every=every) as mon:
         for step in range(1, args.steps + 1):
+            current[0] = step
             x, y = batch(data_rank(args.layout, rank), step)
             crit(model(x), y).backward()
             total = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=math.inf)
@@ -158,6 +179,7 @@ def main() -> None:
     parser.add_argument("--log-every", type=int, default=1, help="0: auto")
     parser.add_argument("--hang-after", type=float, default=120.0)
     parser.add_argument("--layout", choices=["fsdp", "hsdp", "tp"], default="fsdp")
+    parser.add_argument("--fail", default="", help="METHOD:RANK:STEP, see inject_failure")
     args = parser.parse_args()
     faulthandler.dump_traceback_later(args.hang_after, exit=True)
     dist.init_process_group("gloo")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -243,3 +244,26 @@ def test_hf_callback_continues_the_step_axis_after_a_resume(tmp_path: Path) -> N
     run = tmp_path / "out" / "lrwatch"
     assert len([f for f in run.iterdir() if "tfevents" in f.name]) == 2
     assert [e.step for e in scalars(run).Scalars(schema.LOSS)] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.slow
+def test_hf_trainer_asked_for_fsdp_on_cpu_runs_ddp_and_the_callback_stays_exact(
+    tmp_path: Path,
+) -> None:
+    """``fsdp=True`` with FSDP2 under torchrun on CPU: Accelerate falls back to DDP silently.
+
+    Pinned here (the README's table says so): when Accelerate shards on CPU one day, this fails
+    and the table changes. Under that DDP, lrwatch's grad norm equals the Trainer's own logged
+    pre-clip total every step, and a stop ends both ranks at the same step.
+    """
+    from test_sharded import scalars, torchrun
+
+    torchrun("hf_fsdp_worker.py", str(tmp_path))
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["wrapped"] == r1["wrapped"] == "DistributedDataParallel"
+    # Appended after step 3, read at the step-5 check by rank 0 and broadcast to rank 1.
+    assert r0["global_step"] == r1["global_step"] == 5
+    got = scalars(tmp_path / "run")
+    assert [s for s, v in got[schema.STOP].items() if v == 1.0] == [5]
+    trainers = {int(s): v for s, v in r0["grad_norm"].items()}
+    assert got[schema.GRAD_NORM] == pytest.approx(trainers, rel=1e-5)

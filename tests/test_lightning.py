@@ -189,6 +189,29 @@ def test_lightning_ddp_ranks_stop_at_the_same_step(tmp_path: Path) -> None:
     assert len([f for f in tmp_path.iterdir() if f.name.endswith(".lrwatch")]) == 1
 
 
+@pytest.mark.slow
+def test_lightning_fsdp2_grad_norm_is_the_dtensor_total_and_actions_apply_on_every_rank(
+    tmp_path: Path,
+) -> None:
+    """``ModelParallelStrategy`` + ``fully_shard`` in ``configure_model``, 2 ranks, gloo."""
+    from test_sharded import check_against, torchrun
+
+    torchrun("lightning_fsdp_worker.py", str(tmp_path))
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0 == r1  # the same LR and the same global norm each step, the same last step
+    # A cut appended after step 2 and a stop after step 6, read at the checks of steps 5, 10.
+    assert r0["lr"] == pytest.approx([0.01] * 4 + [0.005] * 6)
+    assert r0["global_step"] == 10
+    acc = scalars(tmp_path / "run")
+    got = {t: {e.step: e.value for e in acc.Scalars(t)} for t in acc.Tags()["scalars"]}
+    assert [s for s, v in got[schema.STOP].items() if v == 1.0] == [10]
+    totals = dict(enumerate(r0["grad_norm"], start=1))
+    assert got[schema.GRAD_NORM] == pytest.approx(totals, rel=1e-5)  # every step
+    before_cut = {t: {s: v for s, v in vs.items() if s <= 4} for t, vs in got.items()}
+    expected = json.loads((tmp_path / "expected.json").read_text())
+    check_against(before_cut, {"fsdp_clip_grad_norm": totals, **expected})
+
+
 class Overflowing(Tiny):
     """Leaves an Inf in one gradient after backward at ``batch``, as an fp16 overflow would."""
 

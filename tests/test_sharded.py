@@ -120,6 +120,74 @@ def test_hsdp_and_tensor_parallel_values_equal_the_unsharded_run(
     assert set(got[schema.UPDATE_RATIO]) == {1, 2, 4}
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("fail", "log_every"),
+    [("step_grads:1:3", "2"), ("_after:0:3", "1")],
+    ids=["pre-hook-rank1-between-logging-steps", "post-hook-rank0-logging-step"],
+)
+def test_a_failure_on_one_rank_stops_measuring_on_every_rank_without_a_hang(
+    tmp_path: Path, fail: str, log_every: str
+) -> None:
+    """lrwatch's own code raises on one rank only, between backward and the all-reduce.
+
+    Before, a rank failing in the post-hook skipped the all-reduce and the other waited in it
+    until the process group's timeout (``_after``: the worker's faulthandler fired), and one
+    failing in the pre-hook joined it with the previous step's norms (a wrong grad norm, no
+    error). Now every rank issues it at that step with the same length, learns of the
+    failure from it and stops measuring at the next step, together; training goes on.
+    """
+    logdir = tmp_path / "run"
+    args = ["--logdir", str(logdir), "--steps", "6", "--log-every", log_every, "--fail", fail]
+    torchrun("fsdp_worker.py", *args)
+    failed = 3
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["steps"] for r in ranks] == [6, 6]
+    assert collectives_per_step(tmp_path) == [1] * failed + [0] * (6 - failed)
+    got = scalars(logdir)
+    assert set(got[schema.LOSS]) == set(range(1, 7))  # the rest of each row is still written
+    assert set(got[schema.GRAD_NORM]) == set(range(1, failed))  # the failed step's sum dropped
+    assert max(got[schema.UPDATE_RATIO]) < failed
+    check_against(got, json.loads((tmp_path / "expected.json").read_text()))
+
+
+def test_fsdp1_flat_parameters_are_not_measured_and_the_run_is_still_recorded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """FSDP1 refuses a CPU (``FSDP needs a non-CPU accelerator device``), so its flat
+    parameters are stood in for by plain ones marked with torch's own FSDP1 marker, in a
+    one-rank gloo group. lrwatch writes no norm it would get wrong (rank 0's slice taken for
+    the whole), says why once, and records the loss and the LR of every step.
+    """
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.fsdp._common_utils import _set_fsdp_flattened
+
+    import lrwatch
+
+    store = f"file://{tmp_path / 'store'}"
+    dist.init_process_group("gloo", init_method=store, rank=0, world_size=1)
+    try:
+        model = torch.nn.Linear(4, 2)
+        for p in model.parameters():
+            _set_fsdp_flattened(p)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with caplog.at_level("WARNING", logger="lrwatch"):
+            with lrwatch.watch(model, opt, logdir=tmp_path / "run", log_every=1) as mon:
+                for _ in range(3):
+                    loss = model(torch.randn(8, 4)).pow(2).mean()
+                    loss.backward()
+                    mon.log(loss=loss)
+                    opt.step()
+                    opt.zero_grad()
+    finally:
+        dist.destroy_process_group()
+    got = scalars(tmp_path / "run")
+    assert not {schema.GRAD_NORM, schema.UPDATE_RATIO, schema.WEIGHT_NORM} & set(got)
+    assert set(got[schema.LOSS]) == set(got[schema.lr_group_tag(0)]) == {1, 2, 3}
+    assert caplog.text.count("FSDP1") == 1
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
@@ -141,9 +209,7 @@ def test_two_nodes_write_one_run_and_every_node_applies_the_decisions(tmp_path: 
         cmd += ["--node_rank", str(node), "--nproc_per_node", "2", "--rdzv-backend", "c10d"]
         cmd += ["--rdzv-endpoint", f"localhost:{port}", "--rdzv-id", "lrwatch-test"]
         cmd += [str(HERE / "fsdp_control_worker.py"), "--logdir", str(tmp_path / f"node{node}")]
-        procs.append(
-            subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        )
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     try:
         outs = [p.communicate(timeout=240) for p in procs]
     finally:

@@ -9,20 +9,25 @@ from the monitor because it is the part that costs: its few batched kernels (no 
 are what ``bench/hook_overhead.py`` measures, while the monitor is wiring.
 
 Sharded parameters (DTensors: FSDP2, HSDP, tensor parallel) are measured on their local shards;
-:meth:`Measurer.reduce` sums the squares over the ranks in one all-reduce a step.
+:meth:`Measurer.pack` and :meth:`Measurer.unpack` are the two sides of the one all-reduce a step
+that sums their squares over the ranks.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from lrwatch import schema
-from lrwatch.hook import ranks, stats
+from lrwatch.hook import stats
 
 Tensor = torch.Tensor
+# A sharded step's all-reduce: runs a packing function (given rank 0's cadence proposal), or
+# packs this rank's failure if it raises or is None, then sums the packed vector over the ranks.
+Exchange = Callable[[Callable[[int], Tensor] | None], Tensor]
 
 
 class Plan:
@@ -42,7 +47,7 @@ class Plan:
 class StepGrads:
     """A step's gradient norms, taken where backward ended (before anyone clipped).
 
-    ``norms`` are per tensor; sharded, they are local until :meth:`Measurer.reduce` sums them,
+    ``norms`` are per tensor; sharded, they are local until the step's all-reduce sums them,
     and ``total`` (which the row already holds) is filled in place then.
     """
 
@@ -141,7 +146,7 @@ class Measurer:
         scale = getattr(self._scaler, "_scale", None) if scaled else None
         if isinstance(scale, Tensor):
             norms = norms / scale.to(norms.device)  # a device tensor: no sync
-        if self.world:  # local norms: the total exists once reduce has summed them
+        if self.world:  # local norms: the total exists once the all-reduce has summed them
             return StepGrads(plan, norms, torch.zeros(1, device=norms.device))
         return StepGrads(plan, norms, stats.total_norm(norms).reshape(1))
 
@@ -152,22 +157,20 @@ class Measurer:
         preclip: Tensor | None,
         per_layer: bool,
         keep_buffers: bool,
-        proposal: int = 0,
+        exchange: Exchange | None = None,
     ) -> tuple[list[str], Tensor] | None:
         """After the step: update and weight norms, then one block with every value.
 
         Few kernels on purpose: on a model of many small tensors the per-op overhead, not the
         arithmetic, is what a logging step costs beyond the floor. Sharded, the local norms
-        are summed over the ranks in one all-reduce, which also carries rank 0's ``proposal``
-        for the cadence (see :class:`lrwatch.hook.cadence.Cadence`).
+        are summed over the ranks by ``exchange`` (the step's one all-reduce, see
+        :meth:`lrwatch.hook.steps.StepMeasure._exchanger`).
         """
         with torch.no_grad():  # the weights require grad: keep autograd out of every op
-            u, w_after = self._after(pending)
-            if self.world:
-                norms = [u, pending.w_before, w_after]
-                reduced = self.reduce(pending.grads, norms, pending.plan.shares, proposal)
-                u, pending.w_before, w_after = reduced[:3]
-                pending.agreed = reduced[3]
+            if exchange is None:
+                u, w_after = self._after(pending)
+            else:
+                u, w_after = self._after_sharded(pending, exchange)
             block = self._block(pending, u, w_after, preclip=preclip, per_layer=per_layer)
         self.buffers = pending.snapshot if keep_buffers else None
         return block
@@ -180,21 +183,37 @@ class Measurer:
         u = stats.update_norms(pending.snapshot, pending.weights, groups)
         return u, stats.foreach_norms(pending.weights, groups)
 
-    def reduce(
+    def _after_sharded(self, pending: Pending, exchange: Exchange) -> tuple[Tensor, Tensor]:
+        """:meth:`_after` on local shards, made global by the step's all-reduce."""
+        local: list[Tensor] = []
+
+        def build(proposal: int) -> Tensor:
+            u, w_after = self._after(pending)
+            local[:] = [u, pending.w_before, w_after]
+            return self.pack(pending.grads, local, pending.plan.shares, proposal)
+
+        packed = exchange(build)
+        u, pending.w_before, w_after = self.unpack(packed, pending.grads, local)
+        pending.agreed = packed[-2:-1]
+        return u, w_after
+
+    def pack(
         self,
         grads: StepGrads | None,
         norms: list[Tensor],
         shares: Tensor | None = None,
         proposal: int = 0,
-    ) -> list[Tensor]:
-        """Global norms from local ones: squared, shared out, summed in ONE all-reduce.
+    ) -> Tensor:
+        """This rank's part of the step's all-reduce: squared norms shared out, then two slots.
 
-        ``grads`` are reduced in place; ``norms`` (update, weights before and after, on a
-        logging step) come back global, followed by the reduced ``proposal`` (rank 0's cadence).
-        Every rank calls this at the same steps with vectors of the same length (the same
-        parameters have gradients everywhere), so the collective always matches.
+        Layout: the squares of ``norms`` (update, weights before and after, on a logging step)
+        and of the gradient norms, each divided by the ranks holding the same values
+        (``shares``, see :func:`lrwatch.hook.stats.copies`); then rank 0's cadence
+        ``proposal``; then the count of ranks whose measuring failed (0 here, see
+        :meth:`failed_packet`). Every rank packs at the same steps a vector of the same length
+        (the same parameters have gradients everywhere), so the collective always matches.
         """
-        parts, each = list(norms), [shares] * len(norms)  # ``shares``: see stats.copies
+        parts, each = list(norms), [shares] * len(norms)
         if grads is not None:
             parts.append(grads.norms)
             each.append(grads.plan.shares)
@@ -204,14 +223,43 @@ class Measurer:
             for p, s in zip(parts, each, strict=True)
             if s is not None
         ]
-        packed = torch.cat([*squares, torch.tensor([float(proposal)], device=device)])
-        ranks.all_sum(packed)
-        *summed, agreed = torch.split(packed, [*(p.numel() for p in parts), 1])
+        return torch.cat(
+            [*squares, torch.tensor([float(proposal), 0.0], device=device, dtype=torch.float32)]
+        )
+
+    def unpack(self, packed: Tensor, grads: StepGrads | None, norms: list[Tensor]) -> list[Tensor]:
+        """Global norms from the reduced ``packed``; ``grads`` are filled in place.
+
+        ``norms``: the local ones :meth:`pack` took, for their lengths.
+        """
+        sizes = [t.numel() for t in norms]
+        if grads is not None:
+            sizes.append(grads.norms.numel())
+        *summed, _tail = torch.split(packed, [*sizes, 2])
         if grads is not None:
             g2 = summed.pop()
             grads.norms = g2.sqrt()
             grads.total.copy_(g2.sum().sqrt().reshape(1))  # the row holds this very tensor
-        return [*(x.sqrt() for x in summed), agreed]
+        return [x.sqrt() for x in summed]
+
+    def failed_packet(self, *, logging: bool, closure: bool) -> Tensor | None:
+        """What a rank whose measuring failed contributes: zeros, and 1 in the failure slot.
+
+        Its length is the one :meth:`pack` gives on the other ranks, counted from the
+        parameters alone (which have gradients, which may move), so the collective matches
+        without any of the work that failed. None where the healthy ranks issue no
+        all-reduce either (no gradients and not a logging step).
+        """
+        params = all_params(self.optimizer)
+        n_grads = sum(p.grad is not None for p in params)
+        moving = sum(p.grad is not None or (closure and p.requires_grad) for p in params)
+        if not logging and not n_grads:
+            return None
+        n = n_grads + (3 * moving if logging else 0)
+        device = next((stats.local(p).device for p in params), torch.device("cpu"))
+        packed = torch.zeros(n + 2, device=device, dtype=torch.float32)
+        packed[-1] = 1.0
+        return packed
 
     def _block(
         self,

@@ -41,8 +41,9 @@ from lrwatch.hook.cadence import Cadence
 from lrwatch.hook.capture import share
 from lrwatch.hook.controller import Controller
 from lrwatch.hook.measure import all_params
-from lrwatch.hook.recorder import Recorder, StepMeasure
+from lrwatch.hook.recorder import Recorder
 from lrwatch.hook.snapshots import AUTO_LIMIT_BYTES, Snapshots, param_bytes
+from lrwatch.hook.steps import StepMeasure
 
 logger = logging.getLogger(__name__)
 
@@ -158,10 +159,20 @@ class Monitor:
                 flush_secs=flush_secs,
             )
         # Sharded (DTensor) parameters: every rank measures, and the norms are one all-reduce.
-        world = ranks.world() if ranks.sharded(all_params(optimizer)) else 0
+        params = all_params(optimizer)
+        world = ranks.world() if ranks.sharded(params) else 0
         self._steps: StepMeasure | None = None  # the ranks that measure
-        if writer is not None or world:
+        if ranks.flat_sharded(params):  # values lrwatch cannot make right: none rather than wrong
+            if writer is not None:
+                logger.warning(
+                    "lrwatch: FSDP1 (FullyShardedDataParallel) flat parameters: norms and update "
+                    "ratios are not measured (use FSDP2, torch.distributed.fsdp.fully_shard); "
+                    "loss, LR and control actions work as usual"
+                )
+        elif writer is not None or world:
             self._steps = StepMeasure(model, optimizer, world=world, scaler=scaler)
+        if self._recorder is not None and world:
+            self._recorder.rows.hold_events = True
         self._handles = [
             optimizer.register_step_pre_hook(self._pre_hook),
             optimizer.register_step_post_hook(self._post_hook),
@@ -265,7 +276,8 @@ class Monitor:
         self._closure_step = closure is not None
         steps = self._steps
         if steps is not None:  # before anything clips
-            self._guard("gradient norms", self._take_grads, None, steps)
+            self._guard("checking the ranks' measures", self._check_ranks, None, steps, rec)
+            self._guard("gradient norms", self._take_grads, None, steps, measuring=True)
         actions: list[Any] = []
         acks: list[int] = []  # action ids to acknowledge at this step (re-acks after a resume)
         new_args: StepArgs | None = None
@@ -279,7 +291,7 @@ class Monitor:
                 clipped = self._controller.clipping_closure(self.optimizer, closure)
                 new_args = _with_closure(args, kwargs, clipped)
         if steps is not None:
-            self._guard("pre-step measure", self._begin, None, steps)
+            self._guard("pre-step measure", self._begin, None, steps, measuring=True)
         if rec is not None:
             self._guard("pre-step logging", self._log_before, None, rec, acks)
         self._cadence.pre_done(time.perf_counter() - now)
@@ -290,7 +302,7 @@ class Monitor:
         now = time.perf_counter()
         block = None
         if self._steps is not None:
-            block = self._guard("post-step measure", self._end, None, self._steps)
+            block = self._guard("post-step measure", self._end, None, self._steps, measuring=True)
         if self._recorder is not None:
             self._guard("post-step logging", self._log_after, None, self._recorder, block)
         if self._controller is not None:
@@ -299,6 +311,20 @@ class Monitor:
         self._cadence.post_done(time.perf_counter() - now - reduce_s)
         if self.raise_on_stop and self.should_stop:
             raise StopTraining(f"lrwatch: stop action applied at step {self._step}")
+
+    def _check_ranks(self, steps: StepMeasure, rec: Recorder | None) -> None:
+        """Sharded: if a rank failed to measure the last step, every rank stops measuring now."""
+        failed = steps.check()
+        if failed is None:
+            return
+        if rec is not None:
+            rec.rows.forget_measures(failed)  # a sum without that rank's shards: not written
+        logger.warning(
+            "lrwatch: a rank failed to measure step %d; every rank stops measuring (norms and "
+            "update ratios) from step %d on, training continues",
+            failed,
+            self._step,
+        )
 
     def _take_grads(self, steps: StepMeasure) -> None:
         steps.take_grads(closure=self._closure_step)
@@ -329,6 +355,7 @@ class Monitor:
             return
         if self._steps is not None:
             self._steps.measure.buffers = None
+            self._guard("checking the ranks' measures", self._check_ranks, None, self._steps, rec)
         try:
             self._guard("closing skipped steps", self._close_skips, None, rec)
             self._guard("writing the last rows", rec.rows.submit, None, rec.writer)
@@ -357,13 +384,20 @@ class Monitor:
             )
             return None
 
-    def _guard(self, what: str, fn: Any, default: Any, *args: Any) -> Any:
-        """Run ``fn``; any exception becomes one warning (per kind) and ``default``."""
+    def _guard(self, what: str, fn: Any, default: Any, *args: Any, measuring: bool = False) -> Any:
+        """Run ``fn``; any exception becomes one warning (per kind) and ``default``.
+
+        ``measuring``: ``fn`` is a stage of the step's measure, whose failure drops the logging
+        step and, sharded, rides on the step's all-reduce to every rank.
+        """
         try:
             return fn(*args)
         except Exception as exc:  # the hook boundary: lrwatch never breaks a training step
-            if self._steps is not None:
-                self._steps.pending = None
+            steps = self._steps
+            if steps is not None and measuring:
+                steps.fail(exc)
+            elif steps is not None and not steps.measure.world:
+                steps.pending = None  # unsharded: no other rank waits on this step's measure
             self._warn_once(what, "lrwatch: %s failed (%r); skipped, training continues", what, exc)
             return default
 

@@ -68,9 +68,51 @@ def sharded(params: list[Any]) -> bool:
     return distributed() and any(hasattr(p, "device_mesh") for p in params)
 
 
+def flat_sharded(params: list[Any]) -> bool:
+    """True for FSDP1's flat parameters in a process group (``FullyShardedDataParallel``).
+
+    There each rank holds a slice of many parameters flattened into one, as a plain tensor:
+    nothing says which values a slice holds or which ranks hold the same ones, so lrwatch
+    would measure rank 0's slice as if it were the whole model. FSDP1 marks what it
+    flattened (the flat parameters, and the original ones with ``use_orig_params``).
+    """
+    import torch.distributed as dist
+
+    return (
+        dist.is_available()
+        and dist.is_initialized()
+        and any(getattr(p, "_fsdp_flattened", False) for p in params)
+    )
+
+
 def all_sum(packed: Any) -> None:
     """Sum ``packed`` over every rank, in place: the one collective of a sharded logging step."""
     import torch.distributed as dist
 
     _guard_exit()
     dist.all_reduce(packed)
+
+
+class LateRead:
+    """One small reduced tensor, read on the host a step after its collective was issued.
+
+    Reading it at once (``.item()``) would make the host wait for the device to finish the
+    step; a step later the copy started here is long done, so :meth:`value` waits for that
+    copy alone (a device event), not for the work queued since. On CPU it is the tensor.
+    """
+
+    def __init__(self, tensor: Any) -> None:
+        import torch
+
+        self._event: Any = None
+        if tensor.device.type == "cpu":
+            self._host = tensor
+        else:  # untested here (CPU-only CI): the device-generic event API of torch >= 2.4
+            self._host = tensor.to("cpu", non_blocking=True)
+            self._event = torch.Event(device=tensor.device)
+            self._event.record()
+
+    def value(self) -> float:
+        if self._event is not None:
+            self._event.synchronize()
+        return float(self._host.item())

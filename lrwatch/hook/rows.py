@@ -93,6 +93,9 @@ class RowBuffer:
     def __init__(self) -> None:
         self.rows: list[Row] = []
         self.events: dict[tuple[str, ...], list[tuple[int, float, torch.Tensor]]] = {}
+        # Sharded runs: a logging step's values wait with its row until the next step has
+        # checked that every rank measured it (see forget_measures); others go out at once.
+        self.hold_events = False
 
     def add_event(self, step: int, tags: list[str], values: torch.Tensor) -> None:
         """A logging step's values (one event), written with the next batch of rows."""
@@ -104,10 +107,35 @@ class RowBuffer:
     def last(self) -> Row | None:
         return self.rows[-1] if self.rows else None
 
+    def forget_measures(self, step: int) -> None:
+        """Drop ``step``'s measured values (its grad norm and logging block), not yet submitted.
+
+        A sharded step some rank failed to measure summed the others' shards only: a wrong
+        value, which must not be written. The loss and the rest of its row stay.
+        """
+        for row in self.rows:
+            if row.step == step:
+                row.grad_norm = None
+        for tags, evs in list(self.events.items()):
+            self.events[tags] = [e for e in evs if e[0] != step]
+            if not self.events[tags]:
+                del self.events[tags]
+
     def submit(self, writer: EventWriter, *, before: int | None = None) -> None:
-        """Hand every row with ``step < before`` (all by default) to ``writer``."""
+        """Hand every row with ``step < before`` (all by default) to ``writer``, and the events.
+
+        With ``hold_events``, only the events with ``step < before``.
+        """
         events, self.events = self.events, {}
+        if before is not None and self.hold_events:
+            for tags, evs in list(events.items()):
+                events[tags] = [e for e in evs if e[0] < before]
+                later = [e for e in evs if e[0] >= before]
+                if later:
+                    self.events[tags] = later
         for tags, evs in events.items():  # same tags: one hand-off for all their steps
+            if not evs:
+                continue
             writer.add_rows(
                 [e[0] for e in evs],
                 tags,
