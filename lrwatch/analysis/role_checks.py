@@ -77,7 +77,7 @@ class RoleChecks:
                 *self._fresh(tag, c.oscillation.window),
                 tag=tag,
                 ratio=ratio,
-                scale=self._start_level(tag),
+                scale=self._init_level(tag),
             )
             out.append(self._note(Kind.OSCILLATION, tag, f))
         trend_every = max(c.plateau_trend.window // _TREND_STRIDE, 1)
@@ -186,6 +186,12 @@ class RoleChecks:
         if values.size == _START_POINTS:
             self._first[tag] = level
         return level
+
+    def _init_level(self, tag: str) -> float | None:
+        """The loss at initialisation: the run's first finite point."""
+        _, values = self.history.downsampled(tag)
+        values = values[np.isfinite(values)][:1]
+        return float(values[0]) if values.size else None
 
     def _start_level(self, tag: str) -> float | None:
         """Median of the first ``_START_POINTS`` finite points of the run's thinned history."""

@@ -86,12 +86,12 @@ class OscillationDetector:
         ratio_mild: update/weight ratio median that corroborates. 5e-3: five times the
             healthy ~1e-3; converged small runs sat at 1e-3 to 3e-3 in our replays.
         ratio_strong: ratio median that makes it strong. 1e-2.
-        min_level: with the loss's ``scale`` (its start level, as the analyzer passes it), the
-            jitter band's median must be at least this fraction of it. 0.1: in bench/zoo a
-            converged classifier (plain SGD on breast cancer, at its tuned LR) jittered at 4.5%
-            of its start and a cut by 10 there cost 17-41% of its final loss, while the runs
-            stuck by an LR ten times too high bounce at 30-40% of theirs
-            (examples/mistuned.py: 0.9 against 2.3).
+        min_level: with the loss's ``scale`` (its value at initialisation, the run's first
+            point, as the analyzer passes it), the jitter band's median must be at least this
+            fraction of it. 0.1: in bench/zoo a converged classifier (plain SGD on breast
+            cancer, at its tuned LR) jittered at 4.5% of its first loss and a cut by 10 there
+            cost 17-41% of its final loss, while a run stuck by an LR ten times too high bounces
+            at 30-40% of its own (examples/mistuned.py: 0.75 against 2.32).
         min_fall: drop over ``window``, in jitter bands, that means "still falling". 1.0: in
             the labelled runs, still-improving healthy runs fell 1.7-40 bands over 400 steps,
             oscillating ones 0.0-0.9.
@@ -140,8 +140,8 @@ class OscillationDetector:
         """Finding if the loss window is flat and jittering, corroborated; else None.
 
         ``ratio`` is the update/weight ratio series (e.g. ``lrwatch/update_ratio``); only its
-        points inside the loss window's step range are used. ``scale``: the loss's start level
-        (see ``min_level``); None skips that test.
+        points inside the loss window's step range are used. ``scale``: the loss at
+        initialisation (see ``min_level``); None skips that test.
         """
         s, v = as_window(steps, values)
         if v.size == 0 or not math.isfinite(float(v[-1])):
