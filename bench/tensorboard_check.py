@@ -2,9 +2,8 @@
 
 1. A tiny MLP trains with ``lrwatch.watch`` while ``lrwatch serve --apply`` watches the logdir; at
    ``--blow-at`` the LR jumps from 0.05 to ``--jump-lr``; the daemon decides, writes the control
-   file, the hook applies the action (``lrwatch/control/ack``), and the daemon records decision
-   texts and markers in ``<run>/lrwatch_daemon/``. Then ``tb_layout.write_layout`` adds the
-   custom-scalars layout.
+   file, the hook applies the action (``lrwatch_control/ack``), and the daemon records decision
+   texts, markers, the update-ratio band and the custom-scalars layout in ``<run>/lrwatch_daemon/``.
 2. ``tensorboard --logdir`` starts on a free port; the script waits until it serves the runs.
 3. Through TensorBoard's HTTP API it checks: the runs, the lrwatch scalar tags (and that the LR
    series has as many points as lrwatch's reader sees), the daemon's decision texts (one per
@@ -40,7 +39,7 @@ import torch
 import lrwatch
 from lrwatch import schema
 from lrwatch.daemon.outputs import read_audit
-from lrwatch.daemon.tb_layout import layout_charts, write_layout
+from lrwatch.daemon.tb_layout import layout_charts
 from lrwatch.events.reader import read_run
 
 BIN = Path(sys.executable).parent
@@ -140,7 +139,8 @@ def check_http(port: int, run: str) -> list[str]:
     tags = get(port, "/data/plugin/scalars/tags")
     missing = [t for t in TB_TAGS if t not in tags[run]]
     assert not missing, missing
-    markers = sorted(t for t in tags[daemon_run] if t.startswith("lrwatch_daemon/decision/"))
+    decision = schema.DECISION_TAG_FMT.format("")
+    markers = sorted(t for t in tags[daemon_run] if t.startswith(decision))
     assert markers, tags[daemon_run]
     done.append(f"scalar tags of {run}: {len(tags[run])}, including {TB_TAGS}")
     done.append(f"daemon markers in {daemon_run}: {markers}")
@@ -217,7 +217,6 @@ def main() -> None:
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(timeout=30)
-    write_layout(run_dir, band_steps=(1, args.steps))
     print(f"trained {args.steps} steps, {acks} action(s) acknowledged by the hook")
     print("daemon said:", *[line for line in daemon_log if "step" in line][:6], sep="\n  ")
     port = free_port()

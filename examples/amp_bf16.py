@@ -1,8 +1,8 @@
 """Mixed precision on CPU: bf16 autocast plus ``torch.amp.GradScaler``, watched by lrwatch.
 
 Pass the scaler to ``lrwatch.watch(..., scaler=scaler)`` and lrwatch records the loss scale
-(``lrwatch/loss_scale``) and every step the scaler skipped because of Inf/NaN gradients
-(``lrwatch/skipped_step``). An isolated skip with a scale back-off is normal mixed-precision
+(``lrwatch.diagnostics/loss_scale``) and every step the scaler skipped because of Inf/NaN gradients
+(``lrwatch.diagnostics/skipped_step``). An isolated skip with a scale back-off is normal mixed-precision
 life, not a divergence; a scale that keeps collapsing, or a loss that is non-finite after
 unscaling, is. bf16 has fp32's exponent range and rarely overflows, so this script injects one
 overflowing gradient (``--overflow-at``) to show what a skip looks like::

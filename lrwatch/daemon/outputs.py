@@ -7,7 +7,10 @@ run, and why?" from whichever place they look first:
    :func:`decision_record` for the fields), plus an ``acknowledged`` line when the hook's ack is
    read back from the event files. :func:`read_audit` reads it back.
 2. TensorBoard: scalar markers and a text summary in the sub-run ``<run>/lrwatch_daemon/``, at the
-   decision's step, so they line up with the trainer's own charts.
+   decision's step, so they line up with the trainer's own charts. A marker is a spike from a 0
+   baseline that spans the steps the run has reached (see :class:`Spans`), so a chart of
+   decisions has the loss chart's step range instead of zooming onto its few points; the
+   update-ratio reference band spans them too.
 3. The console, through :mod:`logging`: one line per decision.
 
 An output that fails (a full disk, a vanished run) logs a warning and never stops the daemon.
@@ -233,6 +236,86 @@ def decision_text(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# Reference lines of the update/weight ratio: ~1e-3 is the usual healthy order of magnitude; an
+# order of magnitude either side is the band lrwatch's ratio detector tolerates by default.
+BAND = {"low": 1e-4, "target": 1e-3, "high": 1e-2}
+BAND_TAG_FMT = "lrwatch_daemon/update_ratio_band/{}"
+LOG10_BAND_TAG_FMT = "lrwatch_daemon/update_ratio_log10_band/{}"
+SPAN_EVERY_S = 60.0  # the baseline and the band follow the run at most this often
+
+
+def band_values() -> dict[str, float]:
+    """The band's tags and levels, linear and log10 (for ``schema.UPDATE_RATIO_LOG10``)."""
+    out = {BAND_TAG_FMT.format(k): v for k, v in BAND.items()}
+    out.update({LOG10_BAND_TAG_FMT.format(k): math.log10(v) for k, v in BAND.items()})
+    return out
+
+
+class Spans:
+    """Per-tag points that keep every marker tag's steps increasing and its baseline at 0.
+
+    TensorBoard draws the points of a tag in the order written and connects them, so a marker at
+    step s becomes 0 at s-1, the value at s, and 0 at s+1 (written lazily: a marker at s+1 may
+    follow); :meth:`extend` carries the baseline and the band to the latest step. Points at or
+    before a tag's last step are dropped, so a restarted daemon never draws backwards.
+    """
+
+    def __init__(self, floor: dict[str, int] | None = None) -> None:
+        self.last: dict[str, int] = dict(floor or {})  # last step written, per tag
+        self.pending: dict[str, int] = {}  # tag -> step of its trailing 0, not yet written
+        self.first: int | None = None  # first step the run was seen at
+
+    def spike(self, tag: str, step: int, value: float) -> list[tuple[int, str, float]]:
+        """The points of a marker of ``tag`` at ``step`` (may be empty: a step already drawn)."""
+        floor = self.last.get(tag, -1)
+        if step <= floor:
+            return []
+        out = self._settle(tag, before=step)
+        floor = self.last.get(tag, -1)
+        new = tag not in self.last
+        for at in ([self.first] if new and self.first is not None else []) + [step - 1]:
+            if floor < at < step and at >= (self.first or 0):  # the baseline up to the marker
+                out.append((at, tag, 0.0))
+                floor = at
+        out.append((step, tag, value))
+        self.last[tag] = step
+        self.pending[tag] = step + 1
+        return out
+
+    def extend(self, step: int, band: dict[str, float]) -> list[tuple[int, str, float]]:
+        """Baseline 0 of every marker tag, and ``band``, at ``step`` (when past their last)."""
+        out: list[tuple[int, str, float]] = []
+        for tag in list(self.pending):
+            out += self._settle(tag, before=step + 1)
+        for tag in [t for t in self.last if t not in band]:
+            if step > self.last[tag]:
+                out.append((step, tag, 0.0))
+                self.last[tag] = step
+        for tag, level in band.items():
+            start = self.first if tag not in self.last and self.first is not None else None
+            if start is not None and start < step:
+                out.append((start, tag, level))
+            if step > self.last.get(tag, -1):
+                out.append((step, tag, level))
+                self.last[tag] = step
+        return out
+
+    def flush(self) -> list[tuple[int, str, float]]:
+        """Every pending trailing 0 (the run's latest step is unknown)."""
+        return [
+            p for tag in list(self.pending) for p in self._settle(tag, before=self.pending[tag] + 1)
+        ]
+
+    def _settle(self, tag: str, *, before: int) -> list[tuple[int, str, float]]:
+        """Write ``tag``'s pending trailing 0 if it lies before ``before``."""
+        at = self.pending.get(tag)
+        if at is None or at >= before:
+            return []
+        del self.pending[tag]
+        self.last[tag] = at
+        return [(at, tag, 0.0)]
+
+
 def _event_writer(logdir: Path) -> MarkerWriter:
     from lrwatch.events.writer import EventWriter  # the daemon's only use of the hook-side writer
 
@@ -246,7 +329,7 @@ class DecisionSink:
         run_dir: the run the decisions are about.
         mode: ``"recommend"`` or ``"apply"``, recorded with every decision.
         writer_factory: builds the TensorBoard writer for the daemon's sub-run (tests pass their
-            own); it is called on the first decision, so quiet runs get no extra event file.
+            own); it is called on the first marker or span, so a run never seen gets none.
 
     Example::
 
@@ -272,6 +355,10 @@ class DecisionSink:
         self._writer_factory = writer_factory
         self._clock = clock
         self._writer: MarkerWriter | None = None
+        self._spans: Spans | None = None
+        self._spanned_at = -math.inf  # clock of the last span written
+        self._latest: int | None = None  # latest step seen in the run
+        self._band: dict[str, float] = {}
 
     def emit(
         self, decision: Decision, *, action_id: int | None, held_back: str | None = None
@@ -299,6 +386,23 @@ class DecisionSink:
         """Put findings that led to no decision on the TensorBoard step axis too."""
         self._write(finding_markers(findings), None, self._clock())
 
+    def reach(self, first: int, last: int) -> None:
+        """The run's new points span ``first``..``last``: markers' baselines start at the
+        first step ever seen, and :meth:`follow` carries them to the latest."""
+        spans = self._spans_now()
+        if spans.first is None:
+            spans.first = first
+        self._latest = max(last, self._latest if self._latest is not None else last)
+
+    def follow(self, *, band: bool, force: bool = False) -> None:
+        """Carry the baseline and, with ``band`` (a run with lrwatch's update ratio), the ratio
+        band to the latest step reached, at most once every ``SPAN_EVERY_S`` unless ``force``."""
+        self._band = band_values() if band else {}
+        now = self._clock()
+        if self._latest is not None and (force or now - self._spanned_at >= SPAN_EVERY_S):
+            self._spanned_at = now
+            self._write_points(self._spans_now().extend(self._latest, self._band), None, now)
+
     def acknowledge(self, action_id: int, *, step: int, lr: float | None = None) -> None:
         """Record that the trainer applied ``action_id`` at ``step`` (read back from its events)."""
         now = self._clock()
@@ -308,7 +412,11 @@ class DecisionSink:
         )
 
     def close(self) -> None:
-        """Flush and close the TensorBoard writer, if one was opened."""
+        """Carry the spans to the latest step, then flush and close the TensorBoard writer."""
+        if self._spans is not None:
+            spans, latest = self._spans, self._latest
+            points = spans.flush() if latest is None else spans.extend(latest, self._band)
+            self._write_points(points, None, self._clock())
         if self._writer is not None:
             writer, self._writer = self._writer, None
             try:
@@ -329,15 +437,45 @@ class DecisionSink:
         except ValueError as err:  # not strict JSON: retrying would not help
             logger.warning("%s: cannot append to the audit log: %s", self.run_dir, err)
 
+    def _spans_now(self) -> Spans:
+        """The spans, seeded with the last steps already in the sub-run (a restarted daemon)."""
+        if self._spans is None:
+            floor: dict[str, int] = {}
+            subrun = self.run_dir / schema.DAEMON_SUBRUN
+            try:
+                from lrwatch.events.reader import read_run  # the daemon's own files, once
+
+                for point in read_run(subrun) if subrun.is_dir() else []:
+                    floor[point.tag] = max(point.step, floor.get(point.tag, point.step))
+            except Exception as err:  # broad: a damaged marker file must not stop the daemon
+                logger.warning("%s: cannot read earlier markers: %s", subrun, err)
+            self._spans = Spans(floor)
+        return self._spans
+
     def _write(
         self, by_step: dict[int, dict[str, float]], text: tuple[int, str] | None, wall_time: float
     ) -> None:
-        if not by_step:
+        spans = self._spans_now()
+        points = [
+            p
+            for step, values in sorted(by_step.items())
+            for tag, value in values.items()
+            for p in spans.spike(tag, step, value)
+        ]
+        self._write_points(points, text, wall_time)
+
+    def _write_points(
+        self, points: list[tuple[int, str, float]], text: tuple[int, str] | None, wall_time: float
+    ) -> None:
+        if not points and text is None:
             return
+        by_step: dict[int, dict[str, float]] = {}
+        for step, tag, value in sorted(points, key=lambda p: p[0]):  # stable: per-tag order kept
+            by_step.setdefault(step, {})[tag] = value
         try:
             if self._writer is None:
                 self._writer = self._writer_factory(self.run_dir / schema.DAEMON_SUBRUN)
-            for step, values in sorted(by_step.items()):
+            for step, values in by_step.items():
                 self._writer.add_scalars(
                     step, list(values), list(values.values()), wall_time=wall_time
                 )

@@ -181,6 +181,7 @@ def run_once(
     scalars = run.reader.poll()
     decisions: list[Decision] = []
     if scalars:
+        closed = _reach(run, scalars)
         read_back(run, scalars)
         seen = len(run.analyzer.findings)
         decisions = run.analyzer.feed(scalars, live=True, hooked=run.hooked)
@@ -194,9 +195,22 @@ def run_once(
         run.sink.mark_findings(quiet)
         run.dirty = True
     deliver(run, rails or Rails(), hooks)
+    if scalars:
+        run.sink.follow(band=run.hooked, force=closed)
     if run.dirty and not run.outbox and not run.unacked:
         run.dirty = not run.save()
     return decisions
+
+
+def _reach(run: WatchedRun, scalars: list[Scalar]) -> bool:
+    """Tell the sink which steps the new points span; True when the run has closed."""
+    first = last = scalars[0].step
+    closed = False
+    for s in scalars:
+        first, last = min(first, s.step), max(last, s.step)
+        closed = closed or s.tag == schema.CLOSED
+    run.sink.reach(first, last)
+    return closed
 
 
 def deliver(run: WatchedRun, rails: Rails, hooks: HookRunner | None) -> None:
