@@ -38,6 +38,8 @@ from lrwatch.hook.applied import Applied
 from lrwatch.schema import APPLIED_FILENAME, CONTROL_FILENAME, Action, ActionKind
 
 logger = logging.getLogger(__name__)
+# Not a failure, so a logger of its own: "one warning per failure" stays countable.
+lr_charts_logger = logging.getLogger(__name__ + ".lr_charts")
 _T = TypeVar("_T")
 
 LOOK_SECS = 0.02  # look at the control file at least this often (one lstat, ~2 us)
@@ -209,7 +211,9 @@ class Controller:
             return
         group = optimizer.param_groups[0]
         theirs = self._stash[0] if self._stash is not None else group["lr"]
-        logger.warning(
+        if not all(isinstance(lr, int | float | torch.Tensor) for lr in (theirs, group["lr"])):
+            return  # setting the lr failed, and said so
+        lr_charts_logger.warning(
             "lrwatch: from step %d the optimizer steps with lr %s (group 0: the scheduler's %s / "
             "%g, logged as lrwatch/lr); between steps param_groups keep the scheduler's %s, so "
             "LR charts that read them (Lightning's LearningRateMonitor 'lr-*', the HF Trainer's "
