@@ -403,13 +403,16 @@ class DecisionSink:
             self._spanned_at = now
             self._write_points(self._spans_now().extend(self._latest, self._band), None, now)
 
-    def acknowledge(self, action_id: int, *, step: int, lr: float | None = None) -> None:
-        """Record that the trainer applied ``action_id`` at ``step`` (read back from its events)."""
+    def acknowledge(self, action_id: int, *, step: int, lr: float | None = None) -> dict[str, Any]:
+        """Record that the trainer applied ``action_id`` at ``step`` (read back from its events);
+        returns the audit record."""
         now = self._clock()
-        self._append(ack_record(action_id, run=str(self.run_dir), step=step, lr=lr, wall_time=now))
+        record = ack_record(action_id, run=str(self.run_dir), step=step, lr=lr, wall_time=now)
+        self._append(record)
         logger.info(
             "%s: action #%d acknowledged at step %d (lr %s)", self.run_dir, action_id, step, lr
         )
+        return record
 
     def close(self) -> None:
         """Carry the spans to the latest step, then flush and close the TensorBoard writer."""

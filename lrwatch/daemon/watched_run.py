@@ -24,6 +24,7 @@ from lrwatch import control, schema
 from lrwatch.daemon.notify import HookRunner
 from lrwatch.daemon.outputs import DecisionSink, Mode, finding_line, read_audit
 from lrwatch.daemon.rails import Issued, Ledger, Rails
+from lrwatch.daemon.tally import Tally
 from lrwatch.errors import LrwatchError
 from lrwatch.events.reader import RunReader
 from lrwatch.schema import Decision, Finding, Scalar, Severity
@@ -74,6 +75,7 @@ class WatchedRun:
         self.outbox: list[Decision] = []  # decided, not yet fully written (a full disk)
         self.unacked: list[tuple[int, int, float | None]] = []  # (id, step, lr) acks to record
         self.dirty = False  # state changed since the last successful save
+        self.tally: Tally | None = None  # serve's counters and --json stream, when it has them
         self._hooked = False
         self.load()
         self._recall_audit()
@@ -187,7 +189,11 @@ def run_once(
         decisions = run.analyzer.feed(scalars, live=True, hooked=run.hooked)
         run.outbox.extend(decisions)
         decided = [f for d in decisions for f in d.findings]
-        quiet = [f for f in list(run.analyzer.findings)[seen:] if f not in decided]
+        new = list(run.analyzer.findings)[seen:]
+        quiet = [f for f in new if f not in decided]
+        if run.tally is not None:
+            run.tally.points(run.run_dir, len(scalars))
+            run.tally.findings(run.run_dir, new, decided=decided, why=run.analyzer.why_quiet)
         for f in quiet:  # printed as they happen: a warning nobody acts on says why
             if f.severity is not Severity.INFO:
                 why = run.analyzer.why_quiet.get((f.kind.value, f.tag, f.step))
@@ -218,7 +224,7 @@ def deliver(run: WatchedRun, rails: Rails, hooks: HookRunner | None) -> None:
     while run.unacked:
         action_id, step, lr = run.unacked[0]
         try:
-            run.sink.acknowledge(action_id, step=step, lr=lr)
+            ack = run.sink.acknowledge(action_id, step=step, lr=lr)
         except OSError as err:
             logger.warning(
                 "%s: ack of #%d not recorded yet (%s); will retry", run.run_dir, action_id, err
@@ -226,6 +232,8 @@ def deliver(run: WatchedRun, rails: Rails, hooks: HookRunner | None) -> None:
             return
         run.ledger.acked.add(action_id)
         run.unacked.pop(0)
+        if run.tally is not None:
+            run.tally.acknowledged(ack)
     while run.outbox:
         if not _deliver_one(run, run.outbox[0], rails, hooks):
             return
@@ -252,6 +260,8 @@ def _deliver_one(
         )
         return False
     run.recorded.add(key)
+    if run.tally is not None:
+        run.tally.decision(record)
     if action_id is not None:
         run.audited.add(action_id)
     if hooks is not None:
