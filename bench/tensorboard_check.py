@@ -8,7 +8,10 @@
 3. Through TensorBoard's HTTP API it checks: the runs, the lrwatch scalar tags (and that the LR
    series has as many points as lrwatch's reader sees), the daemon's decision texts (one per
    audit-log decision, reason included) and the custom-scalars layout.
-4. Headless Chromium screenshots the scalars and custom-scalars dashboards into ``bench/out/``.
+4. Headless Chromium renders the Time Series tab: its group order and open cards must be what
+   ``tests/test_tb_timeseries.py`` derives from the served tags (headline first, the daemon's
+   decisions second, per-layer sections closed); then it screenshots the scalars, custom-scalars
+   and Time Series dashboards into ``bench/out/``.
 
 Usage (about a minute on a loaded 2-core machine)::
 
@@ -182,6 +185,40 @@ def check_layout(port: int) -> str:
     return f"custom_scalars layout: {len(served)} categories, {charts} charts, as written"
 
 
+def check_timeseries_dom(port: int, profile: Path) -> str:
+    """The Time Series tab as Chromium renders it: group order and which cards are open.
+
+    Compared with ``tests/test_tb_timeseries.py``'s port of the tab's ordering rule, applied to
+    the tags TensorBoard serves: the test's assumption, checked against the real frontend.
+    """
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from test_tb_timeseries import time_series_groups
+
+    tags = get(port, "/data/plugin/scalars/tags")
+    groups = time_series_groups({t for run_tags in tags.values() for t in run_tags})
+    dom = chromium_dump(f"http://127.0.0.1:{port}/#timeseries", profile)
+    names = [g for g, _ in groups]
+    seen = sorted(names, key=lambda g: dom.find(f">{g}<") if f">{g}<" in dom else 10**9)
+    shown = [g for g in seen if f">{g}<" in dom]
+    assert shown == names, (shown, names)
+    opened = [card for _, cards in groups for card in cards if card in dom]
+    expected = [card for _, cards in groups[:2] for card in cards]
+    assert set(expected) <= set(opened), (expected, opened)
+    per_layer = [c for c in opened if c.split("/")[0] in schema.PER_TENSOR_PREFIXES.values()]
+    assert not per_layer, per_layer
+    return f"Time Series in Chromium: groups {names}; open: {expected}"
+
+
+def chromium_dump(url: str, profile: Path) -> str:
+    cmd = [
+        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+        "--no-first-run", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", f"--user-data-dir={profile}", "--window-size=1600,2400",
+        "--virtual-time-budget=15000", "--dump-dom", url,
+    ]  # fmt: skip
+    return subprocess.run(cmd, check=True, capture_output=True, timeout=120, text=True).stdout
+
+
 def screenshot(url: str, png: Path, profile: Path) -> None:
     cmd = [
         CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
@@ -244,6 +281,7 @@ def main() -> None:
             check_layout(port),
         ]:
             print("verified:", line)
+        print("verified:", check_timeseries_dom(port, tmp / "chromium-dom"))
         OUT.mkdir(exist_ok=True)
         base = f"http://127.0.0.1:{port}/"
         for name, url in [
@@ -252,6 +290,7 @@ def main() -> None:
                 base + "?tagFilter=" + urllib.parse.quote("^lrwatch/") + "#scalars",
             ),
             ("tensorboard_custom_scalars.png", base + "#custom_scalars"),
+            ("tensorboard_timeseries.png", base + "#timeseries"),  # 1600x1000: the first screen
         ]:
             screenshot(url, OUT / name, tmp / "chromium")
             print(f"screenshot: {OUT / name}")

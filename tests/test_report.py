@@ -128,15 +128,15 @@ def test_emit_should_write_markers_and_text_that_tensorboard_reads_at_the_steps(
         sink.emit(STOP, action_id=None)
         sink.mark_findings([replace_step(PLATEAU, 140), replace_step(PLATEAU, 140, Severity.INFO)])
     daemon = tmp_path / schema.DAEMON_SUBRUN
-    # Each marker is a spike from a 0 baseline: 0 the step before, 0 the step after.
+    # A finding is a spike from a 0 baseline; a decision moves a staircase that holds its level.
     assert _scalars(daemon) == {
         schema.FINDING_TAG_FMT.format("plateau"): [
             (89, 0.0), (90, 2.0), (91, 0.0), (139, 0.0), (140, 2.0), (141, 0.0)
         ],
         schema.FINDING_TAG_FMT.format("explosion"): [(119, 0.0), (120, 3.0), (121, 0.0)],
-        schema.DECISION_TAG_FMT.format("lr_cut"): [(99, 0.0), (100, 2.0), (101, 0.0)],
-        schema.DECISION_TAG_FMT.format("clip"): [(119, 0.0), (120, 4.5), (121, 0.0)],
-        schema.DECISION_TAG_FMT.format("stop"): [(129, 0.0), (130, 1.0), (131, 0.0)],
+        schema.DECISION_TAG_FMT.format("lr_cut"): [(99, 1.0), (100, 2.0)],
+        schema.DECISION_TAG_FMT.format("clip"): [(119, 0.0), (120, 4.5)],
+        schema.DECISION_TAG_FMT.format("stop"): [(129, 0.0), (130, 1.0)],
     }  # fmt: skip
     texts = _texts(daemon)
     assert sorted(texts) == [100, 120, 130]
@@ -274,8 +274,9 @@ def test_a_restarted_sink_should_never_draw_a_marker_tag_backwards(tmp_path: Pat
         by_tag.setdefault(point.tag, []).append((point.step, point.value))
     for points in by_tag.values():
         assert [s for s, _ in points] == sorted({s for s, _ in points})
+    # The cumulative divisor decided: 2 from step 100 on, 4 from 120 (the restart kept the level).
     assert by_tag[schema.DECISION_TAG_FMT.format("lr_cut")] == [
-        (1, 0.0), (99, 0.0), (100, 2.0), (119, 0.0), (120, 2.0), (121, 0.0), (150, 0.0)
-    ]  # fmt: skip  (no 0 at 101: the first daemon saw the run only up to step 100)
+        (1, 1.0), (99, 1.0), (100, 2.0), (119, 2.0), (120, 4.0), (150, 4.0)
+    ]  # fmt: skip
     band = by_tag["lrwatch_daemon/update_ratio_log10_band/low"]
     assert band == [(1, -4.0), (100, -4.0), (150, -4.0)]

@@ -19,13 +19,8 @@ from tensorboard.plugins.scalar import scalars_plugin
 from tiny_run import train
 
 from lrwatch import schema
-from lrwatch.daemon.tb_layout import (
-    BAND,
-    BAND_TAG_FMT,
-    LAYOUT_TAG,
-    LOG10_BAND_TAG_FMT,
-    layout_charts,
-)
+from lrwatch.daemon.spans import BAND, BAND_TAG_FMT, LOG10_BAND_TAG_FMT
+from lrwatch.daemon.tb_layout import LAYOUT_TAG, layout_charts
 from lrwatch.events.reader import find_runs, read_run
 
 

@@ -24,6 +24,7 @@ from tensorboard.plugins.metrics import metrics_plugin
 from tiny_run import train
 
 from lrwatch import schema
+from lrwatch.daemon.outputs import read_audit
 
 HEADLINE = {schema.LOSS, schema.LR, schema.GRAD_NORM, schema.UPDATE_RATIO}
 BOOKKEEPING = {schema.CONTROL_ACK, schema.CLIP_MAX_NORM, schema.LR_FACTOR, schema.CLOSED}
@@ -132,16 +133,19 @@ def test_time_series_should_keep_per_layer_and_bookkeeping_cards_out_of_the_firs
 def test_the_decision_chart_should_span_the_steps_of_the_loss_chart(logdir: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    def steps(run: Path, tag: str) -> list[int]:
-        acc = EventAccumulator(str(run), size_guidance={"scalars": 0})
-        acc.Reload()
-        return [e.step for e in acc.Scalars(tag)]
-
-    loss = steps(logdir / "run", schema.LOSS)
+    trainer = EventAccumulator(str(logdir / "run"), size_guidance={"scalars": 0})
+    trainer.Reload()
+    loss = [e.step for e in trainer.Scalars(schema.LOSS)]
     daemon = logdir / "run" / schema.DAEMON_SUBRUN
     acc = EventAccumulator(str(daemon), size_guidance={"scalars": 0})
     acc.Reload()
-    [decision, *_] = [t for t in acc.Tags()["scalars"] if t.startswith("lrwatch.decisions/")]
-    marks = steps(daemon, decision)
-    assert marks == sorted(set(marks))  # drawn left to right, never back
-    assert (marks[0], marks[-1]) == (loss[0], loss[-1])
+    cut = schema.DECISION_TAG_FMT.format("lr_cut")
+    marks = [(e.step, e.value) for e in acc.Scalars(cut)]
+    assert [s for s, _ in marks] == sorted({s for s, _ in marks})  # left to right, never back
+    assert (marks[0][0], marks[-1][0]) == (loss[0], loss[-1])
+    # A staircase of the cumulative divisor decided: 1 until the audit log's cut, then its factor.
+    [decided] = [r for r in read_audit(logdir / "run") if r.get("action") == "lr_cut"]
+    assert marks[0][1] == 1.0 and marks[-1][1] == decided["factor"]
+    assert [v for s, v in marks if s < decided["step"]] == [1.0] * len(
+        [s for s, _ in marks if s < decided["step"]]
+    )

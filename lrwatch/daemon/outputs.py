@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from lrwatch import schema
+from lrwatch.daemon.spans import Spans, band_values, staircase
 from lrwatch.schema import ActionKind, Decision, Finding, Severity
 
 logger = logging.getLogger(__name__)
@@ -210,15 +211,6 @@ def finding_markers(findings: Iterable[Finding]) -> dict[int, dict[str, float]]:
     return by_step
 
 
-def decision_markers(decision: Decision) -> dict[int, dict[str, float]]:
-    """Markers of a decision and its findings: the decision's value is its factor, max_norm or 1."""
-    by_step = finding_markers(decision.findings)
-    value = decision.factor if decision.factor is not None else decision.max_norm
-    tag = schema.DECISION_TAG_FMT.format(decision.action.value)
-    by_step.setdefault(decision.step, {})[tag] = float(value if value is not None else 1.0)
-    return by_step
-
-
 def _short_number(value: Any) -> Any:
     """4 significant digits for a person (the audit log keeps every digit)."""
     return f"{value:.4g}" if isinstance(value, float) else value
@@ -236,84 +228,7 @@ def decision_text(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-# Reference lines of the update/weight ratio: ~1e-3 is the usual healthy order of magnitude; an
-# order of magnitude either side is the band lrwatch's ratio detector tolerates by default.
-BAND = {"low": 1e-4, "target": 1e-3, "high": 1e-2}
-BAND_TAG_FMT = "lrwatch_daemon/update_ratio_band/{}"
-LOG10_BAND_TAG_FMT = "lrwatch_daemon/update_ratio_log10_band/{}"
 SPAN_EVERY_S = 60.0  # the baseline and the band follow the run at most this often
-
-
-def band_values() -> dict[str, float]:
-    """The band's tags and levels, linear and log10 (for ``schema.UPDATE_RATIO_LOG10``)."""
-    out = {BAND_TAG_FMT.format(k): v for k, v in BAND.items()}
-    out.update({LOG10_BAND_TAG_FMT.format(k): math.log10(v) for k, v in BAND.items()})
-    return out
-
-
-class Spans:
-    """Per-tag points that keep every marker tag's steps increasing and its baseline at 0.
-
-    TensorBoard draws the points of a tag in the order written and connects them, so a marker at
-    step s becomes 0 at s-1, the value at s, and 0 at s+1 (written lazily: a marker at s+1 may
-    follow); :meth:`extend` carries the baseline and the band to the latest step. Points at or
-    before a tag's last step are dropped, so a restarted daemon never draws backwards.
-    """
-
-    def __init__(self, floor: dict[str, int] | None = None) -> None:
-        self.last: dict[str, int] = dict(floor or {})  # last step written, per tag
-        self.pending: dict[str, int] = {}  # tag -> step of its trailing 0, not yet written
-        self.first: int | None = None  # first step the run was seen at
-
-    def spike(self, tag: str, step: int, value: float) -> list[tuple[int, str, float]]:
-        """The points of a marker of ``tag`` at ``step`` (may be empty: a step already drawn)."""
-        floor = self.last.get(tag, -1)
-        if step <= floor:
-            return []
-        out = self._settle(tag, before=step)
-        floor = self.last.get(tag, -1)
-        new = tag not in self.last
-        for at in ([self.first] if new and self.first is not None else []) + [step - 1]:
-            if floor < at < step and at >= (self.first or 0):  # the baseline up to the marker
-                out.append((at, tag, 0.0))
-                floor = at
-        out.append((step, tag, value))
-        self.last[tag] = step
-        self.pending[tag] = step + 1
-        return out
-
-    def extend(self, step: int, band: dict[str, float]) -> list[tuple[int, str, float]]:
-        """Baseline 0 of every marker tag, and ``band``, at ``step`` (when past their last)."""
-        out: list[tuple[int, str, float]] = []
-        for tag in list(self.pending):
-            out += self._settle(tag, before=step + 1)
-        for tag in [t for t in self.last if t not in band]:
-            if step > self.last[tag]:
-                out.append((step, tag, 0.0))
-                self.last[tag] = step
-        for tag, level in band.items():
-            start = self.first if tag not in self.last and self.first is not None else None
-            if start is not None and start < step:
-                out.append((start, tag, level))
-            if step > self.last.get(tag, -1):
-                out.append((step, tag, level))
-                self.last[tag] = step
-        return out
-
-    def flush(self) -> list[tuple[int, str, float]]:
-        """Every pending trailing 0 (the run's latest step is unknown)."""
-        return [
-            p for tag in list(self.pending) for p in self._settle(tag, before=self.pending[tag] + 1)
-        ]
-
-    def _settle(self, tag: str, *, before: int) -> list[tuple[int, str, float]]:
-        """Write ``tag``'s pending trailing 0 if it lies before ``before``."""
-        at = self.pending.get(tag)
-        if at is None or at >= before:
-            return []
-        del self.pending[tag]
-        self.last[tag] = at
-        return [(at, tag, 0.0)]
 
 
 def _event_writer(logdir: Path) -> MarkerWriter:
@@ -356,7 +271,7 @@ class DecisionSink:
         self._clock = clock
         self._writer: MarkerWriter | None = None
         self._spans: Spans | None = None
-        self._spanned_at = -math.inf  # clock of the last span written
+        self._spanned_at = clock()  # the first span waits too: the run's first rows may be late
         self._latest: int | None = None  # latest step seen in the run
         self._band: dict[str, float] = {}
 
@@ -379,19 +294,24 @@ class DecisionSink:
         )
         self._append(record)
         logger.log(console_level(decision, applied=action_id is not None), console_line(record))
-        self._write(decision_markers(decision), (decision.step, decision_text(record)), now)
+        spans = self._spans_now()
+        tag, new, start = staircase(decision)
+        points = self._spikes(finding_markers(decision.findings))
+        points += spans.step_to(tag, decision.step, new, start=start)
+        self._write_points(points, (decision.step, decision_text(record)), now)
         return record
 
     def mark_findings(self, findings: Iterable[Finding]) -> None:
         """Put findings that led to no decision on the TensorBoard step axis too."""
-        self._write(finding_markers(findings), None, self._clock())
+        self._write_points(self._spikes(finding_markers(findings)), None, self._clock())
 
     def reach(self, first: int, last: int) -> None:
         """The run's new points span ``first``..``last``: markers' baselines start at the
         first step ever seen, and :meth:`follow` carries them to the latest."""
         spans = self._spans_now()
-        if spans.first is None:
-            spans.first = first
+        # The lowest step yet: mon.log values reach the file before the batched rows of earlier
+        # steps. Tags already drawn keep their own start (each tag only moves forward).
+        spans.first = first if spans.first is None else min(spans.first, first)
         self._latest = max(last, self._latest if self._latest is not None else last)
 
     def follow(self, *, band: bool, force: bool = False) -> None:
@@ -443,29 +363,27 @@ class DecisionSink:
     def _spans_now(self) -> Spans:
         """The spans, seeded with the last steps already in the sub-run (a restarted daemon)."""
         if self._spans is None:
-            floor: dict[str, int] = {}
+            floor: dict[str, tuple[int, float]] = {}
             subrun = self.run_dir / schema.DAEMON_SUBRUN
             try:
                 from lrwatch.events.reader import read_run  # the daemon's own files, once
 
                 for point in read_run(subrun) if subrun.is_dir() else []:
-                    floor[point.tag] = max(point.step, floor.get(point.tag, point.step))
+                    if point.step >= floor.get(point.tag, (point.step, 0.0))[0]:
+                        floor[point.tag] = (point.step, point.value)
             except Exception as err:  # broad: a damaged marker file must not stop the daemon
                 logger.warning("%s: cannot read earlier markers: %s", subrun, err)
             self._spans = Spans(floor)
         return self._spans
 
-    def _write(
-        self, by_step: dict[int, dict[str, float]], text: tuple[int, str] | None, wall_time: float
-    ) -> None:
+    def _spikes(self, by_step: dict[int, dict[str, float]]) -> list[tuple[int, str, float]]:
         spans = self._spans_now()
-        points = [
+        return [
             p
             for step, values in sorted(by_step.items())
             for tag, value in values.items()
             for p in spans.spike(tag, step, value)
         ]
-        self._write_points(points, text, wall_time)
 
     def _write_points(
         self, points: list[tuple[int, str, float]], text: tuple[int, str] | None, wall_time: float

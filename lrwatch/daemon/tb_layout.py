@@ -21,19 +21,13 @@ from pathlib import Path
 
 from lrwatch import schema
 from lrwatch.analysis import roles
-from lrwatch.daemon import outputs
+from lrwatch.daemon.spans import BAND_TAG_FMT, LOG10_BAND_TAG_FMT
 from lrwatch.events.encode import file_version_record, frame
 
 LAYOUT_TAG = "custom_scalars__config__"  # tensorboard.plugins.custom_scalar.metadata
 PLUGIN_NAME = "custom_scalars"
 FILE_SUFFIX = ".lrwatch_layout"
-# Kept here for callers of this module; the band lines are written by outputs.DecisionSink, which
-# carries them along the run's steps.
-BAND, BAND_TAG_FMT, LOG10_BAND_TAG_FMT = (
-    outputs.BAND,
-    outputs.BAND_TAG_FMT,
-    outputs.LOG10_BAND_TAG_FMT,
-)
+# The band lines are written by outputs.DecisionSink, which carries them along the run's steps.
 
 
 def _exact(*tags: str) -> str:
@@ -55,7 +49,7 @@ def layout_charts() -> list[tuple[str, list[tuple[str, list[str]]]]]:
     per run, and train and validation loss get charts of their own instead of one colour; the
     update ratio has a log10 chart with the band at -4/-3/-2 (the linear chart's toggle is the
     card's own button); decision charts span the run because their 0 baseline does
-    (outputs.Spans). Daemon sub-runs hold no loss, LR or ratio tags, so they add no series to
+    (spans.Spans). Daemon sub-runs hold no loss, LR or ratio tags, so they add no series to
     those charts however many runs there are.
     """
     val_loss = _exact(*roles.ALIASES["metric"])
