@@ -186,6 +186,12 @@ def _max_norm(ctx: click.Context, param: click.Parameter, value: float | None) -
 @click.option(
     "--undo", type=click.IntRange(min=1), help="Undo the earlier cut or clip with this id."
 )
+@click.option(
+    "--rollback",
+    type=click.IntRange(min=0),
+    metavar="STEP",
+    help="Restore the hook's newest in-memory copy of the weights at or before STEP.",
+)
 @click.option("--reason", default="", help="Why, for the audit trail.")
 def apply(
     run_dir: pathlib.Path,
@@ -193,6 +199,7 @@ def apply(
     clip: float | None,
     stop: bool,
     undo: int | None,
+    rollback: int | None,
     reason: str,
 ) -> None:
     """Append one action to RUN_DIR's control file; the running job applies it at a step."""
@@ -205,14 +212,15 @@ def apply(
         ActionKind.CLIP: clip is not None,
         ActionKind.STOP: stop,
         ActionKind.UNDO: undo is not None,
+        ActionKind.ROLLBACK: rollback is not None,
     }
     kinds = [kind for kind, given in chosen.items() if given]
     if len(kinds) != 1:
-        raise click.UsageError("give exactly one of --lr-cut, --clip, --stop, --undo")
+        raise click.UsageError("give exactly one of --lr-cut, --clip, --stop, --undo, --rollback")
     try:
         action = append_action(
             run_dir, action=kinds[0], factor=lr_cut, max_norm=clip, target=undo,
-            reason=reason, source="human",
+            to_step=rollback, reason=reason, source="human",
         )  # fmt: skip
     except ConfigError as err:
         raise click.UsageError(str(err)) from err
@@ -283,14 +291,16 @@ def apply(
     show_default=True,
     type=click.IntRange(min=0),
     help="Apply mode rail: steps between automatic decisions (the policy's own "
-    "[policy] cooldown_steps, 200 by default, applies first; the longer wait wins).",
+    "[policy] cooldown_steps, 200 by default, applies first; the longer wait wins). A stop "
+    "is exempt; an answer to a divergence or to non-finite values waits only 10 steps.",
 )
 @click.option(
     "--budget",
     default=3,
     show_default=True,
     type=click.IntRange(min=0),
-    help="Apply mode: automatic decisions per window; past it, only recommend.",
+    help="Apply mode: automatic decisions per window; past it, only recommend. The stop or "
+    "rollback of a lost run (non-finite, or diverged) is exempt.",
 )
 @click.option(
     "--window",

@@ -40,8 +40,14 @@ MAX_ACTION_ID = 1 << 24
 LOCK_FILENAME = ".lrwatch_control.lock"  # serialises the daemon and a human appending at once
 
 # Which optional field each action needs; the others must be absent (or null).
-_FIELD_OF = {ActionKind.LR_CUT: "factor", ActionKind.CLIP: "max_norm", ActionKind.UNDO: "target"}
-_OPTIONAL = ("factor", "max_norm", "target")
+_FIELD_OF = {
+    ActionKind.LR_CUT: "factor",
+    ActionKind.CLIP: "max_norm",
+    ActionKind.UNDO: "target",
+    ActionKind.ROLLBACK: "to_step",
+}
+_OPTIONAL = ("factor", "max_norm", "target", "to_step")
+MAX_STEP = 1 << 53  # a step count a float64 TensorBoard step still holds exactly
 _KINDS = {kind.value: kind for kind in CONTROL_ACTIONS}
 
 
@@ -175,6 +181,12 @@ def _check_field(kind: ActionKind, fields: dict[str, Any], earlier: list[Action]
         if norm is None or norm <= 0:
             raise ControlFileError("max_norm must be a finite number > 0")
         fields["max_norm"] = norm
+    if kind is ActionKind.ROLLBACK and (
+        not _is_int(fields["to_step"]) or not 0 <= fields["to_step"] <= MAX_STEP
+    ):
+        raise ControlFileError(
+            f"to_step must be a step in 0..2**53, got {_show(fields['to_step'])}"
+        )
     if kind is ActionKind.UNDO:
         target = fields["target"]
         undoable = {a.id for a in earlier if a.action in (ActionKind.LR_CUT, ActionKind.CLIP)}
@@ -267,6 +279,7 @@ def append_action(
     target: int | None = None,
     reason: str = "",
     source: str = "human",
+    to_step: int | None = None,
 ) -> Action:
     """Append one validated action with the next id to the run's control file, atomically.
 
@@ -295,6 +308,7 @@ def append_action(
             reason=reason,
             source=source,
             issued_at=time.time(),
+            to_step=to_step,
         )
         _check_new(new, current)
         doc = ControlFile(actions=(*current.actions, new), run=current.run).to_json()

@@ -117,6 +117,7 @@ class Kind(enum.StrEnum):
     RATIO_HIGH = "ratio_high"
     RATIO_LOW = "ratio_low"
     OVERFIT = "overfit"
+    DIVERGENCE = "divergence"
 
 
 class Severity(enum.StrEnum):
@@ -135,10 +136,17 @@ class ActionKind(enum.StrEnum):
     STOP = "stop"
     RAISE_LR_ADVICE = "raise_lr_advice"  # decisions only: never written to a control file
     UNDO = "undo"  # control actions only: undo an earlier cut or clip by id
+    ROLLBACK = "rollback"  # restore the weights the hook kept from at or before ``to_step``
 
 
 ALLOWED_LR_FACTORS = (2, 5, 10)
-CONTROL_ACTIONS = (ActionKind.LR_CUT, ActionKind.CLIP, ActionKind.STOP, ActionKind.UNDO)
+CONTROL_ACTIONS = (
+    ActionKind.LR_CUT,
+    ActionKind.CLIP,
+    ActionKind.STOP,
+    ActionKind.UNDO,
+    ActionKind.ROLLBACK,
+)
 
 
 class Scalar(NamedTuple):
@@ -180,7 +188,7 @@ class Finding:
 class Decision:
     """What the policy decided at one step, and why.
 
-    ``factor`` is set for lr_cut, ``max_norm`` for clip.
+    ``factor`` is set for lr_cut, ``max_norm`` for clip, ``to_step`` for rollback.
     """
 
     step: int
@@ -189,6 +197,7 @@ class Decision:
     factor: int | None = None
     max_norm: float | None = None
     findings: tuple[Finding, ...] = ()
+    to_step: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"step": self.step, "action": self.action.value}
@@ -196,6 +205,8 @@ class Decision:
             doc["factor"] = self.factor
         if self.max_norm is not None:
             doc["max_norm"] = json_number(self.max_norm)
+        if self.to_step is not None:
+            doc["to_step"] = self.to_step
         doc["reason"] = self.reason
         doc["findings"] = [f.to_json() for f in self.findings]
         return doc
@@ -213,6 +224,7 @@ class Action:
     reason: str = ""
     source: str = "human"  # "daemon" or "human"
     issued_at: float = 0.0  # wall time
+    to_step: int | None = None  # rollback: the last good step
 
     def to_json(self) -> dict[str, Any]:
         doc = {k: v for k, v in asdict(self).items() if v is not None}

@@ -213,9 +213,10 @@ def test_analyzer_explosion_gate_hides_nothing_a_check_at_every_step_finds(seed:
     assert want, "the series must contain spikes for this test to mean anything"
 
 
-def test_analyzer_should_stop_a_run_whose_loss_stays_nonfinite_naming_the_last_good_step() -> None:
-    """NaN from step 101 on: a cut by 10 at once, then a stop 9 steps later, not a cooldown
-    (200 steps) later; the reason names step 100, the last finite loss."""
+def test_analyzer_should_roll_back_then_stop_a_run_whose_loss_stays_nonfinite() -> None:
+    """NaN from step 101 on: a cut by 10 at once; 9 steps later, not a cooldown (200 steps)
+    later, a rollback to step 100, the last finite loss; NaN still 20 steps after that (the
+    rollback was not taken, as in this replay): a stop naming step 100."""
     scalars = []
     for step in range(1, 200):
         loss = 1.0 / step + 0.5 if step <= 100 else math.nan
@@ -224,14 +225,16 @@ def test_analyzer_should_stop_a_run_whose_loss_stays_nonfinite_naming_the_last_g
     analyzer.feed(scalars)
     acts = [(d.step, d.action.value) for d in analyzer.decisions]
     assert acts[0] == (101, "lr_cut")
+    [back] = [d for d in analyzer.decisions if d.action is ActionKind.ROLLBACK]
+    assert (back.step, back.to_step) == (110, 100)
     stop = [d for d in analyzer.decisions if d.action is ActionKind.STOP]
-    assert [d.step for d in stop] == [110]
+    assert [d.step for d in stop] == [130]
     assert "the last good step is 100" in stop[0].reason
 
 
-def test_analyzer_should_stop_at_once_on_nonfinite_weights() -> None:
+def test_analyzer_should_roll_back_at_once_on_nonfinite_weights_and_stop_if_they_stay() -> None:
     scalars = []
-    for step in range(1, 60):
+    for step in range(1, 80):
         weights = 10.0 if step < 50 else math.inf
         scalars += [
             Scalar(schema.LOSS, step, 0.0, 1.0),
@@ -239,8 +242,9 @@ def test_analyzer_should_stop_at_once_on_nonfinite_weights() -> None:
         ]
     analyzer = RunAnalyzer()
     analyzer.feed(scalars)
-    [stop] = analyzer.decisions
-    assert (stop.step, stop.action) == (50, ActionKind.STOP)
+    back, stop = analyzer.decisions
+    assert (back.step, back.action, back.to_step) == (50, ActionKind.ROLLBACK, 49)
+    assert (stop.step, stop.action) == (70, ActionKind.STOP)
     assert "weights are non-finite" in stop.reason and "last good step is 49" in stop.reason
 
 

@@ -113,9 +113,12 @@ def test_append_action_leaves_the_old_file_when_the_rename_fails(
         ({"action": UNDO, "target": 99}, "target"),
         ({"action": STOP, "factor": 2}, "does not belong"),
         ({"action": ActionKind.RAISE_LR_ADVICE}, "unknown action"),
+        ({"action": ActionKind.ROLLBACK}, "to_step"),
+        ({"action": ActionKind.ROLLBACK, "to_step": -1}, "to_step"),
+        ({"action": CUT, "factor": 2, "to_step": 5}, "does not belong"),
     ],
     ids=["factor-3", "no-factor", "nan-norm", "negative-norm", "unknown-target", "stray-field",
-         "advice-only"],
+         "advice-only", "rollback-nowhere", "rollback-negative", "cut-with-to-step"],
 )  # fmt: skip
 def test_append_action_refuses_an_invalid_action(
     tmp_path: Path, kwargs: dict[str, Any], match: str
@@ -216,6 +219,9 @@ HOSTILE: dict[str, str | bytes] = {
     "undo-unknown": _doc({"id": 1, "action": "undo", "target": 7}),
     "undo-a-stop": _doc({"id": 1, "action": "stop"}, {"id": 2, "action": "undo", "target": 1}),
     "stray-field": _doc({"id": 1, "action": "stop", "factor": 2}),
+    "rollback-bool": _doc({"id": 1, "action": "rollback", "to_step": True}),
+    "rollback-float": _doc({"id": 1, "action": "rollback", "to_step": 5.0}),
+    "rollback-huge": _doc({"id": 1, "action": "rollback", "to_step": 10**400}),
     "negative-time": _doc({"id": 1, "action": "stop", "issued_at": -5}),
     "reason-not-text": _doc({"id": 1, "action": "stop", "reason": ["x"]}),
     "deep-nesting": "[" * 200_000,
@@ -562,13 +568,15 @@ def test_apply_writes_each_action_and_prints_it(tmp_path: Path) -> None:
     _a_run(tmp_path)
     runner = CliRunner()
     out = [runner.invoke(main, ["apply", str(tmp_path), *args]) for args in (
-        ["--lr-cut", "5", "--reason", "plateau"], ["--clip", "1.0"], ["--undo", "1"], ["--stop"],
+        ["--lr-cut", "5", "--reason", "plateau"], ["--clip", "1.0"], ["--undo", "1"],
+        ["--rollback", "40"], ["--stop"],
     )]  # fmt: skip
-    assert [r.exit_code for r in out] == [0, 0, 0, 0], [r.output for r in out]
+    assert [r.exit_code for r in out] == [0, 0, 0, 0, 0], [r.output for r in out]
     printed = [json.loads(r.output) for r in out]
     assert [(d["id"], d["action"]) for d in printed] == [
-        (1, "lr_cut"), (2, "clip"), (3, "undo"), (4, "stop")
+        (1, "lr_cut"), (2, "clip"), (3, "undo"), (4, "rollback"), (5, "stop")
     ]  # fmt: skip
+    assert printed[3]["to_step"] == 40
     assert printed[0]["factor"] == 5 and printed[0]["reason"] == "plateau"
     assert [a.to_json() for a in read_control(tmp_path / CONTROL_FILENAME).actions] == printed
 

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from lrwatch import schema
 from lrwatch.analysis.detectors.amp import AmpDetector
+from lrwatch.analysis.detectors.divergence import DivergenceDetector
 from lrwatch.analysis.detectors.explosion import ExplosionDetector
 from lrwatch.analysis.detectors.nonfinite import NonfiniteDetector
 from lrwatch.analysis.detectors.oscillation import OscillationDetector
@@ -177,12 +178,12 @@ def _ratio(level: float, n: int = 100) -> Series:
 OSC_CASES: list[tuple[str, np.ndarray, Series | None, str | None]] = [
     ("alternating_no_ratio", _alternating(), None, "mild"),
     ("alternating_high_ratio", _alternating(), _ratio(2e-2), "strong"),
-    ("alternating_mid_ratio", _alternating(), _ratio(6e-3), "strong"),
-    ("flat_noise_high_ratio", flat_noise(), _ratio(2e-2), "strong"),
-    ("flat_noise_mid_ratio", flat_noise(), _ratio(6e-3), "mild"),
+    ("alternating_mid_ratio", _alternating(), _ratio(2.5e-2), "strong"),
+    ("flat_noise_high_ratio", flat_noise(), _ratio(4e-2), "strong"),
+    ("flat_noise_mid_ratio", flat_noise(), _ratio(2.5e-2), "mild"),
     ("flat_noise_healthy_ratio", flat_noise(), _ratio(1e-3), None),
     ("flat_noise_no_ratio", flat_noise(), None, None),
-    ("falling_noisy_high_ratio", healthy_loss(100), _ratio(2e-2), None),
+    ("falling_noisy_high_ratio", healthy_loss(100), _ratio(4e-2), None),
     (
         "random_walk_high_ratio",
         5 + np.cumsum(0.05 * rng(7).standard_normal(100)),
@@ -229,7 +230,7 @@ def test_oscillation_stays_quiet_on_a_healthy_falling_run() -> None:
 # ------------------------------------------------------------------------------------- ratio
 RATIO_CASES = [
     ("healthy", np.full(60, 1e-3), None, None),
-    ("high", np.full(60, 3e-2), schema.Kind.RATIO_HIGH, W),
+    ("high", np.full(60, 5e-2), schema.Kind.RATIO_HIGH, W),
     ("very_high", np.full(60, 0.2), schema.Kind.RATIO_HIGH, C),
     ("low", np.full(60, 1e-5), schema.Kind.RATIO_LOW, I),
     ("single_high_step_is_not_sustained", np.r_[np.full(59, 1e-3), 1.0], None, None),
@@ -238,7 +239,7 @@ RATIO_CASES = [
     ("nan_last", np.r_[np.full(59, 1.0), math.nan], None, None),
     (
         "nans_inside_ignored",
-        np.r_[np.full(30, 3e-2), np.full(10, math.nan), np.full(20, 3e-2)],
+        np.r_[np.full(30, 5e-2), np.full(10, math.nan), np.full(20, 5e-2)],
         schema.Kind.RATIO_HIGH,
         W,
     ),
@@ -649,3 +650,65 @@ def test_steps_to_next_cut_should_predict_torch_steplr() -> None:
     assert (steps[-1] + left, period) == (next_torch_cut, 150)
     # a drop that lrwatch applied (its lr_factor step) is not the schedule's
     assert steps_to_next_cut(steps[:200], np.array(lrs[:200]), ignore=np.array([150])) is None
+
+
+# ---------------------------------------------------------------- divergence
+def test_divergence_should_flag_a_loss_stuck_far_above_its_start() -> None:
+    start = 4.6
+    v = np.r_[
+        start * np.exp(0.05 * rng(3).standard_normal(30)),
+        70 * np.exp(0.1 * rng(4).standard_normal(15)),
+    ]
+    f = DivergenceDetector().check(*series(v), tag="loss", scale=start)
+    assert f is not None and f.kind is schema.Kind.DIVERGENCE and f.severity is C
+    assert f.evidence["ratio"] == pytest.approx(np.median(v[-10:]) / start)
+    assert json.loads(json.dumps(f.evidence, allow_nan=False)) == f.evidence
+
+
+@pytest.mark.parametrize(
+    ("tail", "why"),
+    [
+        (70.0 - 6.0 * np.arange(10), "falling: a recovery under way"),
+        (np.full(10, 2.9 * 4.6), "below 3x the start"),
+        (np.r_[np.full(8, 70.0), 4.0, 4.2], "the last point is back"),
+    ],
+)
+def test_divergence_should_leave_a_recovering_or_moderate_loss_alone(
+    tail: np.ndarray, why: str
+) -> None:
+    v = np.r_[np.full(30, 4.6), tail]
+    assert DivergenceDetector().check(*series(v), tag="loss", scale=4.6) is None, why
+
+
+def test_divergence_should_never_fire_on_a_healthy_or_noisy_loss() -> None:
+    d = DivergenceDetector()
+    for v in (healthy_loss(), flat_noise(300), 0.001 * np.exp(rng(5).standard_normal(300))):
+        scale = float(np.median(v[:10]))
+        no_warning_anywhere(lambda s, x, c=scale: d.check(s, x, tag="loss", scale=c), v)
+
+
+def test_divergence_needs_a_positive_start_level() -> None:
+    v = np.full(20, 50.0)
+    for scale in (None, 0.0, -1.0, math.nan):
+        assert DivergenceDetector().check(*series(v), tag="loss", scale=scale) is None
+
+
+# ---------------------------------------------------------------- early ratio verdict
+def test_ratio_should_be_critical_early_when_updates_are_huge_and_the_loss_does_not_fall() -> None:
+    ratios = series(0.15 + 0.02 * rng(6).standard_normal(12), start=1)
+    flat = series(2.3 + 0.3 * rng(7).standard_normal(12), start=1)
+    f = RatioDetector().check(*ratios, tag="lrwatch/update_ratio", loss=flat)
+    assert f is not None and f.severity is C and f.evidence["early"] is True
+    assert f.evidence["window"] == 12
+
+
+def test_ratio_early_verdict_should_wait_for_a_falling_loss_a_moderate_ratio_or_enough_points() -> (
+    None
+):
+    r = RatioDetector()
+    falling = series(2.3 - 0.1 * np.arange(12), start=1)
+    flat = series(np.full(12, 2.3) + 0.01 * rng(8).standard_normal(12), start=1)
+    assert r.check(*series(np.full(12, 0.15), start=1), tag="r", loss=falling) is None
+    assert r.check(*series(np.full(12, 0.05), start=1), tag="r", loss=flat) is None
+    assert r.check(*series(np.full(9, 0.15), start=1), tag="r", loss=flat) is None
+    assert r.check(*series(np.full(12, 0.15), start=1), tag="r") is None  # no loss: no verdict

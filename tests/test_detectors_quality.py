@@ -64,7 +64,7 @@ def test_ratio_high_start_up_transient_is_not_sustained() -> None:
 def test_ratio_high_with_a_clearly_falling_loss_is_info_and_with_a_flat_one_a_warning() -> None:
     rng = np.random.default_rng(0)
     steps = np.arange(0, 300, 5)
-    ratio = 1.5e-2 * (1 + 0.1 * rng.random(steps.size))
+    ratio = 4.5e-2 * (1 + 0.1 * rng.random(steps.size))
     loss_steps = np.arange(300)
     falling = 2.0 * np.exp(-loss_steps / 150) + 0.05 * rng.standard_normal(300)
     flat = 1.0 + 0.05 * rng.standard_normal(300)
@@ -120,7 +120,7 @@ def test_oscillation_with_high_ratio_needs_a_fall_larger_than_the_band_to_be_sti
     loss = 0.5 + drift + 0.1 * rng.standard_normal(n)
     steps = np.arange(n)
     assert kendall(steps.astype(np.float64), loss, alternative="less")[1] < 0.05  # type: ignore[index]
-    high = (steps, np.full(n, 2e-2))
+    high = (steps, np.full(n, 4e-2))
     f = OscillationDetector().check(steps, loss, tag="l", ratio=high)
     assert f is not None and f.evidence["long_fall_bands"] < 1.0
     assert f.evidence["strength"] == "strong"

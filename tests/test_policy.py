@@ -384,3 +384,35 @@ def test_policy_should_leave_gentle_cuts_to_a_schedule_about_to_cut_but_not_expl
     assert [d.factor for d in Policy().decide(297, [high], lr=0.1)] == [2]  # without: a cut
     boom = Finding(Kind.EXPLOSION, 298, "lrwatch/grad_norm", Severity.CRITICAL, {})
     assert [d.action.value for d in p.decide(298, [boom], lr=0.1, defer=soon)] == ["lr_cut", "clip"]
+
+
+def test_policy_should_cut_again_when_a_divergence_outlasts_the_settling_time() -> None:
+    """An explosion's cut by 10 leaves the loss stuck far above its start: the divergence
+    escalates past the 200-step cooldown once ``settle_steps`` have passed, and each further
+    cut needs its own settling time; the cut budget then ends the run with a stop."""
+    p = Policy(cooldown_steps=200, settle_steps=20, max_total_cut=1000)
+    div = [finding(Kind.DIVERGENCE, severity=Severity.CRITICAL)]
+    events = [
+        (10, [finding(Kind.EXPLOSION, severity=Severity.CRITICAL)]),
+        (20, div),  # 10 steps after the cut: still settling
+        (29, div),
+        (30, div),  # 20 steps: escalate
+        (40, div),  # settling after the second cut
+        (50, div),
+        (70, div),  # a fourth cut by 10 would pass the 1000x budget: stop
+    ]
+    got = run(p, events, lr=1.0)
+    assert [(s, a) for s, a, _ in got] == [
+        (10, CUT),
+        (10, ActionKind.CLIP),
+        (30, CUT),
+        (50, CUT),
+        (70, ActionKind.STOP),
+    ]
+
+
+def test_policy_should_not_escalate_on_other_findings_during_a_cooldown() -> None:
+    p = Policy(cooldown_steps=200, settle_steps=20)
+    crit = [finding(Kind.EXPLOSION, severity=Severity.CRITICAL)]
+    got = run(p, [(10, crit), (40, crit), (100, crit)], lr=1.0)
+    assert [s for s, a, _ in got if a is CUT] == [10]

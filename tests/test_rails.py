@@ -8,7 +8,7 @@ import pytest
 
 from lrwatch.daemon.rails import Issued, Ledger, Rails
 from lrwatch.errors import ConfigError
-from lrwatch.schema import ActionKind, Decision
+from lrwatch.schema import ActionKind, Decision, Finding, Kind, Severity
 
 CUT = ActionKind.LR_CUT
 RAILS = Rails(min_lr=1e-4, cooldown=10, budget=2, window=100)
@@ -61,6 +61,49 @@ def test_hold_back_should_apply_floor_cooldown_and_budget(
     assert RAILS.hold_back(decision, ledger) == held
 
 
+def answering(kind: Kind, decision: Decision) -> Decision:
+    f = Finding(kind, decision.step, "loss", Severity.CRITICAL, {}, "m")
+    return Decision(decision.step, decision.action, "r", factor=decision.factor, findings=(f,))
+
+
+@pytest.mark.parametrize(
+    ("decision", "held"),
+    [
+        (answering(Kind.DIVERGENCE, cut(50, 10)), None),  # settle (5) passed, cooldown not
+        (
+            answering(Kind.DIVERGENCE, cut(48, 10)),
+            "cooldown: the last action was at step 45 (cooldown 5)",
+        ),
+        (
+            answering(Kind.EXPLOSION, cut(50, 10)),
+            "cooldown: the last action was at step 45 (cooldown 10)",
+        ),
+        (answering(Kind.NONFINITE, Decision(46, ActionKind.ROLLBACK, "r", to_step=40)), None),
+    ],
+    ids=["divergence-settled", "divergence-settling", "explosion-cooldown", "nonfinite-rollback"],
+)
+def test_a_cut_answering_a_divergence_should_wait_only_the_settling_time(
+    decision: Decision, held: str | None
+) -> None:
+    rails = Rails(cooldown=10, settle=5, budget=5)
+    assert rails.hold_back(decision, Ledger(issued=[Issued(1, 45, CUT)])) == held
+
+
+@pytest.mark.parametrize(
+    ("kind", "held"),
+    [
+        (Kind.NONFINITE, None),
+        (Kind.DIVERGENCE, None),
+        (Kind.OVERFIT, "budget: 2 automatic decisions in the last 100 steps"),
+    ],
+)
+def test_only_the_stop_of_a_lost_run_should_pass_an_exhausted_budget(
+    kind: Kind, held: str | None
+) -> None:
+    ledger = Ledger(issued=[Issued(1, 20, CUT), Issued(2, 60, CUT)])
+    assert RAILS.hold_back(answering(kind, Decision(90, ActionKind.STOP, "r")), ledger) == held
+
+
 def test_a_zero_budget_should_hold_back_everything() -> None:
     assert Rails(budget=0).hold_back(cut(5), Ledger()) == (
         "budget: 0 automatic decisions in the last 1000 steps"
@@ -69,7 +112,14 @@ def test_a_zero_budget_should_hold_back_everything() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"min_lr": -1.0}, {"min_lr": float("nan")}, {"cooldown": -1}, {"window": 0}, {"budget": -1}],
+    [
+        {"min_lr": -1.0},
+        {"min_lr": float("nan")},
+        {"cooldown": -1},
+        {"settle": -1},
+        {"window": 0},
+        {"budget": -1},
+    ],
 )
 def test_rails_should_refuse_bad_settings(kwargs: dict[str, float]) -> None:
     with pytest.raises(ConfigError):

@@ -60,3 +60,21 @@ def test_zoo_subset_should_be_quiet_on_good_runs_and_find_the_bad_ones(
         assert alarms == [], f"{task} x{m} is a good run: {alarms}"
     for m in bad:
         assert runs[m]["replay"]["findings"], f"{task} x{m} is a bad run with no finding"
+
+
+@pytest.mark.slow
+def test_apply_mode_should_rescue_a_run_whose_weights_blew_up(tmp_path: Path) -> None:
+    """mlp_digits at 100x its tuned LR wrecks its weights within ~5 steps (validation 1e15 by
+    step 20 without lrwatch). A real ``lrwatch serve --apply`` process must bring it back to a
+    usable model: cuts alone left 1e10 here; the rollback to a good copy of the weights is what
+    saves it. Compared with the same run without lrwatch and with the tuned LR."""
+    from worker import audit
+
+    alone = train("mlp_digits", 100.0, 0, "none", tmp_path / "none" / "run")
+    tuned = train("mlp_digits", 1.0, 0, "none", tmp_path / "tuned" / "run")
+    helped = train("mlp_digits", 100.0, 0, "apply", tmp_path / "apply" / "run")
+    actions = [d["action"] for d in audit(tmp_path / "apply" / "run")["decisions"]]
+    assert "rollback" in actions, actions
+    assert math.isfinite(_final(helped)), actions
+    assert _final(helped) <= 0.8 * _final(alone)
+    assert _final(helped) < 1.25 * _final(tuned), (_final(helped), _final(tuned), actions)

@@ -25,7 +25,15 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from score import HELD_OUT_TASKS, TUNING_SEEDS, TUNING_TASKS, markdown, scoreboard  # noqa: E402
+from score import (  # noqa: E402
+    FRESH_TASKS,
+    HELD_OUT_TASKS,
+    SPLITS,
+    TUNING_SEEDS,
+    TUNING_TASKS,
+    markdown,
+    scoreboard,
+)
 from worker import run_job, snapshot, source_digests  # noqa: E402
 
 MULTS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
@@ -33,7 +41,7 @@ QUICK_MULTS = (0.03, 1.0, 10.0, 100.0)
 SEEDS = (0, 1, 2)
 QUICK_SEEDS = (0, 2)
 MODES = ("none", "apply", "plateau")
-TASK_NAMES = TUNING_TASKS + HELD_OUT_TASKS
+TASK_NAMES = TUNING_TASKS + HELD_OUT_TASKS + FRESH_TASKS
 
 
 def jobs_for(
@@ -81,8 +89,8 @@ def main() -> None:
     ap.add_argument("--tasks", default=",".join(TASK_NAMES))
     ap.add_argument(
         "--show",
-        choices=("tune", "report", "both"),
-        default="both",
+        choices=(*SPLITS, "all"),
+        default="all",
         help="which split's table to print (tune only while tuning)",
     )
     ap.add_argument(
@@ -105,6 +113,7 @@ def main() -> None:
         "mults": mults,
         "seeds": seeds,
         "tuning": {"tasks": TUNING_TASKS, "seeds": TUNING_SEEDS},
+        "fresh": FRESH_TASKS,
         "minutes": round((time.monotonic() - start) / 60, 1),
     }
     write(results, scope, args.show)
@@ -118,10 +127,10 @@ def write(results: list[dict[str, Any]], scope: dict[str, Any], show: str) -> No
     doc = {"scope": scope, "scoreboard": board, "runs": sorted(results, key=key)}
     (HERE / "results.json").write_text(json.dumps(doc, indent=1))
     tables = "\n\n".join(
-        f"**{split}** split\n\n{markdown(board, split)}" for split in ("tune", "report")
+        f"**{split}** split\n\n{markdown(board, split)}" for split in SPLITS if board[split]
     )
     (HERE / "results.md").write_text(tables + "\n")
-    shown = ("tune", "report") if show == "both" else (show,)
+    shown = [s for s in SPLITS if board[s]] if show == "all" else [show]
     print("\n\n".join(f"**{s}**\n{markdown(board, s)}" for s in shown))
 
 

@@ -27,13 +27,20 @@ from typing import Any
 
 TUNING_TASKS = ("mlp_digits", "cnn_digits", "reg_diabetes", "gru_chars")
 HELD_OUT_TASKS = ("mlp_cancer", "tfm_chars")
+# Added after the detectors and policy were tuned, scored once: never looked at while tuning.
+# (mlp_cancer and tfm_chars were held out too, but their failures were read to find causes.)
+FRESH_TASKS = ("mlp_synth", "lstm_chars")
 TUNING_SEEDS = (0, 1)
+SPLITS = ("tune", "report", "fresh")
 METHODS = ("lrwatch", "constant", "plateau")
 MODE_OF = {"lrwatch": "apply", "constant": "none", "plateau": "plateau"}
 
 
 def split_of(task: str, seed: int) -> str:
-    """``tune`` for the tuning tasks at seeds 0-1; everything else is ``report``."""
+    """``tune`` for the tuning tasks at seeds 0-1, ``fresh`` for the tasks added after tuning,
+    everything else ``report``."""
+    if task in FRESH_TASKS:
+        return "fresh"
     return "tune" if task in TUNING_TASKS and seed in TUNING_SEEDS else "report"
 
 
@@ -99,7 +106,7 @@ def scoreboard(results: list[dict[str, Any]]) -> dict[str, Any]:
         ):
             best_mult[(task, seed)] = mult
     board: dict[str, Any] = {}
-    for split in ("tune", "report"):
+    for split in SPLITS:
         groups: dict[str, list[tuple[str, int, float]]] = defaultdict(list)
         for key in labels:
             if split_of(key[0], key[1]) == split:
@@ -124,7 +131,7 @@ def _score(
         "bad": sum(labels[k] == "bad" for k in keys),
     }
     for method in METHODS:
-        harm = alarms = rescued = healed = rescuable = saved = nans = low = lows = 0
+        harm = alarms = rescued = healed = rescuable = saved = nans = low = lows = misled = 0
         for k in keys:
             base, mine = by[(*k, "none")], by.get((*k, MODE_OF[method]))
             if mine is None:
@@ -133,6 +140,9 @@ def _score(
                 harm += _final(mine) > 1.02 * _final(base)
                 if method == "lrwatch":
                     alarms += _warns(base)
+                    misled += any(
+                        d["action"] == "raise_lr_advice" for d in base["replay"]["decisions"]
+                    )
                 elif method == "plateau":
                     alarms += _plateau_cut(mine)
             if labels[k] == "bad" and k[2] >= 10:
@@ -162,6 +172,7 @@ def _score(
             "nan_runs": nans,
             "too_low_advised": low,
             "too_low_runs": lows,
+            "raise_advice_on_good": misled,
         }
     out["lrwatch"]["delay_median"] = _median_delay(keys, labels, by, best_mult)
     return out
@@ -195,7 +206,7 @@ def markdown(board: dict[str, Any], split: str) -> str:
     head = (
         "| task | runs (good/bad) | harm lrwatch / RLROP | false alarms lrwatch / RLROP cut "
         "| rescue (of which no longer bad) lrwatch / RLROP "
-        "| NaN prevented lrwatch / RLROP | too-low advised "
+        "| NaN prevented lrwatch / RLROP | too-low advised (raise-LR advice on good runs) "
         "| median delay |\n|---|---|---|---|---|---|---|---|"
     )
     rows = [head]
@@ -207,6 +218,7 @@ def markdown(board: dict[str, Any], split: str) -> str:
             f"| {lw['rescued']}/{lw['rescuable']} ({lw['rescued_not_bad']}) "
             f"/ {pl['rescued']}/{pl['rescuable']} ({pl['rescued_not_bad']}) "
             f"| {lw['nan_prevented']}/{lw['nan_runs']} / {pl['nan_prevented']}/{pl['nan_runs']} "
-            f"| {lw['too_low_advised']}/{lw['too_low_runs']} | {lw['delay_median']} |"
+            f"| {lw['too_low_advised']}/{lw['too_low_runs']} ({lw['raise_advice_on_good']}) "
+            f"| {lw['delay_median']} |"
         )
     return "\n".join(rows)

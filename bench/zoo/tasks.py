@@ -166,6 +166,18 @@ class CharGRU(nn.Module):
         return self.head(out).reshape(-1, VOCAB)
 
 
+class CharLSTM(nn.Module):
+    def __init__(self, hidden: int = 96) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 32)
+        self.lstm = nn.LSTM(32, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, VOCAB)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(self.embed(x))
+        return self.head(out).reshape(-1, VOCAB)
+
+
 class TinyTransformer(nn.Module):
     def __init__(self, d: int = 64, layers: int = 2, seq: int = 64) -> None:
         super().__init__()
@@ -266,6 +278,25 @@ def mlp_cancer(seed: int) -> Setup:
     )
 
 
+def mlp_synth(seed: int) -> Setup:
+    """Generated data (scikit-learn's make_classification): 5 classes, 10 informative of 20."""
+    from sklearn.datasets import make_classification
+
+    x, y = make_classification(
+        3000, 20, n_informative=10, n_classes=5, class_sep=0.8, random_state=100 + seed
+    )
+    xtr, ytr, xva, yva = _standardise(x, y.astype(np.int64), seed)
+    return Setup(
+        _mlp((20, 128, 128, 5)), nn.CrossEntropyLoss(), _sampler(xtr, ytr, 64), (xva, yva),
+        _adamw, constant,
+    )  # fmt: skip
+
+
+def lstm_chars(seed: int) -> Setup:
+    batch, val = _text_batches(48, 16, seed)
+    return Setup(CharLSTM(), FlatCE(), batch, val, _sgd(0.9), step_lr(100, 0.5), clip=5.0)
+
+
 def gru_chars(seed: int) -> Setup:
     batch, val = _text_batches(64, 16, seed)
     return Setup(CharGRU(), FlatCE(), batch, val, _adam, warmup_cosine(30), clip=1.0)
@@ -304,6 +335,14 @@ TASKS: dict[str, Task] = {
             300,
             tfm_chars,
             "2-layer transformer LM on stdlib source, AdamW, OneCycle, bf16 autocast",
+        ),
+        Task("mlp_synth", 3e-3, 400, mlp_synth, "MLP on generated 5-class data, AdamW, constant"),
+        Task(
+            "lstm_chars",
+            3.0,
+            300,
+            lstm_chars,
+            "char LSTM LM on stdlib source, SGD+momentum 0.9, StepLR(100, 0.5), clip_grad_norm_(5)",
         ),
     )
 }

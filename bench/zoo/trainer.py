@@ -64,8 +64,8 @@ class _Plateau:
 
 def _start_daemon(logdir: Path) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "lrwatch", "serve", "--apply", str(logdir)]
-    out = open(logdir / "serve.log", "wb")  # noqa: SIM115 - owned by the process
-    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    with open(logdir / "serve.log", "wb") as out:  # the child keeps its own descriptor
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _wait_for_daemon(mon: lrwatch.Monitor, run_dir: Path, timeout: float = 60.0) -> None:

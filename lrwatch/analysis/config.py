@@ -30,6 +30,7 @@ from types import MappingProxyType
 from typing import Any
 
 from lrwatch.analysis.detectors.amp import AmpDetector
+from lrwatch.analysis.detectors.divergence import DivergenceDetector
 from lrwatch.analysis.detectors.explosion import ExplosionDetector
 from lrwatch.analysis.detectors.nonfinite import NonfiniteDetector
 from lrwatch.analysis.detectors.oscillation import OscillationDetector
@@ -45,6 +46,7 @@ TABLES: Mapping[str, Callable[..., Any]] = MappingProxyType(
     {
         "nonfinite": NonfiniteDetector,
         "explosion": ExplosionDetector,
+        "divergence": DivergenceDetector,
         "plateau": PlateauTracker,
         "plateau_trend": PlateauTrend,
         "oscillation": OscillationDetector,
@@ -74,6 +76,7 @@ class AnalyzerConfig:
     metric: str | None = None
     nonfinite: NonfiniteDetector = field(default_factory=NonfiniteDetector)
     explosion: ExplosionDetector = field(default_factory=ExplosionDetector)
+    divergence: DivergenceDetector = field(default_factory=DivergenceDetector)
     plateau_trend: PlateauTrend = field(default_factory=PlateauTrend)
     oscillation: OscillationDetector = field(default_factory=OscillationDetector)
     ratio: RatioDetector = field(default_factory=RatioDetector)

@@ -32,6 +32,9 @@ _TREND_STRIDE = 4  # checks per plateau-trend window
 
 Window = tuple[np.ndarray, np.ndarray]
 _START_POINTS = 10  # a loss's own scale: its median over the run's first points
+# A rollback goes back to the last loss at most this multiple of where the run began: what the
+# zoo's healthy runs never exceeded (1.24x, lrwatch/analysis/detectors/divergence.py).
+_GOOD_LEVEL = 1.5
 
 
 class RoleChecks:
@@ -54,6 +57,7 @@ class RoleChecks:
         self.findings: list[Finding] = []
         self.conditions = Conditions()
         self.gates: dict[str, ExplosionGate] = {}
+        self._first: dict[str, float] = {}  # each loss tag's first level, once it is fixed
         self._fresh_after = fresh_after
 
     def check(self, role: Role, point: Scalar) -> list[Finding]:
@@ -65,6 +69,8 @@ class RoleChecks:
             out.append(self._nonfinite(tag, point.value, role=role))
         if role in ("loss", "grad_norm"):
             out.append(self._explosion(tag, point.value, loss=role == "loss"))
+        if role == "loss":
+            out.append(self._divergence(tag, point.value))
         if role == "loss" and n % max(c.oscillation.jitter_window // _OSCILLATION_STRIDE, 1) == 0:
             ratio = self._window_of("update_ratio", c.oscillation.window)
             f = c.oscillation.check(*self._fresh(tag, c.oscillation.window), tag=tag, ratio=ratio)
@@ -111,7 +117,8 @@ class RoleChecks:
     def _ratio(self, tag: str) -> Finding | None:
         window = self._fresh(tag, 512)
         f = self.config.ratio.check(*window, tag=tag)
-        if f is not None and f.kind is Kind.RATIO_HIGH and f.severity is Severity.WARNING:
+        warning = f is not None and f.kind is Kind.RATIO_HIGH and f.severity is Severity.WARNING
+        if warning or (f is None and self.config.ratio.early(*window)):
             # Only then does the loss matter (a clear fall makes it info): read it only then.
             loss = self._window_of("loss", 4096)
             f = self.config.ratio.check(*window, tag=tag, loss=loss)
@@ -135,6 +142,45 @@ class RoleChecks:
         gate.rebase(values, e)
         scale = self._start_level(tag) if loss else None
         return self._note(Kind.EXPLOSION, tag, e.check(steps, values, tag=tag, scale=scale))
+
+    def _divergence(self, tag: str, value: float) -> Finding | None:
+        """The divergence check, run only for a point far above the loss's first level (or
+        while a divergence is ongoing, so that its end is seen)."""
+        d = self.config.divergence
+        scale = self._first_level(tag)
+        if not (d.could_fire(value, scale) or self.conditions.ongoing(Kind.DIVERGENCE, tag)):
+            return self._note(Kind.DIVERGENCE, tag, None)
+        f = d.check(*self.history.window(tag, d.points + 16), tag=tag, scale=scale)
+        if f is not None and scale is not None:
+            good = self._last_good(tag, below=_GOOD_LEVEL * scale, before=f.evidence["first_step"])
+            f = dataclasses.replace(f, evidence={**f.evidence, "last_good": good})
+        return self._note(Kind.DIVERGENCE, tag, f)
+
+    def _last_good(self, tag: str, *, below: float, before: int) -> int:
+        """The last step before ``before`` whose loss was finite and at most ``below``: where a
+        rollback should go. The run's first logged step when none in the window is."""
+        steps, values = self.history.window(tag, 4096)
+        ok = (steps < before) & np.isfinite(values) & (values <= below)
+        if ok.any():
+            return int(steps[ok][-1])
+        return int(steps[0]) if steps.size else 0
+
+    def _first_level(self, tag: str) -> float | None:
+        """Where a loss began: its start level, or its first point when the start level is
+        already ``ratio`` times that (a run at 100x its LR diverges within its first ten
+        points, so their median is no start). Fixed once the start level is."""
+        if tag in self._first:
+            return self._first[tag]
+        _, values = self.history.downsampled(tag)
+        values = values[np.isfinite(values)][:_START_POINTS]
+        if values.size == 0:
+            return None
+        level, first = float(np.median(values)), float(values[0])
+        if first > 0 and level >= self.config.divergence.ratio * first:
+            level = first
+        if values.size == _START_POINTS:
+            self._first[tag] = level
+        return level
 
     def _start_level(self, tag: str) -> float | None:
         """Median of the first ``_START_POINTS`` finite points of the run's thinned history."""

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lrwatch.errors import ConfigError
-from lrwatch.schema import ActionKind, Decision
+from lrwatch.schema import ActionKind, Decision, Kind
 
 # Decisions a control file can carry; raise_lr_advice is advice by definition.
-APPLICABLE = (ActionKind.LR_CUT, ActionKind.CLIP, ActionKind.STOP)
+APPLICABLE = (ActionKind.LR_CUT, ActionKind.CLIP, ActionKind.STOP, ActionKind.ROLLBACK)
 
 
 @dataclass(frozen=True)
@@ -40,24 +40,30 @@ class Rails:
             only recommended; 1e-8 is below any LR that still trains.
         cooldown: steps after an applied action before the next one (a stop is exempt): the
             effect of a cut must show in the metrics before the next decision is trusted.
+        settle: the cooldown of an answer to a divergence or to non-finite values (the cut, the
+            rollback): 10 steps. Waiting 100 steps at an LR that diverged wastes them all; the
+            policy already spaces its escalations by its ``settle_steps`` (20), so this rail
+            only stops a burst.
         budget: automatic decisions per ``window`` steps (actions the policy pairs at one step,
             such as a cut with a clip, count once); past it the daemon only recommends, so a
-            misfiring detector can at most cost ``budget`` decisions before a human looks.
+            misfiring detector can at most cost ``budget`` decisions before a human looks. A
+            stop or rollback of a lost run (non-finite, or diverged) is exempt.
         window: the budget's window, in optimizer steps.
     """
 
     min_lr: float = 1e-8
     cooldown: int = 100
+    settle: int = 10
     budget: int = 3
     window: int = 1000
 
     def __post_init__(self) -> None:
         if not self.min_lr >= 0:
             raise ConfigError(f"min_lr must be >= 0, not {self.min_lr}")
-        if self.cooldown < 0 or self.window < 1 or self.budget < 0:
+        if self.cooldown < 0 or self.settle < 0 or self.window < 1 or self.budget < 0:
             raise ConfigError(
-                f"need cooldown >= 0, budget >= 0 and window >= 1 (got {self.cooldown}, "
-                f"{self.budget}, {self.window})"
+                f"need cooldown >= 0, settle >= 0, budget >= 0 and window >= 1 (got "
+                f"{self.cooldown}, {self.settle}, {self.budget}, {self.window})"
             )
 
     def hold_back(self, decision: Decision, ledger: Ledger) -> str | None:
@@ -72,14 +78,30 @@ class Rails:
         steps = {a.step for a in ledger.issued}
         if decision.step in steps:
             return None
+        if decision.action in (ActionKind.STOP, ActionKind.ROLLBACK) and _model_gone(decision):
+            return None  # every further step is wasted: no cooldown, and no budget either
         last = max(steps, default=None)
+        urgent = _answers(decision, Kind.DIVERGENCE, Kind.NONFINITE)
+        wait = self.settle if urgent else self.cooldown
         if last is not None and decision.action is not ActionKind.STOP:
-            if decision.step - last < self.cooldown:
-                return f"cooldown: the last action was at step {last} (cooldown {self.cooldown})"
+            if decision.step - last < wait:
+                return f"cooldown: the last action was at step {last} (cooldown {wait})"
         recent = [s for s in steps if s > decision.step - self.window]
         if len(recent) >= self.budget:
             return f"budget: {len(recent)} automatic decisions in the last {self.window} steps"
         return None
+
+
+def _answers(decision: Decision, *kinds: Kind) -> bool:
+    return any(f.kind in kinds for f in decision.findings)
+
+
+def _model_gone(decision: Decision) -> bool:
+    """A stop or a rollback for a run no LR saves: non-finite values that stayed, or a
+    divergence. The budget bounds what a misfiring detector can do to a healthy run; the answer
+    to a lost run must not wait on it (the policy issues each of them a bounded number of
+    times)."""
+    return _answers(decision, Kind.NONFINITE, Kind.DIVERGENCE)
 
 
 @dataclass

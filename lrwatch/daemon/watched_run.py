@@ -341,6 +341,7 @@ def issue(run: WatchedRun, decision: Decision, rails: Rails) -> tuple[int | None
             action=decision.action,
             factor=decision.factor,
             max_norm=decision.max_norm,
+            to_step=decision.to_step,
             reason=reason,
             source="daemon",
         )

@@ -13,7 +13,12 @@ import statistics
 from collections import deque
 from typing import Any, Literal
 
-MAX_EVERY = 1000  # an adaptive cadence never logs the norms less often than this
+MAX_EVERY = 1000  # a cadence never logs the norms less often than this
+# ...and "auto" never less often than this: the update-ratio and oscillation detectors judge
+# windows of 50 points, which a cadence fitted to a 1% budget on a ~1 ms CPU step (1000) left
+# with the first 50 steps of a run and nothing after (bench/zoo: too-low LRs went unseen).
+# Every 20 steps costs a twentieth of a logging step per step (bench/hook_overhead.py).
+AUTO_MAX_EVERY = 20
 # The hooks time only their own work; what they cost the rest of the step (the writer thread's
 # share of the GIL, caches refilled after the norm passes) does not show there.
 # bench/hook_overhead.py measured the whole cost from outside at 1.3-2.8x the hooks' own figure,
@@ -91,7 +96,7 @@ class Cadence:
             per_step = statistics.median(self.overheads) if self.overheads else 0.0
             left = self.budget * period - per_step  # what the logging work may take
             median_cost = HIDDEN_COST * statistics.median(self.costs)
-            self.proposal = nice(median_cost / left) if left > 0 else MAX_EVERY
+            self.proposal = min(nice(median_cost / left) if left > 0 else MAX_EVERY, AUTO_MAX_EVERY)
         if agreed is None:
             self.every = self.proposal
         else:

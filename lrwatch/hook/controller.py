@@ -20,6 +20,7 @@ clipped inside the closure.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -35,6 +36,7 @@ from lrwatch.control import read_control
 from lrwatch.errors import ConfigError, ControlFileError
 from lrwatch.hook import ranks
 from lrwatch.hook.applied import Applied
+from lrwatch.hook.snapshots import Snapshots
 from lrwatch.schema import APPLIED_FILENAME, CONTROL_FILENAME, Action, ActionKind
 
 logger = logging.getLogger(__name__)
@@ -61,7 +63,14 @@ class Controller:
         ctl.after_step(optimizer)          # in the step post-hook
     """
 
-    def __init__(self, run_dir: Path | None, *, check_every: int = 10, min_lr: float = 0.0) -> None:
+    def __init__(
+        self,
+        run_dir: Path | None,
+        *,
+        check_every: int = 10,
+        min_lr: float = 0.0,
+        snapshots: Snapshots | None = None,
+    ) -> None:
         if not isinstance(check_every, int) or check_every < 1:
             raise ConfigError(f"check_every must be an integer >= 1, got {check_every!r}")
         if not isinstance(min_lr, int | float) or not math.isfinite(min_lr) or min_lr < 0:
@@ -70,6 +79,7 @@ class Controller:
         self.check_every = check_every
         self.min_lr = float(min_lr)
         self.preclip_norm: torch.Tensor | None = None
+        self.snapshots = snapshots  # in-memory copies for a rollback; None: rollbacks refused
         self._applied = Applied()
         self._signature: tuple[int, int, int] | None = None  # control file (ino, mtime, size)
         self._stash: list[Any] | None = None  # scheduler's lr per group while lrwatch's is set
@@ -129,12 +139,45 @@ class Controller:
             self._synced = True
             self._last_look = time.monotonic()
             new = self._guarded("reading the control file", lambda: self._check(step)) or []
+        rolled = any(a.action is ActionKind.ROLLBACK for a in new)
+        for action in new:
+            if action.action is ActionKind.ROLLBACK:
+                self._guarded(
+                    "rolling back", functools.partial(self._roll_back, optimizer, action, step)
+                )
+        if self.snapshots is not None and not rolled and self.snapshots.due(step):
+            self._guarded("copying the weights", lambda: self._take(optimizer, step))
         self._guarded("setting the lr", lambda: self._set_lr(optimizer))
         if any(a.action in (ActionKind.LR_CUT, ActionKind.UNDO) for a in new):
             self._guarded("reporting the lr", lambda: self._say_where_the_lr_shows(optimizer, step))
         if not closure:
             self._guarded("clipping", lambda: self._clip(optimizer))
         return new
+
+    def _take(self, optimizer: torch.optim.Optimizer, step: int) -> None:
+        if self.snapshots is not None:
+            self.snapshots.take(step, optimizer)
+
+    def _roll_back(self, optimizer: torch.optim.Optimizer, action: Action, step: int) -> None:
+        """Restore the newest in-memory copy at or before the action's ``to_step``."""
+        to = action.to_step if action.to_step is not None else step
+        if self.snapshots is None:
+            self._warn_once(
+                "a rollback was asked but this run keeps no copies of its weights "
+                "(watch(rollback=...): 'auto' keeps them for models up to 32 MB)"
+            )
+            return
+        got = self.snapshots.restore(to, optimizer)
+        if got is None:
+            self._warn_once(f"rollback to step {to}: no copy of the weights that old is kept")
+            return
+        logger.warning(
+            "lrwatch: rolled the weights and optimizer state back to step %d (asked: %d) at "
+            "step %d; this step applies no update",
+            got,
+            to,
+            step,
+        )
 
     def _guarded(self, what: str, work: Callable[[], _T]) -> _T | None:
         """``work()``, or one warning and None if it raised."""
@@ -398,5 +441,6 @@ def _describe(action: Action) -> str:
         ActionKind.LR_CUT: f" /{action.factor}",
         ActionKind.CLIP: f" max_norm={action.max_norm}",
         ActionKind.UNDO: f" of {action.target}",
+        ActionKind.ROLLBACK: f" to step {action.to_step}",
     }.get(action.action, "")
     return f"action {action.id} ({action.action.value}{detail})"

@@ -42,6 +42,7 @@ from lrwatch.hook.capture import share
 from lrwatch.hook.controller import Controller
 from lrwatch.hook.measure import all_params
 from lrwatch.hook.recorder import Recorder, StepMeasure
+from lrwatch.hook.snapshots import AUTO_LIMIT_BYTES, Snapshots, param_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +85,10 @@ class Monitor:
         control: apply the run directory's control file (LR cut, clip, stop). A clip with
             ``optimizer.step(closure)`` acts on the gradients the closure computes.
         raise_on_stop: raise :class:`StopTraining` from ``optimizer.step()`` after a stop.
+        rollback: keep in-memory copies of the weights and optimizer state (the first step's
+            and the newest two of every 100 steps, on the parameters' device) so that a
+            ``rollback`` action can undo a blow-up. ``"auto"``: only for parameters up to 32 MB
+            (three copies of parameters and optimizer state then hold ~300 MB at most).
 
     Example::
 
@@ -114,8 +119,11 @@ class Monitor:
         min_lr: float = 0.0,
         raise_on_stop: bool = False,
         flush_secs: float = 1.0,
+        rollback: bool | Literal["auto"] = "auto",
     ) -> None:
         _validate(log_every, budget, nonfinite, flush_secs)
+        if rollback not in (True, False, "auto"):
+            raise ConfigError(f"rollback must be True, False or 'auto', not {rollback!r}")
         self.model, self.optimizer = model, optimizer
         self.per_layer, self.raise_on_stop = per_layer, raise_on_stop
         self.run_dir = _run_dir(logdir, writer)
@@ -123,8 +131,18 @@ class Monitor:
         self._closed = False
         self._warned: set[str] = set()
         self._cadence = Cadence(log_every, budget=budget)
+        keep = rollback is True or (
+            rollback == "auto" and param_bytes(optimizer) <= AUTO_LIMIT_BYTES
+        )
         self._controller = (
-            Controller(self.run_dir, check_every=control_every, min_lr=min_lr) if control else None
+            Controller(
+                self.run_dir,
+                check_every=control_every,
+                min_lr=min_lr,
+                snapshots=Snapshots() if keep else None,
+            )
+            if control
+            else None
         )
         self._skips = skip_counter(scaler)
         self._closure_step = False

@@ -62,6 +62,12 @@ class Policy:
         nonfinite_stuck: logged points in a row of a non-finite loss that stop the run at once
             (non-finite weights stop it at the first point). 10: a bad batch gives one, and
             ten steps are enough for the first non-finite point's cut by 10 to show.
+        max_rollbacks: rollbacks (to the last good step, with a divergence's cut) per run. 3:
+            each comes with a cut by 10, so three span 1000x; past that the cuts go on alone.
+        settle_steps: steps after an action before a divergence that persists (the loss still
+            far above its start and not falling) escalates past the cooldown with another cut.
+            20: a diverged loss answers a right-sized cut within a few steps; ten more points
+            show whether it did.
         clip_first: answer the first explosion spike, while no clip is in force, with
             clipping alone; cut the LR only when an explosion comes back under clipping (or
             when the explosion is a sustained climb, or values turn non-finite). False: the
@@ -90,12 +96,18 @@ class Policy:
         overfit_patience: int = 2,
         clip_first: bool = False,
         nonfinite_stuck: int = 10,
+        settle_steps: int = 20,
+        max_rollbacks: int = 3,
     ) -> None:
         _check_int("cooldown_steps", cooldown_steps, least=0)
         _check_int("min_grad_norms", min_grad_norms, least=1)
         _check_int("nonfinite_max_cuts", nonfinite_max_cuts, least=0)
         _check_int("overfit_patience", overfit_patience, least=1)
         _check_int("nonfinite_stuck", nonfinite_stuck, least=2)
+        _check_int("settle_steps", settle_steps, least=1)
+        self.settle_steps = settle_steps
+        _check_int("max_rollbacks", max_rollbacks, least=0)
+        self.max_rollbacks = max_rollbacks
         self.nonfinite_stuck = nonfinite_stuck
         if not (math.isfinite(min_lr) and min_lr >= 0):
             raise ConfigError(f"min_lr={min_lr!r}: use a finite LR >= 0")
@@ -145,11 +157,14 @@ class Policy:
         s.observe(findings, lr=lr, warmup=warmup)
         lost = self._lost(step, findings)
         if lost is not None:  # no cooldown wait: every further step is wasted compute
-            s.stopped = True
+            s.stopped = lost.action is ActionKind.STOP
+            if lost.action is ActionKind.ROLLBACK:  # no cut while it settles
+                s.rollbacks, s.last_action_step, s.cooldown_rank = s.rollbacks + 1, step, 4
             self.unanswered = []
             return [lost]
         plan, why = self._choose(findings, warmup=warmup, defer=defer is not None, rising=rising)
         cooling = plan is not None and self.in_cooldown(step) and plan.rank <= s.cooldown_rank
+        cooling = cooling and not self._escalates(step, why)
         out = []
         if plan is not None and not cooling:
             out = self._act(step, plan, why, lr=lr, grad_norms=grad_norms)
@@ -158,10 +173,24 @@ class Policy:
         )
         return out
 
+    def _escalates(self, step: int, why: tuple[Finding, ...]) -> bool:
+        """A divergence ``settle_steps`` or more after the last action: that action did not
+        bring the loss back, so waiting out the cooldown only wastes steps at a bad LR."""
+        last = self._state.last_action_step
+        return (
+            last is not None
+            and step - last >= self.settle_steps
+            and any(f.kind is Kind.DIVERGENCE for f in why)
+        )
+
     def _lost(self, step: int, findings: Sequence[Finding]) -> Decision | None:
         """A stop when the model itself is gone: non-finite weights, or a loss non-finite for
         ``nonfinite_stuck`` logged points in a row (a bad batch gives one; an LR cut cures
         a model whose weights are finite, and the first non-finite point already got one)."""
+        s = self._state
+        if s.rollbacks and s.last_action_step is not None:
+            if step - s.last_action_step < self.settle_steps:
+                return None  # the rollback has yet to reach the trainer and show in its data
         for f in findings:
             role, run = f.evidence.get("role"), int(f.evidence.get("consecutive", 0))
             if f.kind is not Kind.NONFINITE or role is None:
@@ -173,6 +202,13 @@ class Policy:
                     else f"the loss has been non-finite for {run} logged steps in a row"
                 )
                 good = f.evidence.get("last_good")
+                if good is not None and self._state.rollbacks < 1:
+                    text = (
+                        f"{headline((f,))}. Roll back: {what}; the weights and optimizer state "
+                        f"go back to the hook's newest copy at or before step {good}, the last "
+                        "good one (the LR cut in force stays). A second time, the run stops."
+                    )
+                    return Decision(step, ActionKind.ROLLBACK, text, findings=(f,), to_step=good)
                 last = f"the last good step is {good}" if good is not None else "no good step"
                 text = (
                     f"{headline((f,))}. Stop: {what}, so no LR cut can rescue this run; "
@@ -273,11 +309,28 @@ class Policy:
         )
         if factor is not None:
             out.append(self._cut(step, plan, why, factor, limit, lr=lr))
+        if plan.rollback:
+            out.extend(self._rollback(step, why))
         if plan.clip:
             out.extend(self._clip(step, why, grad_norms, with_cut=factor))
         if out:
             s.last_action_step, s.cooldown_rank = step, plan.rank
         return out
+
+    def _rollback(self, step: int, why: tuple[Finding, ...]) -> list[Decision]:
+        """Roll back to the findings' last good step, at most ``max_rollbacks`` times a run."""
+        goods = [g for f in why if isinstance(g := f.evidence.get("last_good"), int)]
+        if not goods or self._state.rollbacks >= self.max_rollbacks:
+            return []
+        self._state.rollbacks += 1
+        good = min(goods)
+        text = (
+            f"{headline(why)}. Roll the weights and optimizer state back to the hook's newest "
+            f"copy at or before step {good}, the last good step: the steps since then have "
+            f"wrecked the weights, which a lower LR alone does not undo (rollback "
+            f"{self._state.rollbacks} of at most {self.max_rollbacks})."
+        )
+        return [Decision(step, ActionKind.ROLLBACK, text, findings=why, to_step=good)]
 
     def _advise(self, step: int, plan: Plan, why: tuple[Finding, ...]) -> list[Decision]:
         """Advice for a human, at most once every ``_ADVICE_EVERY_COOLDOWNS`` cooldowns."""

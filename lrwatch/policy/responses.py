@@ -9,6 +9,9 @@ Responses, strongest first (a stronger one may act during a weaker one's cooldow
 finding      response                                              rank
 ===========  ====================================================  ====
 nonfinite    cut by 10 + clip; advise resuming from a checkpoint   4
+divergence   cut by 10 + roll the weights back to the last good      3
+             step; again after ``settle_steps`` while the loss
+             stays diverged (the policy's escalation)
 explosion    cut by 10 (critical) or 5 (warning) + clip; with          3
              ``clip_first``, a first spike gets the clip alone;
              a lone spike under 5x (``info``) gets nothing
@@ -41,6 +44,7 @@ class Plan:
     clip: bool = False
     stop: bool = False
     advice: bool = False
+    rollback: bool = False  # also roll the weights back to the finding's last good step
 
     def strength(self) -> tuple[int, bool, int, bool]:
         """Order between plans: rank first, then a stop, a larger cut, a clip."""
@@ -61,6 +65,9 @@ def plan_for(
     if f.kind is Kind.NONFINITE:
         why = "the largest factor, for a step that overflowed; clipping bounds the next spike"
         return Plan(f.kind, 4, why, factor=10, clip=True)
+    if f.kind is Kind.DIVERGENCE:
+        why = "10 because the loss sits far above where the run began and is not coming back"
+        return Plan(f.kind, 3, why, factor=10, rollback=True)
     if f.kind is Kind.EXPLOSION and f.severity is Severity.INFO:
         return None  # a lone moderate spike: noise until it repeats or grows (the detector)
     if f.kind is Kind.EXPLOSION and clip_only and f.evidence.get("rule") != "trend":

@@ -28,6 +28,7 @@ class PolicyState:
     overfit_checks: int = 0  # checks in a row reporting overfitting
     last_overfit_step: int | None = None
     stopped: bool = False
+    rollbacks: int = 0  # rollbacks issued
 
     def observe(self, findings: Sequence[Finding], *, lr: float | None, warmup: bool) -> None:
         """Learn the starting LR and count the checks in a row that report overfitting.

@@ -1,0 +1,105 @@
+"""In-memory copies of the weights and optimizer state, for a rollback the daemon may ask for.
+
+A run whose LR was far too high can wreck its weights within a handful of steps (the zoo's MLPs
+at 10x-100x: logits of 1e6 by step 5, dead units, a loss that no LR brings back). An LR cut
+after that saves nothing: the practice of large runs (PaLM, OPT, BLOOM) is to restart from a
+checkpoint from before the blow-up with a lower LR. The hook cannot reach the user's
+checkpoints, so it keeps its own, in memory: the state at the first step (the initialisation)
+and the newest ``keep`` states taken every ``every`` steps. A ``rollback`` action names the last
+good step; the hook restores the newest copy at or before it, and the step that reads the action
+applies no update (its gradients came from the wrecked weights).
+
+What is copied: every parameter the optimizer steps and the optimizer's per-parameter state
+(Adam's moments and step counts). Not copied: buffers such as BatchNorm running statistics, the
+LR scheduler (the schedule goes on: cuts and rollbacks change the weights and the LR divisor,
+not the schedule's clock), the GradScaler, the data loader (the batches that blew the run up
+are not replayed, as in PaLM's restarts). Copies stay on the parameters' device (local shards
+under FSDP2, every rank its own), so a restore is one ``copy_`` per tensor and needs no
+collective.
+
+Cost: one copy of the parameters and optimizer state every ``every`` steps (a memory pass, cheap
+beside a training step), and ``keep + 1`` copies held. ``rollback="auto"`` keeps copies only
+when the parameters take at most ``AUTO_LIMIT_BYTES``; pass ``rollback=True`` to keep them for
+a larger model, if the device has room for ``keep + 1`` copies of parameters and optimizer state.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+AUTO_LIMIT_BYTES = 32 << 20  # "auto": parameters up to 32 MB (8M fp32 values), ~300 MB held
+
+
+@dataclass
+class Snapshot:
+    """The state of the optimizer's parameters at the start of ``step`` (before its update)."""
+
+    step: int
+    params: list[torch.Tensor]
+    state: list[dict[str, Any]]
+
+
+def param_bytes(optimizer: torch.optim.Optimizer) -> int:
+    return sum(p.numel() * p.element_size() for g in optimizer.param_groups for p in g["params"])
+
+
+class Snapshots:
+    """The first state and the newest ``keep`` ones taken every ``every`` steps."""
+
+    def __init__(self, *, every: int = 100, keep: int = 2) -> None:
+        self.every, self.keep = every, keep
+        self.first: Snapshot | None = None
+        self.recent: deque[Snapshot] = deque(maxlen=keep)
+
+    def due(self, step: int) -> bool:
+        return self.first is None or step % self.every == 0
+
+    @torch.no_grad()
+    def take(self, step: int, optimizer: torch.optim.Optimizer) -> None:
+        """Copy the parameters and their optimizer state as they are before ``step``'s update."""
+        params = _params(optimizer)
+        snap = Snapshot(
+            step,
+            [p.detach().clone() for p in params],
+            [_clone_state(optimizer.state.get(p, {})) for p in params],
+        )
+        if self.first is None:
+            self.first = snap
+        else:
+            self.recent.append(snap)
+
+    def newest_at_or_before(self, step: int) -> Snapshot | None:
+        found = [s for s in (self.first, *self.recent) if s is not None and s.step <= step]
+        return max(found, key=lambda s: s.step, default=None)
+
+    @torch.no_grad()
+    def restore(self, to_step: int, optimizer: torch.optim.Optimizer) -> int | None:
+        """Put back the newest copy at or before ``to_step``; drop this step's gradients so the
+        step about to run changes nothing. The restored copy's step, or None if none is old
+        enough (nothing is changed then)."""
+        snap = self.newest_at_or_before(to_step)
+        params = _params(optimizer)
+        if snap is None or len(snap.params) != len(params):
+            return None
+        for p, saved, state in zip(params, snap.params, snap.state, strict=True):
+            p.copy_(saved)
+            p.grad = None
+            if state:
+                optimizer.state[p] = _clone_state(state)
+            else:
+                optimizer.state.pop(p, None)
+        # Later copies hold the weights that went wrong: a second rollback must go further back.
+        self.recent = deque((s for s in self.recent if s.step <= snap.step), maxlen=self.keep)
+        return snap.step
+
+
+def _params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [p for g in optimizer.param_groups for p in g["params"]]
+
+
+def _clone_state(state: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}

@@ -1,0 +1,107 @@
+"""Rollback: the hook restores its in-memory copy of the weights and optimizer state.
+
+The oracle is a record the test keeps itself: a deep copy of the model and of the optimizer's
+state at the start of every step, taken outside lrwatch. After a rollback the trained model must
+equal the record of the step the hook says it restored (the newest kept copy at or before the
+asked step), and the step that read the action must have changed nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import lrwatch
+from lrwatch.control import append_action
+from lrwatch.errors import ConfigError
+from lrwatch.hook.snapshots import Snapshots
+from lrwatch.schema import ActionKind
+
+
+def model_and_data() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    return model, torch.randn(64, 6), torch.randint(0, 3, (64,))
+
+
+def train(
+    tmp_path: Path, steps: int, *, act_at: int | None, to_step: int, **watch: object
+) -> tuple[nn.Module, dict[int, tuple[dict, dict]], lrwatch.Monitor]:
+    """Adam at a high LR; the test's own record of (model, optimizer) state before each step."""
+    model, x, y = model_and_data()
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    record = {}
+    crit = nn.CrossEntropyLoss()
+    with lrwatch.watch(
+        model, opt, logdir=tmp_path, criterion=crit, control_every=1, **watch
+    ) as mon:
+        for step in range(1, steps + 1):
+            if step == act_at:
+                append_action(tmp_path, action=ActionKind.ROLLBACK, to_step=to_step)
+            crit(model(x), y).backward()
+            record[step] = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()))
+            opt.step()
+            opt.zero_grad()
+    return model, record, mon
+
+
+def assert_state(model: nn.Module, want: dict) -> None:
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, want[name], rtol=0, atol=0)
+
+
+def test_rollback_restores_the_newest_copy_at_or_before_the_step_and_skips_the_update(
+    tmp_path: Path,
+) -> None:
+    # copies at step 1 (the first) and every 100: asked for 250 at step 260 -> step 200's
+    model, record, mon = train(tmp_path, 261, act_at=260, to_step=250)
+    assert mon.step == 261
+    # step 260 applied no update: after it, the weights are step 200's; step 261 is one step
+    # from there, so compare the state *before* step 261 with the record of step 200
+    ref, _, _ = model_and_data()
+    ref.load_state_dict(record[200][0])
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=0.05)
+    ref_opt.load_state_dict(record[200][1])
+    _, x, y = model_and_data()
+    nn.CrossEntropyLoss()(ref(x), y).backward()
+    ref_opt.step()
+    assert_state(model, ref.state_dict())
+
+
+def test_rollback_to_before_the_second_copy_goes_back_to_the_first(tmp_path: Path) -> None:
+    model, record, _ = train(tmp_path, 150, act_at=150, to_step=50)
+    assert_state(model, record[1][0])  # the action's own step (150) was the last: no update
+
+
+def test_rollback_without_copies_changes_nothing_and_says_why(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="lrwatch"):
+        model, record, _ = train(tmp_path / "off", 30, act_at=30, to_step=1, rollback=False)
+    assert "keeps no copies" in caplog.text
+    assert any(not torch.equal(p, record[1][0][n]) for n, p in model.state_dict().items())
+
+
+def test_rollback_setting_is_checked(tmp_path: Path) -> None:
+    model, _, _ = model_and_data()
+    with pytest.raises(ConfigError, match="rollback"):
+        lrwatch.watch(
+            model, torch.optim.SGD(model.parameters(), lr=0.1), logdir=tmp_path, rollback="yes"
+        )
+
+
+def test_snapshots_keep_the_first_and_the_newest_two() -> None:
+    model, _, _ = model_and_data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    snaps = Snapshots(every=10, keep=2)
+    for step in range(1, 41):
+        if snaps.due(step):
+            snaps.take(step, opt)
+    assert [s.step for s in (snaps.first, *snaps.recent)] == [1, 30, 40]
+    assert snaps.newest_at_or_before(29).step == 1
+    assert snaps.newest_at_or_before(0) is None
