@@ -149,3 +149,29 @@ def test_the_decision_chart_should_span_the_steps_of_the_loss_chart(logdir: Path
     assert [v for s, v in marks if s < decided["step"]] == [1.0] * len(
         [s for s, _ in marks if s < decided["step"]]
     )
+
+
+def test_tensorboard_by_default_stops_reading_the_earlier_file_of_a_run(tmp_path: Path) -> None:
+    """Why README asks for ``--reload_multifile true`` when two writers share a run directory
+    (the Lightning and HF integrations, ``writer=``), and why the daemon keeps a sub-run."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    run = tmp_path / "run"
+    first = SummaryWriter(str(run), filename_suffix=".a")  # both names: same second, .a < .b
+    first.add_scalar("theirs", 1.0, 1)
+    first.flush()
+    second = SummaryWriter(str(run), filename_suffix=".b")
+    second.add_scalar("ours", 1.0, 1)
+    second.flush()
+    acc = EventAccumulator(str(run))  # what `tensorboard --logdir` uses per run by default
+    acc.Reload()
+    for step in (2, 3):
+        for writer, tag in ((first, "theirs"), (second, "ours")):
+            writer.add_scalar(tag, float(step), step)
+            writer.flush()
+    acc.Reload()  # the next reload of a live TensorBoard
+    first.close()
+    second.close()
+    assert [e.step for e in acc.Scalars("ours")] == [1, 2, 3]
+    assert [e.step for e in acc.Scalars("theirs")] == [1]  # frozen until TensorBoard restarts

@@ -5,8 +5,8 @@ and the clip threshold that bounds the gradient norm end up far apart. The custo
 reads a ``Layout`` proto from a summary tagged ``custom_scalars__config__`` (what
 ``SummaryWriter.add_custom_scalars`` writes: the serialised proto as a scalar DT_STRING tensor)
 and shows the charts it lists in its own tab. :func:`write_layout` writes that summary into the
-daemon's sub-run
-``<run>/lrwatch_daemon/``: the trainer's files stay untouched and the reader never sees it.
+daemon's sub-run ``<run>/lrwatch_daemon/``: the trainer's files stay untouched and the reader
+never sees it.
 
 TensorBoard merges identical layouts from several runs, so writing one per run is harmless.
 """
@@ -48,9 +48,9 @@ def layout_charts() -> list[tuple[str, list[tuple[str, list[str]]]]]:
     category has a title and ``closed``. No axis scale, colour or step range. So: colours are
     per run, and train and validation loss get charts of their own instead of one colour; the
     update ratio has a log10 chart with the band at -4/-3/-2 (the linear chart's toggle is the
-    card's own button); decision charts span the run because their 0 baseline does
-    (spans.Spans). Daemon sub-runs hold no loss, LR or ratio tags, so they add no series to
-    those charts however many runs there are.
+    card's own button); decision charts span the run because their lines do (spans.Spans), and
+    a step range is all two charts can share. Daemon sub-runs hold no loss, LR or ratio tags, so
+    they add no series to those charts however many runs there are.
     """
     val_loss = _exact(*roles.ALIASES["metric"])
     lr_groups = "^" + re.escape(schema.LR_GROUP_FMT.format("")) + r"\d+$"
@@ -62,7 +62,7 @@ def layout_charts() -> list[tuple[str, list[tuple[str, list[str]]]]]:
                 ("train loss (lrwatch/loss)", [_exact(schema.LOSS)]),
                 ("validation loss", [val_loss]),
                 ("effective LR", [_exact(schema.LR), lr_groups]),
-                ("decisions (lr_cut: factor, clip: max_norm, stop: 1)", [decisions]),
+                ("decisions (lr_cut: divisor so far, clip: max_norm, stop: 1)", [decisions]),
             ],
         ),
         (
