@@ -280,3 +280,18 @@ def test_a_restarted_sink_should_never_draw_a_marker_tag_backwards(tmp_path: Pat
     ]  # fmt: skip
     band = by_tag["lrwatch_daemon/update_ratio_log10_band/low"]
     assert band == [(1, -4.0), (100, -4.0), (150, -4.0)]
+
+
+def test_acknowledgements_should_count_up_on_the_decisions_chart(tmp_path: Path) -> None:
+    from lrwatch.daemon.outputs import ACKNOWLEDGED_TAG
+
+    with DecisionSink(tmp_path, mode="apply") as sink:
+        sink.reach(1, 200)
+        sink.emit(CUT, action_id=1)  # decided at step 100
+        sink.acknowledge(1, step=110, lr=0.05)  # applied by the trainer at step 110
+        sink.follow(band=False, force=True)
+    scalars = _scalars(tmp_path / schema.DAEMON_SUBRUN)
+    assert scalars[ACKNOWLEDGED_TAG] == [(1, 0.0), (109, 0.0), (110, 1.0), (200, 1.0)]
+    assert scalars[schema.DECISION_TAG_FMT.format("lr_cut")] == [
+        (1, 1.0), (99, 1.0), (100, 2.0), (200, 2.0)
+    ]  # fmt: skip

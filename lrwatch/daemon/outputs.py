@@ -228,6 +228,7 @@ def decision_text(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+ACKNOWLEDGED_TAG = schema.DECISION_TAG_FMT.format("acknowledged")  # actions the trainer applied
 SPAN_EVERY_S = 60.0  # the baseline and the band follow the run at most this often
 
 
@@ -332,6 +333,9 @@ class DecisionSink:
         logger.info(
             "%s: action #%d acknowledged at step %d (lr %s)", self.run_dir, action_id, step, lr
         )
+        # Beside the decisions, on their chart: the gap between deciding and applying shows.
+        points = self._spans_now().step_to(ACKNOWLEDGED_TAG, step, lambda n: n + 1.0)
+        self._write_points(points, None, now)
         return record
 
     def close(self) -> None:

@@ -41,8 +41,8 @@ class Spans:
     - a finding is a spike: 0 at s-1, its severity at s, 0 at s+1 (written lazily: another may
       follow at s+1);
     - a decision moves a staircase (:meth:`step_to`): the level holds from the decision's step on
-      (the cumulative LR divisor decided, the clip threshold, 1 after a stop), so smoothing only
-      rounds its corner.
+      (the cumulative LR divisor decided, the clip threshold, 1 after a stop), so the smoothed
+      line converges to it as :meth:`extend` adds points (smoothing averages over points).
 
     Points at or before a tag's last step are dropped, so a restarted daemon (``floor``: the last
     step and value of each tag already on disk) never draws backwards.

@@ -62,7 +62,7 @@ def layout_charts() -> list[tuple[str, list[tuple[str, list[str]]]]]:
                 ("train loss (lrwatch/loss)", [_exact(schema.LOSS)]),
                 ("validation loss", [val_loss]),
                 ("effective LR", [_exact(schema.LR), lr_groups]),
-                ("decisions (lr_cut: divisor so far, clip: max_norm, stop: 1)", [decisions]),
+                ("decisions (lr_cut: divisor so far, clip: max_norm, stop: 1), acks", [decisions]),
             ],
         ),
         (
