@@ -215,7 +215,7 @@ def test_analyzer_explosion_gate_hides_nothing_a_check_at_every_step_finds(seed:
 
 def test_analyzer_should_roll_back_then_stop_a_run_whose_loss_stays_nonfinite() -> None:
     """NaN from step 101 on: a cut by 10 at once; 9 steps later, not a cooldown (200 steps)
-    later, a rollback to step 100, the last finite loss; NaN still 20 steps after that (the
+    later, a rollback to step 100, the last finite loss; NaN still 40 steps after that (the
     rollback was not taken, as in this replay): a stop naming step 100."""
     scalars = []
     for step in range(1, 200):
@@ -228,13 +228,13 @@ def test_analyzer_should_roll_back_then_stop_a_run_whose_loss_stays_nonfinite() 
     [back] = [d for d in analyzer.decisions if d.action is ActionKind.ROLLBACK]
     assert (back.step, back.to_step) == (110, 100)
     stop = [d for d in analyzer.decisions if d.action is ActionKind.STOP]
-    assert [d.step for d in stop] == [130]
+    assert [d.step for d in stop] == [150]
     assert "the last good step is 100" in stop[0].reason
 
 
 def test_analyzer_should_roll_back_at_once_on_nonfinite_weights_and_stop_if_they_stay() -> None:
     scalars = []
-    for step in range(1, 80):
+    for step in range(1, 100):
         weights = 10.0 if step < 50 else math.inf
         scalars += [
             Scalar(schema.LOSS, step, 0.0, 1.0),
@@ -244,8 +244,23 @@ def test_analyzer_should_roll_back_at_once_on_nonfinite_weights_and_stop_if_they
     analyzer.feed(scalars)
     back, stop = analyzer.decisions
     assert (back.step, back.action, back.to_step) == (50, ActionKind.ROLLBACK, 49)
-    assert (stop.step, stop.action) == (70, ActionKind.STOP)
+    assert (stop.step, stop.action) == (90, ActionKind.STOP)
     assert "weights are non-finite" in stop.reason and "last good step is 49" in stop.reason
+
+
+def test_analyzer_should_stop_when_the_loss_goes_nonfinite_again_after_a_rollback() -> None:
+    """NaN at 101-120 (rolled back at 110, taking effect at 121), finite until 200, NaN again
+    from 201: the rollback did not help for long, so a stop 10 points into the new streak."""
+    scalars = []
+    for step in range(1, 260):
+        bad = 101 <= step <= 120 or step > 200
+        loss = math.nan if bad else 1.0 / step + 0.5
+        scalars += [Scalar(schema.LOSS, step, 0.0, loss), Scalar(schema.LR, step, 0.0, 0.1)]
+    analyzer = RunAnalyzer()
+    analyzer.feed(scalars)
+    acts = [(d.step, d.action) for d in analyzer.decisions if d.action is not ActionKind.CLIP]
+    assert acts == [(101, ActionKind.LR_CUT), (110, ActionKind.ROLLBACK), (210, ActionKind.STOP)]
+    assert "the last good step is 200" in analyzer.decisions[-1].reason
 
 
 def test_an_unapplied_gentle_cut_does_not_silence_a_later_explosion() -> None:

@@ -416,3 +416,23 @@ def test_policy_should_not_escalate_on_other_findings_during_a_cooldown() -> Non
     crit = [finding(Kind.EXPLOSION, severity=Severity.CRITICAL)]
     got = run(p, [(10, crit), (40, crit), (100, crit)], lr=1.0)
     assert [s for s, a, _ in got if a is CUT] == [10]
+
+
+def test_policy_should_cut_by_ten_and_roll_back_a_run_too_hot_from_its_first_steps() -> None:
+    """An early critical update ratio (loss not falling): cut by 10 and back to the window's
+    first step; still there after settle_steps: again, past the 200-step cooldown."""
+    p = Policy(cooldown_steps=200, settle_steps=20)
+    hot = [finding(Kind.RATIO_HIGH, severity=Severity.CRITICAL, early=True, last_good=1)]
+    out = [
+        (d.step, d.action, d.factor, d.to_step)
+        for s in (12, 20, 40)
+        for d in p.decide(s, hot, lr=1.0)
+    ]
+    assert out == [
+        (12, CUT, 10, None),
+        (12, ActionKind.ROLLBACK, None, 1),
+        (40, CUT, 10, None),
+        (40, ActionKind.ROLLBACK, None, 1),
+    ]
+    late = [finding(Kind.RATIO_HIGH, severity=Severity.CRITICAL)]  # a full-window verdict
+    assert [(d.action, d.factor) for d in Policy().decide(500, late, lr=1.0)] == [(CUT, 5)]

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lrwatch.errors import ConfigError
+from lrwatch.policy.responses import urgent
 from lrwatch.schema import ActionKind, Decision, Kind
 
 # Decisions a control file can carry; raise_lr_advice is advice by definition.
@@ -40,10 +41,10 @@ class Rails:
             only recommended; 1e-8 is below any LR that still trains.
         cooldown: steps after an applied action before the next one (a stop is exempt): the
             effect of a cut must show in the metrics before the next decision is trusted.
-        settle: the cooldown of an answer to a divergence or to non-finite values (the cut, the
-            rollback): 10 steps. Waiting 100 steps at an LR that diverged wastes them all; the
-            policy already spaces its escalations by its ``settle_steps`` (20), so this rail
-            only stops a burst.
+        settle: the cooldown of an answer that cannot wait (a divergence, non-finite values, an
+            early critical update ratio: ``policy.responses.urgent``): 10 steps. Waiting 100
+            steps at an LR that diverged wastes them all; the policy already spaces its
+            escalations by its ``settle_steps`` (20), so this rail only stops a burst.
         budget: automatic decisions per ``window`` steps (actions the policy pairs at one step,
             such as a cut with a clip, count once); past it the daemon only recommends, so a
             misfiring detector can at most cost ``budget`` decisions before a human looks. A
@@ -81,8 +82,7 @@ class Rails:
         if decision.action in (ActionKind.STOP, ActionKind.ROLLBACK) and _model_gone(decision):
             return None  # every further step is wasted: no cooldown, and no budget either
         last = max(steps, default=None)
-        urgent = _answers(decision, Kind.DIVERGENCE, Kind.NONFINITE)
-        wait = self.settle if urgent else self.cooldown
+        wait = self.settle if any(map(urgent, decision.findings)) else self.cooldown
         if last is not None and decision.action is not ActionKind.STOP:
             if decision.step - last < wait:
                 return f"cooldown: the last action was at step {last} (cooldown {wait})"

@@ -20,6 +20,7 @@ import torch
 
 from lrwatch.events.writer import EventWriter
 from lrwatch.hook import ranks
+from lrwatch.hook.alarm import Alarm
 from lrwatch.hook.cadence import Cadence
 from lrwatch.hook.capture import BackwardEnd, LossCapture, write_named
 from lrwatch.hook.measure import Measurer, Pending, StepGrads
@@ -115,6 +116,8 @@ class Recorder:
         self._host = HostColumns(optimizer, skips)
         self._flush_secs = flush_secs
         self._last_submit = time.monotonic()
+        self._alarm = Alarm()
+        self._alarmed = False  # the previous step was alarming: flush once this one is in
 
     def before_step(
         self,
@@ -140,9 +143,19 @@ class Recorder:
             self.add_row(step, grads)
         if block is not None:
             self.rows.add_event(step, *block)
+        row = self.rows.last()
+        # An alarming step goes to the disk with the next one: the daemon judges a step once a
+        # later step's rows show it complete (``mon.log`` may still add to the step just taken).
+        alarmed, self._alarmed = self._alarmed, False
+        if row is not None and self._alarm.check(row.loss, row.grad_norm):
+            self._alarmed = True
+        if alarmed:
+            self.rows.submit(self.writer, before=step + 1)  # a NaN or a spike: on disk now
+            self.writer.flush(timeout=0.0)
+            self._last_submit = time.monotonic()
         # One hand-off per flush_secs, not per step: each wakes the writer thread, which then
         # competes with training for the GIL.
-        if time.monotonic() - self._last_submit > self._flush_secs:
+        elif time.monotonic() - self._last_submit > self._flush_secs:
             self.rows.submit(self.writer, before=step)
             self._last_submit = time.monotonic()
 

@@ -29,7 +29,7 @@ from numpy.typing import ArrayLike
 from lrwatch.errors import ConfigError
 from lrwatch.policy.autoclip import clip_threshold
 from lrwatch.policy.budget import fit_factor, stop_reason
-from lrwatch.policy.responses import Plan, headline, overfit_stop, plan_for
+from lrwatch.policy.responses import Plan, escalates, headline, overfit_stop, plan_for
 from lrwatch.policy.state import PolicyState
 from lrwatch.schema import ActionKind, Decision, Finding, Kind, Severity
 
@@ -160,6 +160,7 @@ class Policy:
             s.stopped = lost.action is ActionKind.STOP
             if lost.action is ActionKind.ROLLBACK:  # no cut while it settles
                 s.rollbacks, s.last_action_step, s.cooldown_rank = s.rollbacks + 1, step, 4
+                s.lost_rollback_step = step
             self.unanswered = []
             return [lost]
         plan, why = self._choose(findings, warmup=warmup, defer=defer is not None, rising=rising)
@@ -174,48 +175,59 @@ class Policy:
         return out
 
     def _escalates(self, step: int, why: tuple[Finding, ...]) -> bool:
-        """A divergence ``settle_steps`` or more after the last action: that action did not
-        bring the loss back, so waiting out the cooldown only wastes steps at a bad LR."""
+        """A divergence (or an early critical update ratio) ``settle_steps`` or more after the
+        last action: that action did not bring the run back, so waiting out the cooldown only
+        wastes steps at a bad LR."""
         last = self._state.last_action_step
-        return (
-            last is not None
-            and step - last >= self.settle_steps
-            and any(f.kind is Kind.DIVERGENCE for f in why)
-        )
+        return last is not None and step - last >= self.settle_steps and any(map(escalates, why))
 
     def _lost(self, step: int, findings: Sequence[Finding]) -> Decision | None:
-        """A stop when the model itself is gone: non-finite weights, or a loss non-finite for
-        ``nonfinite_stuck`` logged points in a row (a bad batch gives one; an LR cut cures
-        a model whose weights are finite, and the first non-finite point already got one)."""
-        s = self._state
-        if s.rollbacks and s.last_action_step is not None:
-            if step - s.last_action_step < self.settle_steps:
-                return None  # the rollback has yet to reach the trainer and show in its data
+        """The answer when the model itself is gone: non-finite weights, or a loss non-finite
+        for ``nonfinite_stuck`` logged points in a row (a bad batch gives one; an LR cut cures
+        a model whose weights are finite, and the first non-finite point already got one).
+        First a rollback to the last good step; if the model is gone again after it, a stop."""
         for f in findings:
-            role, run = f.evidence.get("role"), int(f.evidence.get("consecutive", 0))
-            if f.kind is not Kind.NONFINITE or role is None:
+            what = self._gone(f)
+            if what is None or self._rollback_pending(step, f):
                 continue
-            if role == "weight_norm" or (role == "loss" and run >= self.nonfinite_stuck):
-                what = (
-                    "the weights are non-finite"
-                    if role == "weight_norm"
-                    else f"the loss has been non-finite for {run} logged steps in a row"
-                )
-                good = f.evidence.get("last_good")
-                if good is not None and self._state.rollbacks < 1:
-                    text = (
-                        f"{headline((f,))}. Roll back: {what}; the weights and optimizer state "
-                        f"go back to the hook's newest copy at or before step {good}, the last "
-                        "good one (the LR cut in force stays). A second time, the run stops."
-                    )
-                    return Decision(step, ActionKind.ROLLBACK, text, findings=(f,), to_step=good)
-                last = f"the last good step is {good}" if good is not None else "no good step"
+            good = f.evidence.get("last_good")
+            if good is not None and self._state.lost_rollback_step is None:
                 text = (
-                    f"{headline((f,))}. Stop: {what}, so no LR cut can rescue this run; "
-                    f"{last} (logged). Resume from a checkpoint at or before it with a lower LR."
+                    f"{headline((f,))}. Roll back: {what}; the weights and optimizer state go "
+                    f"back to the hook's newest copy at or before step {good}, the last good "
+                    "one (the LR cut in force stays). If the model is gone again, the run stops."
                 )
-                return Decision(step, ActionKind.STOP, text, findings=(f,))
+                return Decision(step, ActionKind.ROLLBACK, text, findings=(f,), to_step=good)
+            last = f"the last good step is {good}" if good is not None else "no good step"
+            text = (
+                f"{headline((f,))}. Stop: {what}, so no LR cut can rescue this run; "
+                f"{last} (logged). Resume from a checkpoint at or before it with a lower LR."
+            )
+            return Decision(step, ActionKind.STOP, text, findings=(f,))
         return None
+
+    def _gone(self, f: Finding) -> str | None:
+        """What says the model is gone, or None."""
+        role, run = f.evidence.get("role"), int(f.evidence.get("consecutive", 0))
+        if f.kind is not Kind.NONFINITE:
+            return None
+        if role == "weight_norm":
+            return "the weights are non-finite"
+        if role == "loss" and run >= self.nonfinite_stuck:
+            return f"the loss has been non-finite for {run} logged steps in a row"
+        return None
+
+    def _rollback_pending(self, step: int, f: Finding) -> bool:
+        """After a rollback for a lost model: whether its effect can still be on its way. A
+        streak of non-finite values that began after it (its last good step is later) means
+        the rollback did not help; one that began before it is given ``2 * settle_steps``."""
+        back = self._state.lost_rollback_step
+        if back is None:
+            return False
+        good = f.evidence.get("last_good")
+        if isinstance(good, int) and good >= back:
+            return False
+        return step - back < 2 * self.settle_steps
 
     def _unanswered(
         self, findings: Sequence[Finding], out: list[Decision], why: Callable[[Finding], str]

@@ -17,7 +17,9 @@ explosion    cut by 10 (critical) or 5 (warning) + clip; with          3
              a lone spike under 5x (``info``) gets nothing
 oscillation  cut by 10, or 5 when ``evidence["mild"]``             2
 ratio_high   cut by 5 (critical) or 2 (warning); not in warm-up,   2
-             none when info (the loss clearly falls)
+             none when info (the loss clearly falls); *early*
+             (10 points, loss not falling): cut by 10 + roll back
+             to the window's start, escalating like a divergence
 plateau      cut by 2 (never during warm-up)                       1
 overfit      stop once reported at ``overfit_patience`` checks     1
 ratio_low    advise raising the LR (advice only, not in warm-up    0
@@ -88,6 +90,12 @@ def plan_for(
         )
     if f.kind is Kind.RATIO_HIGH and f.severity is Severity.INFO:
         return None  # a high ratio while the loss clearly falls: an aggressive LR that works
+    if f.kind is Kind.RATIO_HIGH and f.evidence.get("early") and not warmup:
+        why = (
+            "10 because updates of 9% of the weights per step from the start, with a loss that "
+            "does not fall, mean an LR an order of magnitude too high"
+        )
+        return Plan(f.kind, 2, why, factor=10, rollback=True)
     if f.kind is Kind.RATIO_HIGH and not warmup:  # early updates are large by design
         factor = 5 if critical else 2
         why = f"{factor} because updates far above ~1e-3 of the weights signal instability"
@@ -97,6 +105,19 @@ def plan_for(
     if f.kind is Kind.RATIO_LOW and not rising:
         return Plan(f.kind, 0, "updates far below ~1e-3 of the weights", advice=True)
     return None
+
+
+def escalates(f: Finding) -> bool:
+    """A finding that, still there ``settle_steps`` after an action, asks for the next cut at
+    once: a divergence, or an early critical update ratio (a run far too hot from the start)."""
+    early = f.kind is Kind.RATIO_HIGH and bool(f.evidence.get("early"))
+    return f.kind is Kind.DIVERGENCE or early
+
+
+def urgent(f: Finding) -> bool:
+    """A finding whose answer cannot wait out the daemon's cooldown: one that escalates, or
+    non-finite values."""
+    return escalates(f) or f.kind is Kind.NONFINITE
 
 
 def overfit_stop(checks: int) -> Plan:

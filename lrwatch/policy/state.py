@@ -29,6 +29,7 @@ class PolicyState:
     last_overfit_step: int | None = None
     stopped: bool = False
     rollbacks: int = 0  # rollbacks issued
+    lost_rollback_step: int | None = None  # when a lost (non-finite) model was rolled back
 
     def observe(self, findings: Sequence[Finding], *, lr: float | None, warmup: bool) -> None:
         """Learn the starting LR and count the checks in a row that report overfitting.

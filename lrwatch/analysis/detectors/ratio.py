@@ -223,6 +223,8 @@ class RatioDetector:
             "first_step": int(s[0]),
             "loss_falling": False,
             "early": True,
+            # the loss never fell since this window began: the weights worth going back to
+            "last_good": int(s[0]),
         }
         message = (
             f"{tag}: median update/weight ratio {fmt(med)} over the first {v.size} points "
