@@ -2,14 +2,16 @@
 
 1. A tiny MLP trains with ``lrwatch.watch`` while ``lrwatch serve --apply`` watches the logdir; at
    ``--blow-at`` the LR jumps from 0.05 to ``--jump-lr``; the daemon decides, writes the control
-   file, the hook applies the action (``lrwatch/control/ack``), and the daemon records decision
-   texts and markers in ``<run>/lrwatch_daemon/``. Then ``tb_layout.write_layout`` adds the
-   custom-scalars layout.
+   file, the hook applies the action (``lrwatch_control/ack``), and the daemon records decision
+   texts, markers, the update-ratio band and the custom-scalars layout in ``<run>/lrwatch_daemon/``.
 2. ``tensorboard --logdir`` starts on a free port; the script waits until it serves the runs.
 3. Through TensorBoard's HTTP API it checks: the runs, the lrwatch scalar tags (and that the LR
    series has as many points as lrwatch's reader sees), the daemon's decision texts (one per
    audit-log decision, reason included) and the custom-scalars layout.
-4. Headless Chromium screenshots the scalars and custom-scalars dashboards into ``bench/out/``.
+4. Headless Chromium renders the Time Series tab: its group order and open cards must be what
+   ``tests/test_tb_timeseries.py`` derives from the served tags (headline first, the daemon's
+   decisions second, per-layer sections closed); then it screenshots the scalars, custom-scalars
+   and Time Series dashboards into ``bench/out/``.
 
 Usage (about a minute on a loaded 2-core machine)::
 
@@ -40,7 +42,7 @@ import torch
 import lrwatch
 from lrwatch import schema
 from lrwatch.daemon.outputs import read_audit
-from lrwatch.daemon.tb_layout import layout_charts, write_layout
+from lrwatch.daemon.tb_layout import layout_charts
 from lrwatch.events.reader import read_run
 
 BIN = Path(sys.executable).parent
@@ -140,7 +142,8 @@ def check_http(port: int, run: str) -> list[str]:
     tags = get(port, "/data/plugin/scalars/tags")
     missing = [t for t in TB_TAGS if t not in tags[run]]
     assert not missing, missing
-    markers = sorted(t for t in tags[daemon_run] if t.startswith("lrwatch_daemon/decision/"))
+    decision = schema.DECISION_TAG_FMT.format("")
+    markers = sorted(t for t in tags[daemon_run] if t.startswith(decision))
     assert markers, tags[daemon_run]
     done.append(f"scalar tags of {run}: {len(tags[run])}, including {TB_TAGS}")
     done.append(f"daemon markers in {daemon_run}: {markers}")
@@ -182,6 +185,40 @@ def check_layout(port: int) -> str:
     return f"custom_scalars layout: {len(served)} categories, {charts} charts, as written"
 
 
+def check_timeseries_dom(port: int, profile: Path) -> str:
+    """The Time Series tab as Chromium renders it: group order and which cards are open.
+
+    Compared with ``tests/test_tb_timeseries.py``'s port of the tab's ordering rule, applied to
+    the tags TensorBoard serves: the test's assumption, checked against the real frontend.
+    """
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from test_tb_timeseries import time_series_groups
+
+    tags = get(port, "/data/plugin/scalars/tags")
+    groups = time_series_groups({t for run_tags in tags.values() for t in run_tags})
+    dom = chromium_dump(f"http://127.0.0.1:{port}/#timeseries", profile)
+    names = [g for g, _ in groups]
+    seen = sorted(names, key=lambda g: dom.find(f">{g}<") if f">{g}<" in dom else 10**9)
+    shown = [g for g in seen if f">{g}<" in dom]
+    assert shown == names, (shown, names)
+    opened = [card for _, cards in groups for card in cards if card in dom]
+    expected = [card for _, cards in groups[:2] for card in cards]
+    assert set(expected) <= set(opened), (expected, opened)
+    per_layer = [c for c in opened if c.split("/")[0] in schema.PER_TENSOR_PREFIXES.values()]
+    assert not per_layer, per_layer
+    return f"Time Series in Chromium: groups {names}; open: {expected}"
+
+
+def chromium_dump(url: str, profile: Path) -> str:
+    cmd = [
+        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+        "--no-first-run", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", f"--user-data-dir={profile}", "--window-size=1600,2400",
+        "--virtual-time-budget=15000", "--dump-dom", url,
+    ]  # fmt: skip
+    return subprocess.run(cmd, check=True, capture_output=True, timeout=120, text=True).stdout
+
+
 def screenshot(url: str, png: Path, profile: Path) -> None:
     cmd = [
         CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
@@ -217,7 +254,6 @@ def main() -> None:
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(timeout=30)
-    write_layout(run_dir, band_steps=(1, args.steps))
     print(f"trained {args.steps} steps, {acks} action(s) acknowledged by the hook")
     print("daemon said:", *[line for line in daemon_log if "step" in line][:6], sep="\n  ")
     port = free_port()
@@ -245,6 +281,7 @@ def main() -> None:
             check_layout(port),
         ]:
             print("verified:", line)
+        print("verified:", check_timeseries_dom(port, tmp / "chromium-dom"))
         OUT.mkdir(exist_ok=True)
         base = f"http://127.0.0.1:{port}/"
         for name, url in [
@@ -253,6 +290,7 @@ def main() -> None:
                 base + "?tagFilter=" + urllib.parse.quote("^lrwatch/") + "#scalars",
             ),
             ("tensorboard_custom_scalars.png", base + "#custom_scalars"),
+            ("tensorboard_timeseries.png", base + "#timeseries"),  # 1600x1000: the first screen
         ]:
             screenshot(url, OUT / name, tmp / "chromium")
             print(f"screenshot: {OUT / name}")

@@ -1,11 +1,11 @@
 """Mixed precision on CPU: bf16 autocast plus ``torch.amp.GradScaler``, watched by lrwatch.
 
 Pass the scaler to ``lrwatch.watch(..., scaler=scaler)`` and lrwatch records the loss scale
-(``lrwatch/loss_scale``) and every step the scaler skipped because of Inf/NaN gradients
-(``lrwatch/skipped_step``). An isolated skip with a scale back-off is normal mixed-precision
-life, not a divergence; a scale that keeps collapsing, or a loss that is non-finite after
-unscaling, is. bf16 has fp32's exponent range and rarely overflows, so this script injects one
-overflowing gradient (``--overflow-at``) to show what a skip looks like::
+(``lrwatch.diagnostics/loss_scale``) and every step the scaler skipped because of Inf/NaN
+gradients (``lrwatch.diagnostics/skipped_step``). An isolated skip with a scale back-off is normal
+mixed-precision life, not a divergence; a scale that keeps collapsing, or a loss that is
+non-finite after unscaling, is. bf16 has fp32's exponent range and rarely overflows, so this
+script injects one overflowing gradient (``--overflow-at``) to show what a skip looks like::
 
     python examples/amp_bf16.py --logdir runs/amp_bf16
     lrwatch analyze runs/amp_bf16          # the lone skip is not reported as a divergence

@@ -310,6 +310,26 @@ def apply(
     type=click.IntRange(min=1),
     help="Apply mode: the budget's window, in steps.",
 )
+@click.option(
+    "--summary-every",
+    default=600.0,
+    show_default=True,
+    type=click.FloatRange(min=0.0),
+    metavar="SECONDS",
+    help="A one-line summary (runs, points read, findings, decisions) this often; 0: never.",
+)
+@click.option(
+    "--quiet",
+    is_flag=True,
+    help="No banner, no summary, no run-discovery lines: decisions, acknowledgements, warnings.",
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="JSON lines on stdout: start, each finding at warning or above, decision, "
+    "acknowledgement, summary (human log lines stay on stderr).",
+)
 def serve(
     logdirs: tuple[pathlib.Path, ...],
     apply_: bool,
@@ -323,6 +343,9 @@ def serve(
     cooldown: int,
     budget: int,
     window: int,
+    summary_every: float,
+    quiet: bool,
+    as_json: bool,
 ) -> None:
     """Watch the runs under LOGDIRS (and runs that appear later), and advise or act on them."""
     import functools
@@ -332,10 +355,13 @@ def serve(
     from lrwatch.daemon.notify import HookRunner, validate_hooks
     from lrwatch.daemon.rails import Rails
     from lrwatch.daemon.serve import Daemon, serve_forever
+    from lrwatch.daemon.tally import Tally
     from lrwatch.errors import ConfigError
 
     # Decisions and the runs being watched are what the daemon is for: show them without -v.
-    for name in ("lrwatch.daemon.outputs", "lrwatch.daemon.serve"):
+    shown = ["lrwatch.daemon.outputs"] + ([] if quiet else ["lrwatch.daemon.serve"])
+    shown += [] if quiet or as_json else ["lrwatch.daemon.tally"]
+    for name in shown:
         logging.getLogger(name).setLevel(min(logging.INFO, logging.getLogger().level))
     try:
         config = load_config(config_file, overrides={} if metric is None else {"metric": metric})
@@ -350,24 +376,35 @@ def serve(
     # it off the first decision's latency.
     import scipy.stats  # noqa: F401
 
-    if not once:
-        click.echo(_banner(logdirs, apply_=apply_, poll=poll, rails=rails, hooks=len(hooks)))
+    banner = _banner(logdirs, apply_=apply_, poll=poll, rails=rails, hooks=len(hooks))
+    if as_json:
+        mode = "apply" if apply_ else "recommend"
+        doc = {"event": "start", "mode": mode, "logdirs": [str(d) for d in logdirs]}
+        click.echo(json.dumps({**doc, "version": __version__, "banner": banner}))
+    elif not once and not quiet:
+        click.echo(banner)
+    every = 0.0 if quiet else summary_every
+    tally = Tally(every=every, emit=functools.partial(click.echo) if as_json else None)
     daemon = Daemon(
         logdirs,
         mode="apply" if apply_ else "recommend",
         analyzer_factory=functools.partial(RunAnalyzer, config),
         rails=rails,
         hooks=runner,
+        tally=tally,
     )
     try:
         if once:
             taken = daemon.process()
-            click.echo(f"{len(daemon.runs)} runs, {sum(map(len, taken.values()))} decisions")
+            if not as_json:
+                click.echo(f"{len(daemon.runs)} runs, {sum(map(len, taken.values()))} decisions")
         else:
             serve_forever(daemon, poll=poll)
     except LrwatchError as err:
         fail(err)
     finally:
+        if not quiet:  # what this session did, once more, on the way out
+            tally.maybe_summarize(runs=len(daemon.runs), force=True)
         daemon.close()
         runner.close()
 

@@ -17,26 +17,36 @@ from typing import Any, NamedTuple
 
 # --------------------------------------------------------------------------------------------
 # Tag names written by the hook (see README "What is recorded").
-# TensorBoard groups charts by the tag's first path component, so the global quantities share
-# the "lrwatch" section and each per-tensor quantity gets a section of its own: hundreds of
-# layers then fill three collapsible sections instead of burying the global charts.
+# TensorBoard's Time Series tab sorts cards by tag, groups them by the part before the first "/"
+# and, on a first visit, expands only the first two groups (tensorboard/webapp/metrics: the
+# reducer of the tag metadata, ``groupCardIdWithMetdata``, ``compareTagNames``). So the names are
+# chosen for that order: "lrwatch" holds the headline charts only; "lrwatch.decisions" (the
+# daemon's) sorts next; "lrwatch.diagnostics" before the per-tensor sections, so a run without
+# decisions never opens with hundreds of per-layer cards; bookkeeping ("lrwatch_control") after
+# every "lrwatch." group ("." < "_"). Files written before this naming are read through
+# LEGACY_TAGS, so old runs analyse as before.
 # --------------------------------------------------------------------------------------------
 PREFIX = "lrwatch"
 
 LOSS = "lrwatch/loss"  # every optimizer step: the loss of that step (mean over accumulation)
-NONFINITE = "lrwatch/nonfinite"  # every step: 1.0 if the loss or any gradient was NaN/Inf
 LR = "lrwatch/lr"  # effective LR of param group 0 (after any lrwatch cut)
 GRAD_NORM = "lrwatch/grad_norm"  # global L2 norm of the gradients the optimizer stepped with
-GRAD_NORM_PRECLIP = "lrwatch/grad_norm_preclip"  # before an lrwatch clip (only when clipping)
 UPDATE_RATIO = "lrwatch/update_ratio"  # ||theta_after - theta_before|| / ||theta_before||
-WEIGHT_NORM = "lrwatch/weight_norm"  # global L2 norm of the parameters after the step
-LOSS_SCALE = "lrwatch/loss_scale"  # GradScaler's scale, when a scaler is attached
-SKIPPED = "lrwatch/skipped_step"  # 1.0 when GradScaler skipped the step (inf grads)
-CLIP_MAX_NORM = "lrwatch/clip_max_norm"  # max_norm of an lrwatch clip action in force
-LR_FACTOR = "lrwatch/lr_factor"  # cumulative divisor applied by lrwatch cuts (1.0 = none)
-CONTROL_ACK = "lrwatch/control/ack"  # id of a control action, at the step it was applied
-STOP = "lrwatch/stop"  # 1.0 at the step a stop action was applied
-CLOSED = "lrwatch/closed"  # written last by Monitor.close(), at the last step: all of it is in
+# log10 of UPDATE_RATIO: Custom Scalars has no log axis in its layout, and the 1e-4..1e-2 band
+# is invisible on a linear one.
+UPDATE_RATIO_LOG10 = "lrwatch/update_ratio_log10"
+
+NONFINITE = "lrwatch.diagnostics/nonfinite"  # every step: 1.0 if the loss or a gradient was NaN/Inf
+WEIGHT_NORM = "lrwatch.diagnostics/weight_norm"  # global L2 norm of the parameters after the step
+LOSS_SCALE = "lrwatch.diagnostics/loss_scale"  # GradScaler's scale, when a scaler is attached
+SKIPPED = "lrwatch.diagnostics/skipped_step"  # 1.0 when GradScaler skipped the step (inf grads)
+GRAD_NORM_PRECLIP = "lrwatch.diagnostics/grad_norm_preclip"  # before an lrwatch clip (if any)
+
+CLIP_MAX_NORM = "lrwatch_control/clip_max_norm"  # max_norm of an lrwatch clip action in force
+LR_FACTOR = "lrwatch_control/lr_factor"  # cumulative divisor applied by lrwatch cuts (1.0 = none)
+CONTROL_ACK = "lrwatch_control/ack"  # id of a control action, at the step it was applied
+STOP = "lrwatch_control/stop"  # 1.0 at the step a stop action was applied
+CLOSED = "lrwatch_control/closed"  # written last by Monitor.close(): all of the run is in
 
 LR_GROUP_FMT = "lrwatch/lr/group{}"  # param groups 1..n-1; group 0 is LR
 PER_TENSOR_PREFIXES = {
@@ -45,12 +55,28 @@ PER_TENSOR_PREFIXES = {
     "weight_norm": "lrwatch.weight_norm",
 }
 
+# Names before the Time Series order above (lrwatch <= 0.x of issue 12): read as today's.
+LEGACY_TAGS = {
+    "lrwatch/nonfinite": NONFINITE,
+    "lrwatch/weight_norm": WEIGHT_NORM,
+    "lrwatch/loss_scale": LOSS_SCALE,
+    "lrwatch/skipped_step": SKIPPED,
+    "lrwatch/grad_norm_preclip": GRAD_NORM_PRECLIP,
+    "lrwatch/clip_max_norm": CLIP_MAX_NORM,
+    "lrwatch/lr_factor": LR_FACTOR,
+    "lrwatch/control/ack": CONTROL_ACK,
+    "lrwatch/stop": STOP,
+    "lrwatch/closed": CLOSED,
+}
+
 # The daemon writes its own findings and decisions into this sub-run of each run, so TensorBoard
-# shows them on the same step axis without touching the trainer's files.
+# shows them on the same step axis without touching the trainer's files. A sub-run, not a file
+# in the run itself: TensorBoard (without --reload_multifile) tails only the newest event file
+# of a directory, so a daemon file there would freeze the trainer's live charts.
 DAEMON_SUBRUN = "lrwatch_daemon"
 HOOK_FILE_SUFFIX = ".lrwatch"  # the hook's event files end with it; the daemon looks for it
-FINDING_TAG_FMT = "lrwatch_daemon/finding/{}"  # scalar marker per finding kind (value: severity)
-DECISION_TAG_FMT = "lrwatch_daemon/decision/{}"  # scalar marker per action
+FINDING_TAG_FMT = "lrwatch.findings/{}"  # per finding kind: severity at its step, 0 elsewhere
+DECISION_TAG_FMT = "lrwatch.decisions/{}"  # per action: factor, max_norm or 1; 0 elsewhere
 DECISION_TEXT_TAG = "lrwatch_daemon/decisions"  # text summary with the reason
 
 CONTROL_FILENAME = "lrwatch_control.json"  # written by the daemon / `lrwatch apply`
@@ -60,6 +86,11 @@ APPLIED_FILENAME = "lrwatch_applied.json"  # written by the hook: what it applie
 def lr_group_tag(index: int) -> str:
     """Tag of param group ``index``'s effective LR (group 0 is :data:`LR`)."""
     return LR if index == 0 else LR_GROUP_FMT.format(index)
+
+
+def current_tag(tag: str) -> str:
+    """``tag`` under today's name: a tag of an older lrwatch file is renamed, others pass."""
+    return LEGACY_TAGS.get(tag, tag)
 
 
 def per_tensor_tag(quantity: str, param_name: str) -> str:

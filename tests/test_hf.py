@@ -267,3 +267,37 @@ def test_hf_trainer_asked_for_fsdp_on_cpu_runs_ddp_and_the_callback_stays_exact(
     assert [s for s, v in got[schema.STOP].items() if v == 1.0] == [5]
     trainers = {int(s): v for s, v in r0["grad_norm"].items()}
     assert got[schema.GRAD_NORM] == pytest.approx(trainers, rel=1e-5)
+
+
+def test_issue14_hf_run_appears_once_in_tensorboard_with_both_writers_charts(
+    tmp_path: Path,
+) -> None:
+    from tensorboard.backend.event_processing import plugin_event_multiplexer
+
+    trainer, _ = make_trainer(
+        tmp_path,
+        Regression(),
+        [LRWatchCallback(log_every=1)],
+        max_steps=6,
+        report_to=["tensorboard"],
+        eval_strategy="steps",
+        eval_steps=3,
+    )
+    trainer.train()
+    mux = plugin_event_multiplexer.EventMultiplexer()
+    mux.AddRunsFromDirectory(str(tmp_path / "out"))
+    mux.Reload()
+    [run] = mux.Runs()  # one run: the Trainer's own runs/<date>_<host>
+    assert run.startswith("runs/")
+    tags = set(mux.GetAccumulator(run).Tags()["tensors"])  # scalars come as tensors here
+    assert {"train/loss", "train/learning_rate", "eval/loss"} <= tags  # the Trainer's
+    assert {schema.LOSS, schema.LR, schema.GRAD_NORM} <= tags  # lrwatch's, in the same run
+    assert "eval_loss" not in tags  # the Trainer's callback writes eval/loss already
+    assert not (tmp_path / "out" / "lrwatch").exists()
+
+
+def test_hf_callback_keeps_its_own_run_without_the_trainers_tensorboard(tmp_path: Path) -> None:
+    trainer, _ = make_trainer(tmp_path, Regression(n=16), [LRWatchCallback()], max_steps=2)
+    trainer.train()  # report_to=[]: nobody else writes TensorBoard
+    assert schema.LOSS in scalars(tmp_path / "out" / "lrwatch").Tags()["scalars"]
+    assert not (tmp_path / "out" / "runs").exists()

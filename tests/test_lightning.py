@@ -162,6 +162,41 @@ def test_lightning_callback_turns_a_stop_action_into_trainer_should_stop(tmp_pat
     assert watcher.monitor is None  # closed at fit end
 
 
+class CutAfter(pl.Callback):
+    """Plays the daemon: appends an LR cut by 10 to the run's control file after ``batches``."""
+
+    def __init__(self, watcher: LRWatch, batches: int) -> None:
+        self.watcher, self.batches = watcher, batches
+
+    def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+        if trainer.global_step == self.batches:
+            assert self.watcher.monitor is not None
+            run = self.watcher.monitor.run_dir
+            append_action(run, action=ActionKind.LR_CUT, factor=10, reason="test")
+
+
+def test_issue12_lr_monitor_shows_the_schedulers_lr_after_a_cut_and_lrwatch_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    watcher = LRWatch(log_every=1, control_every=1)
+    callbacks = [watcher, CutAfter(watcher, 5), LearningRateMonitor(logging_interval="step")]
+    t = trainer(tmp_path, callbacks, max_steps=10, limit_val_batches=0, log_every_n_steps=1)
+    with caplog.at_level("WARNING", logger="lrwatch"):
+        t.fit(Tiny(lr=0.1), loaders()[0])
+    acc = scalars(Path(t.logger.log_dir))
+    effective = {e.step: e.value for e in acc.Scalars(schema.LR)}  # the ack row repeats step 6
+    assert effective == {s: pytest.approx(0.1 if s <= 5 else 0.01) for s in range(1, 11)}
+    # Why Lightning's chart disagrees: LearningRateMonitor reads param_groups between steps,
+    # where lrwatch keeps the scheduler's value (so a scheduler never compounds the cut).
+    monitor = [e.value for e in acc.Scalars("lr-SGD")]
+    assert len(monitor) >= 10 and monitor == [pytest.approx(0.1)] * len(monitor)
+    [line] = [r.getMessage() for r in caplog.records if "LearningRateMonitor" in r.getMessage()]
+    assert "from step 6 the optimizer steps with lr 0.01" in line
+    assert "scheduler's 0.1 / 10" in line and schema.LR in line
+
+
 def test_lightning_callback_records_a_nan_loss(tmp_path: Path) -> None:
     model = Tiny()
     t = trainer(tmp_path, [LRWatch(log_every=1)], max_steps=6, limit_val_batches=0)

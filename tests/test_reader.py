@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import struct
 from pathlib import Path
@@ -390,3 +391,49 @@ def test_reader_fast_layout_is_used_and_falls_back_on_other_layouts(
         assert reader.read_all() == [Scalar("loss", 300, 5.0, 0.5)] * 5
     assert "undecodable event" in caplog.text
     assert list(reader._layouts.values()) == ["loss"]  # the fast path was learnt, and only once
+
+
+def _old_and_new_runs(root: Path) -> tuple[Path, Path]:
+    """The same history under the tag names before issue 12 (item 10) and under today's."""
+    from lrwatch import schema
+
+    for name, rename in (("old", {}), ("new", schema.LEGACY_TAGS)):
+        with SummaryWriter(str(root / name)) as writer:
+            for step in range(1, 80):
+                writer.add_scalar(schema.LOSS, 1.0 / step if step != 60 else math.inf, step)
+                for old, value in (
+                    ("lrwatch/nonfinite", float(step == 60)),
+                    ("lrwatch/weight_norm", 3.0),
+                ):
+                    writer.add_scalar(rename.get(old, old), value, step)
+                if step == 40:
+                    writer.add_scalar(
+                        rename.get("lrwatch/control/ack", "lrwatch/control/ack"), 1.0, step
+                    )
+                    writer.add_scalar(
+                        rename.get("lrwatch/lr_factor", "lrwatch/lr_factor"), 2.0, step
+                    )
+    return root / "old", root / "new"
+
+
+def test_reader_should_read_the_tag_names_of_older_lrwatch_files_as_todays(tmp_path: Path) -> None:
+    old, new = _old_and_new_runs(tmp_path)
+    as_read = [(s.tag, s.step, s.value) for s in read_run(old)]
+    assert as_read == [(s.tag, s.step, s.value) for s in read_run(new)]
+    assert not any(tag.startswith("lrwatch/control") for tag, _, _ in as_read)
+
+
+def test_analysis_of_an_older_lrwatch_file_should_equal_that_of_todays(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from lrwatch.cli import main
+
+    old, new = _old_and_new_runs(tmp_path)
+    docs = []
+    for run in (old, new):
+        result = CliRunner().invoke(main, ["analyze", str(run), "--json"])
+        assert result.exit_code == 0, result.output
+        doc = json.loads(result.output)
+        docs.append({k: v for k, v in doc.items() if k != "run"})
+    assert docs[0] == docs[1]
+    assert any(f["kind"] == "nonfinite" for f in docs[0]["findings"])

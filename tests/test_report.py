@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -134,13 +135,16 @@ def test_emit_should_write_markers_and_text_that_tensorboard_reads_at_the_steps(
         sink.emit(STOP, action_id=None)
         sink.mark_findings([replace_step(PLATEAU, 140), replace_step(PLATEAU, 140, Severity.INFO)])
     daemon = tmp_path / schema.DAEMON_SUBRUN
+    # A finding is a spike from a 0 baseline; a decision moves a staircase that holds its level.
     assert _scalars(daemon) == {
-        schema.FINDING_TAG_FMT.format("plateau"): [(90, 2.0), (140, 2.0)],
-        schema.FINDING_TAG_FMT.format("explosion"): [(120, 3.0)],
-        schema.DECISION_TAG_FMT.format("lr_cut"): [(100, 2.0)],
-        schema.DECISION_TAG_FMT.format("clip"): [(120, 4.5)],
-        schema.DECISION_TAG_FMT.format("stop"): [(130, 1.0)],
-    }
+        schema.FINDING_TAG_FMT.format("plateau"): [
+            (89, 0.0), (90, 2.0), (91, 0.0), (139, 0.0), (140, 2.0), (141, 0.0)
+        ],
+        schema.FINDING_TAG_FMT.format("explosion"): [(119, 0.0), (120, 3.0), (121, 0.0)],
+        schema.DECISION_TAG_FMT.format("lr_cut"): [(99, 1.0), (100, 2.0)],
+        schema.DECISION_TAG_FMT.format("clip"): [(119, 0.0), (120, 4.5)],
+        schema.DECISION_TAG_FMT.format("stop"): [(129, 0.0), (130, 1.0)],
+    }  # fmt: skip
     texts = _texts(daemon)
     assert sorted(texts) == [100, 120, 130]
     assert "lr_cut /2 recommended: plateau: cut by 2" in texts[100]
@@ -258,3 +262,43 @@ def test_decision_text_should_print_evidence_to_four_significant_digits(tmp_path
     assert "value=2.164, robust_z=6.419, history=79" in text
     # the audit log keeps every digit
     assert read_audit(tmp_path)[0]["findings"][0]["evidence"]["value"] == 2.164363384246826
+
+
+def test_a_restarted_sink_should_never_draw_a_marker_tag_backwards(tmp_path: Path) -> None:
+    from lrwatch.events.reader import read_run
+
+    with DecisionSink(tmp_path, mode="recommend") as sink:
+        sink.reach(1, 100)
+        sink.emit(CUT, action_id=None)  # step 100
+        sink.follow(band=True, force=True)
+    with DecisionSink(tmp_path, mode="recommend") as sink:  # a new daemon: a new file
+        sink.reach(1, 150)  # it re-reads the run from the start
+        sink.emit(CUT, action_id=None)  # re-derived: already drawn, must not be drawn again
+        sink.emit(replace(CUT, step=120), action_id=None)
+        sink.follow(band=True, force=True)
+    by_tag: dict[str, list[tuple[int, float]]] = {}
+    for point in read_run(tmp_path / schema.DAEMON_SUBRUN):  # both files, in TensorBoard's order
+        by_tag.setdefault(point.tag, []).append((point.step, point.value))
+    for points in by_tag.values():
+        assert [s for s, _ in points] == sorted({s for s, _ in points})
+    # The cumulative divisor decided: 2 from step 100 on, 4 from 120 (the restart kept the level).
+    assert by_tag[schema.DECISION_TAG_FMT.format("lr_cut")] == [
+        (1, 1.0), (99, 1.0), (100, 2.0), (119, 2.0), (120, 4.0), (150, 4.0)
+    ]  # fmt: skip
+    band = by_tag["lrwatch_daemon/update_ratio_log10_band/low"]
+    assert band == [(1, -4.0), (100, -4.0), (150, -4.0)]
+
+
+def test_acknowledgements_should_count_up_on_the_decisions_chart(tmp_path: Path) -> None:
+    from lrwatch.daemon.outputs import ACKNOWLEDGED_TAG
+
+    with DecisionSink(tmp_path, mode="apply") as sink:
+        sink.reach(1, 200)
+        sink.emit(CUT, action_id=1)  # decided at step 100
+        sink.acknowledge(1, step=110, lr=0.05)  # applied by the trainer at step 110
+        sink.follow(band=False, force=True)
+    scalars = _scalars(tmp_path / schema.DAEMON_SUBRUN)
+    assert scalars[ACKNOWLEDGED_TAG] == [(1, 0.0), (109, 0.0), (110, 1.0), (200, 1.0)]
+    assert scalars[schema.DECISION_TAG_FMT.format("lr_cut")] == [
+        (1, 1.0), (99, 1.0), (100, 2.0), (200, 2.0)
+    ]  # fmt: skip

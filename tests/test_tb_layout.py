@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +19,8 @@ from tensorboard.plugins.scalar import scalars_plugin
 from tiny_run import train
 
 from lrwatch import schema
-from lrwatch.daemon.tb_layout import BAND, BAND_TAG_FMT, LAYOUT_TAG, layout_charts, write_layout
+from lrwatch.daemon.spans import BAND, BAND_TAG_FMT, LOG10_BAND_TAG_FMT
+from lrwatch.daemon.tb_layout import LAYOUT_TAG, layout_charts
 from lrwatch.events.reader import find_runs, read_run
 
 
@@ -25,7 +29,8 @@ def logdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("layout")
     for name in ("a", "b"):
         train(root / name, steps=20)
-        write_layout(root / name, band_steps=(1, 20))
+    cmd = [sys.executable, "-m", "lrwatch", "serve", str(root), "--once"]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=120)  # the layout and the band
     return root
 
 
@@ -65,14 +70,21 @@ def test_tensorboard_should_serve_the_layout_once_though_every_run_has_one(logdi
 @pytest.mark.parametrize(
     ("chart", "run", "tags"),
     [
-        ("loss (train, validation)", "a", {schema.LOSS, "val/loss"}),
+        ("train loss (lrwatch/loss)", "a", {schema.LOSS}),
+        ("validation loss", "a", {"val/loss"}),
         ("effective LR", "a", {schema.LR}),
-        ("grad norm, before clipping, clip threshold", "b", {schema.GRAD_NORM}),
+        ("grad norm before clipping, clip threshold", "b", {schema.GRAD_NORM}),
         ("update ratio with the 1e-4 / 1e-3 / 1e-2 band", "a", {schema.UPDATE_RATIO}),
         (
             "update ratio with the 1e-4 / 1e-3 / 1e-2 band",
             "a/lrwatch_daemon",
             {BAND_TAG_FMT.format(k) for k in BAND},
+        ),
+        ("log10 update ratio, band -4 / -3 / -2", "b", {schema.UPDATE_RATIO_LOG10}),
+        (
+            "log10 update ratio, band -4 / -3 / -2",
+            "b/lrwatch_daemon",
+            {LOG10_BAND_TAG_FMT.format(k) for k in BAND},
         ),
     ],
 )
@@ -108,10 +120,29 @@ def test_the_layout_should_stay_out_of_lrwatchs_own_reading(logdir: Path) -> Non
     assert not any(s.tag.startswith("lrwatch_daemon/") for s in read_run(logdir / "a"))
 
 
-def test_band_lines_should_hold_the_band_values_at_the_given_steps(logdir: Path) -> None:
+def test_band_lines_should_span_the_run_at_the_band_values(logdir: Path) -> None:
+    acc = EventAccumulator(str(logdir / "b"), size_guidance={"scalars": 0})
+    acc.Reload()
+    ratio = acc.Scalars(schema.UPDATE_RATIO_LOG10)
+    assert [p.value for p in ratio] == pytest.approx(
+        [math.log10(p.value) for p in acc.Scalars(schema.UPDATE_RATIO)], rel=1e-5
+    )
+    steps = [ratio[0].step, ratio[-1].step]
     acc = EventAccumulator(str(logdir / "b" / schema.DAEMON_SUBRUN), size_guidance={"scalars": 0})
     acc.Reload()
     for name, level in BAND.items():
-        points = acc.Scalars(BAND_TAG_FMT.format(name))
-        assert [p.step for p in points] == [1, 20]
-        assert [p.value for p in points] == [pytest.approx(level)] * 2
+        for fmt, value in ((BAND_TAG_FMT, level), (LOG10_BAND_TAG_FMT, math.log10(level))):
+            points = acc.Scalars(fmt.format(name))
+            assert [p.step for p in points] == steps
+            assert [p.value for p in points] == [pytest.approx(value)] * 2
+
+
+@pytest.mark.parametrize("chart", ["train loss (lrwatch/loss)", "validation loss", "effective LR"])
+def test_daemon_sub_runs_should_add_no_series_to_the_loss_and_lr_charts(
+    logdir: Path, chart: str
+) -> None:
+    charts = {title: regexes for _, group in layout_charts() for title, regexes in group}
+    plugin = _plugin(logdir)
+    for run in ("a", "b"):
+        assert _matched(plugin, run, charts[chart])
+        assert _matched(plugin, f"{run}/{schema.DAEMON_SUBRUN}", charts[chart]) == set()

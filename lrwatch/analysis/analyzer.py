@@ -133,7 +133,7 @@ class RunAnalyzer:
         ``val/loss`` at step 901 can precede the loss at step 900 in the file. Its per-step
         ``lrwatch/lr`` row comes last in each batch, after the logging step's events: every
         step before the newest such row is complete (nothing is, in a hooked run whose first
-        rows are not in yet), and every step up to ``lrwatch/closed``, which the hook writes
+        rows are not in yet), and every step up to ``lrwatch_control/closed``, which the hook writes
         last when it closes. A run without those rows (not lrwatch's) holds its newest step.
         """
         rows = [s.step for s in batch if s.tag == schema.LR]

@@ -34,7 +34,8 @@ class LastCut:
         """Whether the run's data shows that this cut never took effect.
 
         A run no hook of lrwatch writes (``advice_only``) cannot apply anything. The hook's own
-        acknowledgement (``ack``, the last ``lrwatch/lr_factor`` point, logged after the cut)
+        acknowledgement (``ack``, the last ``lrwatch_control/lr_factor`` point, logged after the
+        cut)
         means applied. Otherwise the logged LR (``lr``, its last point) must have fallen by at
         least the square root of the factor (midway, in log terms) once a point after the cut
         exists; without an LR tag, or before that point, assume applied.

@@ -4,6 +4,7 @@
 per-pass job; :mod:`.rails` bounds what apply mode may do; :mod:`.outputs` writes the audit log,
 TensorBoard markers and console lines; :mod:`.notify` runs the user's hook executables and
 :mod:`.hook_jobs` keeps their runs as jobs in the audit log (owed, retried, rerun on restart);
-:mod:`.tb_layout` writes the TensorBoard custom-scalars layout. Runs outside the training
-process and never imports torch.
+:mod:`.tb_layout` writes the TensorBoard custom-scalars layout; :mod:`.tally` counts for the
+periodic summary and the ``--json`` stream. Runs outside the training process and never imports
+torch.
 """

@@ -8,7 +8,10 @@ run, and why?" from whichever place they look first:
    read back from the event files and a ``hooked`` line after each run of a hook executable
    (:func:`hooked_record`). :func:`read_audit` reads it back.
 2. TensorBoard: scalar markers and a text summary in the sub-run ``<run>/lrwatch_daemon/``, at the
-   decision's step, so they line up with the trainer's own charts.
+   decision's step, so they line up with the trainer's own charts. A marker is a spike from a 0
+   baseline that spans the steps the run has reached (see :class:`Spans`), so a chart of
+   decisions has the loss chart's step range instead of zooming onto its few points; the
+   update-ratio reference band spans them too.
 3. The console, through :mod:`logging`: one line per decision.
 
 An output that fails (a full disk, a vanished run) logs a warning and never stops the daemon.
@@ -29,6 +32,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from lrwatch import schema
+from lrwatch.daemon.spans import Spans, band_values, staircase
 from lrwatch.schema import ActionKind, Decision, Finding, Severity
 
 logger = logging.getLogger(__name__)
@@ -267,15 +271,6 @@ def finding_markers(findings: Iterable[Finding]) -> dict[int, dict[str, float]]:
     return by_step
 
 
-def decision_markers(decision: Decision) -> dict[int, dict[str, float]]:
-    """Markers of a decision and its findings: the decision's value is its factor, max_norm or 1."""
-    by_step = finding_markers(decision.findings)
-    value = decision.factor if decision.factor is not None else decision.max_norm
-    tag = schema.DECISION_TAG_FMT.format(decision.action.value)
-    by_step.setdefault(decision.step, {})[tag] = float(value if value is not None else 1.0)
-    return by_step
-
-
 def _short_number(value: Any) -> Any:
     """4 significant digits for a person (the audit log keeps every digit)."""
     return f"{value:.4g}" if isinstance(value, float) else value
@@ -293,6 +288,10 @@ def decision_text(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+ACKNOWLEDGED_TAG = schema.DECISION_TAG_FMT.format("acknowledged")  # actions the trainer applied
+SPAN_EVERY_S = 60.0  # the baseline and the band follow the run at most this often
+
+
 def _event_writer(logdir: Path) -> MarkerWriter:
     from lrwatch.events.writer import EventWriter  # the daemon's only use of the hook-side writer
 
@@ -306,7 +305,7 @@ class DecisionSink:
         run_dir: the run the decisions are about.
         mode: ``"recommend"`` or ``"apply"``, recorded with every decision.
         writer_factory: builds the TensorBoard writer for the daemon's sub-run (tests pass their
-            own); it is called on the first decision, so quiet runs get no extra event file.
+            own); it is called on the first marker or span, so a run never seen gets none.
 
     Example::
 
@@ -332,6 +331,10 @@ class DecisionSink:
         self._writer_factory = writer_factory
         self._clock = clock
         self._writer: MarkerWriter | None = None
+        self._spans: Spans | None = None
+        self._spanned_at = clock()  # the first span waits too: the run's first rows may be late
+        self._latest: int | None = None  # latest step seen in the run
+        self._band: dict[str, float] = {}
 
     def emit(
         self,
@@ -358,23 +361,55 @@ class DecisionSink:
         )
         self._append(record)
         logger.log(console_level(decision, applied=action_id is not None), console_line(record))
-        self._write(decision_markers(decision), (decision.step, decision_text(record)), now)
+        spans = self._spans_now()
+        tag, new, start = staircase(decision)
+        points = self._spikes(finding_markers(decision.findings))
+        points += spans.step_to(tag, decision.step, new, start=start)
+        self._write_points(points, (decision.step, decision_text(record)), now)
         return record
 
     def mark_findings(self, findings: Iterable[Finding]) -> None:
         """Put findings that led to no decision on the TensorBoard step axis too."""
-        self._write(finding_markers(findings), None, self._clock())
+        self._write_points(self._spikes(finding_markers(findings)), None, self._clock())
 
-    def acknowledge(self, action_id: int, *, step: int, lr: float | None = None) -> None:
-        """Record that the trainer applied ``action_id`` at ``step`` (read back from its events)."""
+    def reach(self, first: int, last: int) -> None:
+        """The run's new points span ``first``..``last``: markers' baselines start at the
+        first step ever seen, and :meth:`follow` carries them to the latest."""
+        spans = self._spans_now()
+        # The lowest step yet: mon.log values reach the file before the batched rows of earlier
+        # steps. Tags already drawn keep their own start (each tag only moves forward).
+        spans.first = first if spans.first is None else min(spans.first, first)
+        self._latest = max(last, self._latest if self._latest is not None else last)
+
+    def follow(self, *, band: bool, force: bool = False) -> None:
+        """Carry the baseline and, with ``band`` (a run with lrwatch's update ratio), the ratio
+        band to the latest step reached, at most once every ``SPAN_EVERY_S`` unless ``force``."""
+        self._band = band_values() if band else {}
         now = self._clock()
-        self._append(ack_record(action_id, run=str(self.run_dir), step=step, lr=lr, wall_time=now))
+        if self._latest is not None and (force or now - self._spanned_at >= SPAN_EVERY_S):
+            self._spanned_at = now
+            self._write_points(self._spans_now().extend(self._latest, self._band), None, now)
+
+    def acknowledge(self, action_id: int, *, step: int, lr: float | None = None) -> dict[str, Any]:
+        """Record that the trainer applied ``action_id`` at ``step`` (read back from its events);
+        returns the audit record."""
+        now = self._clock()
+        record = ack_record(action_id, run=str(self.run_dir), step=step, lr=lr, wall_time=now)
+        self._append(record)
         logger.info(
             "%s: action #%d acknowledged at step %d (lr %s)", self.run_dir, action_id, step, lr
         )
+        # Beside the decisions, on their chart: the gap between deciding and applying shows.
+        points = self._spans_now().step_to(ACKNOWLEDGED_TAG, step, lambda n: n + 1.0)
+        self._write_points(points, None, now)
+        return record
 
     def close(self) -> None:
-        """Flush and close the TensorBoard writer, if one was opened."""
+        """Carry the spans to the latest step, then flush and close the TensorBoard writer."""
+        if self._spans is not None:
+            spans, latest = self._spans, self._latest
+            points = spans.flush() if latest is None else spans.extend(latest, self._band)
+            self._write_points(points, None, self._clock())
         if self._writer is not None:
             writer, self._writer = self._writer, None
             try:
@@ -395,15 +430,43 @@ class DecisionSink:
         except ValueError as err:  # not strict JSON: retrying would not help
             logger.warning("%s: cannot append to the audit log: %s", self.run_dir, err)
 
-    def _write(
-        self, by_step: dict[int, dict[str, float]], text: tuple[int, str] | None, wall_time: float
+    def _spans_now(self) -> Spans:
+        """The spans, seeded with the last steps already in the sub-run (a restarted daemon)."""
+        if self._spans is None:
+            floor: dict[str, tuple[int, float]] = {}
+            subrun = self.run_dir / schema.DAEMON_SUBRUN
+            try:
+                from lrwatch.events.reader import read_run  # the daemon's own files, once
+
+                for point in read_run(subrun) if subrun.is_dir() else []:
+                    if point.step >= floor.get(point.tag, (point.step, 0.0))[0]:
+                        floor[point.tag] = (point.step, point.value)
+            except Exception as err:  # broad: a damaged marker file must not stop the daemon
+                logger.warning("%s: cannot read earlier markers: %s", subrun, err)
+            self._spans = Spans(floor)
+        return self._spans
+
+    def _spikes(self, by_step: dict[int, dict[str, float]]) -> list[tuple[int, str, float]]:
+        spans = self._spans_now()
+        return [
+            p
+            for step, values in sorted(by_step.items())
+            for tag, value in values.items()
+            for p in spans.spike(tag, step, value)
+        ]
+
+    def _write_points(
+        self, points: list[tuple[int, str, float]], text: tuple[int, str] | None, wall_time: float
     ) -> None:
-        if not by_step:
+        if not points and text is None:
             return
+        by_step: dict[int, dict[str, float]] = {}
+        for step, tag, value in sorted(points, key=lambda p: p[0]):  # stable: per-tag order kept
+            by_step.setdefault(step, {})[tag] = value
         try:
             if self._writer is None:
                 self._writer = self._writer_factory(self.run_dir / schema.DAEMON_SUBRUN)
-            for step, values in sorted(by_step.items()):
+            for step, values in by_step.items():
                 self._writer.add_scalars(
                     step, list(values), list(values.values()), wall_time=wall_time
                 )

@@ -24,6 +24,7 @@ from lrwatch.daemon.hook_jobs import HookJobs
 from lrwatch.daemon.notify import HookRunner
 from lrwatch.daemon.outputs import Mode
 from lrwatch.daemon.rails import Rails
+from lrwatch.daemon.tally import Tally
 from lrwatch.daemon.watched_run import Analyzer, WatchedRun, run_once
 from lrwatch.errors import RunGone
 from lrwatch.events.reader import find_runs
@@ -52,8 +53,10 @@ class Daemon:
         analyzer_factory: Callable[[], Analyzer],
         rails: Rails | None = None,
         hooks: HookRunner | None = None,
+        tally: Tally | None = None,
     ) -> None:
         self.logdirs = tuple(Path(d) for d in logdirs)
+        self.tally = tally
         self.mode: Mode = mode
         self.rails = rails or Rails()
         self.hooks = hooks
@@ -75,12 +78,14 @@ class Daemon:
                 if run_dir not in self.runs:
                     logger.info("watching run %s", run_dir)
                     _ensure_layout(run_dir)
-                    self.runs[run_dir] = WatchedRun(
+                    run = WatchedRun(
                         run_dir,
                         analyzer_factory=self._analyzer_factory,
                         mode=self.mode,
                         hook_jobs=self._hook_jobs.pop(run_dir, None),
                     )
+                    run.tally = self.tally
+                    self.runs[run_dir] = run
 
     def process(self) -> dict[Path, list[Decision]]:
         """Discover runs, then :func:`run_once` on each; returns the decisions taken, by run."""
@@ -104,6 +109,8 @@ class Daemon:
                 continue
             if decisions:
                 taken[run_dir] = decisions
+        if self.tally is not None:
+            self.tally.maybe_summarize(runs=len(self.runs))
         return taken
 
     def close(self) -> None:

@@ -25,6 +25,7 @@ from lrwatch.daemon.hook_jobs import HookJobs
 from lrwatch.daemon.notify import HookRunner
 from lrwatch.daemon.outputs import DecisionSink, Mode, finding_line, read_audit
 from lrwatch.daemon.rails import Issued, Ledger, Rails
+from lrwatch.daemon.tally import Tally
 from lrwatch.errors import LrwatchError
 from lrwatch.events.reader import RunReader
 from lrwatch.schema import Decision, Finding, Scalar, Severity
@@ -86,6 +87,7 @@ class WatchedRun:
         self.outbox: list[Decision] = []  # decided, not yet fully written (a full disk)
         self.unacked: list[tuple[int, int, float | None]] = []  # (id, step, lr) acks to record
         self.dirty = False  # state changed since the last successful save
+        self.tally: Tally | None = None  # serve's counters and --json stream, when it has them
         self._hooked = False
         self.load()
         self._recall_audit()
@@ -196,12 +198,17 @@ def run_once(
     scalars = run.reader.poll()
     decisions: list[Decision] = []
     if scalars:
+        closed = _reach(run, scalars)
         read_back(run, scalars)
         seen = len(run.analyzer.findings)
         decisions = run.analyzer.feed(scalars, live=True, hooked=run.hooked)
         run.outbox.extend(decisions)
         decided = [f for d in decisions for f in d.findings]
-        quiet = [f for f in list(run.analyzer.findings)[seen:] if f not in decided]
+        new = list(run.analyzer.findings)[seen:]
+        quiet = [f for f in new if f not in decided]
+        if run.tally is not None:
+            run.tally.points(run.run_dir, len(scalars))
+            run.tally.findings(run.run_dir, new, decided=decided, why=run.analyzer.why_quiet)
         for f in quiet:  # printed as they happen: a warning nobody acts on says why
             if f.severity is not Severity.INFO:
                 why = run.analyzer.why_quiet.get((f.kind.value, f.tag, f.step))
@@ -211,9 +218,22 @@ def run_once(
     deliver(run, rails or Rails(), hooks)
     if hooks is not None:
         run.hook_jobs.pump(hooks)
+    if scalars:
+        run.sink.follow(band=run.hooked, force=closed)
     if run.dirty and not run.outbox and not run.unacked:
         run.dirty = not run.save()
     return decisions
+
+
+def _reach(run: WatchedRun, scalars: list[Scalar]) -> bool:
+    """Tell the sink which steps the new points span; True when the run has closed."""
+    first = last = scalars[0].step
+    closed = False
+    for s in scalars:
+        first, last = min(first, s.step), max(last, s.step)
+        closed = closed or s.tag == schema.CLOSED
+    run.sink.reach(first, last)
+    return closed
 
 
 def deliver(run: WatchedRun, rails: Rails, hooks: HookRunner | None) -> None:
@@ -221,7 +241,7 @@ def deliver(run: WatchedRun, rails: Rails, hooks: HookRunner | None) -> None:
     while run.unacked:
         action_id, step, lr = run.unacked[0]
         try:
-            run.sink.acknowledge(action_id, step=step, lr=lr)
+            ack = run.sink.acknowledge(action_id, step=step, lr=lr)
         except OSError as err:
             logger.warning(
                 "%s: ack of #%d not recorded yet (%s); will retry", run.run_dir, action_id, err
@@ -229,6 +249,8 @@ def deliver(run: WatchedRun, rails: Rails, hooks: HookRunner | None) -> None:
             return
         run.ledger.acked.add(action_id)
         run.unacked.pop(0)
+        if run.tally is not None:
+            run.tally.acknowledged(ack)
     while run.outbox:
         if not _deliver_one(run, run.outbox[0], rails, hooks):
             return
@@ -256,6 +278,8 @@ def _deliver_one(
         )
         return False
     run.recorded.add(key)
+    if run.tally is not None:
+        run.tally.decision(record)
     if action_id is not None:
         run.audited.add(action_id)
     run.hook_jobs.owe(record)  # started by run_once's pump, right after this

@@ -13,7 +13,7 @@ from typing import Any
 
 import crc32c
 
-from lrwatch.schema import Scalar
+from lrwatch.schema import LEGACY_TAGS, Scalar
 
 HEADER = struct.Struct("<QI")  # length, masked CRC of the 8 length bytes
 FOOTER = struct.Struct("<I")  # masked CRC of the data
@@ -93,15 +93,17 @@ def decode_event(event: Any, out: list[Scalar]) -> None:
     # Tags are interned: a million values then share a few hundred tag strings instead of
     # holding a fresh copy each (about a quarter of a bulk read's memory). tuple.__new__ skips
     # the NamedTuple's Python-level __new__ (0.6 -> 0.3 us per value, ~1.3x with 100 per event).
-    new, add = tuple.__new__, out.append
+    # Tags of older lrwatch files are renamed here, the one place every value passes through.
+    new, add, rename = tuple.__new__, out.append, LEGACY_TAGS.get
     for value in values:
         kind = value.WhichOneof("value")
+        tag = value.tag
         if kind == "simple_value":
-            add(new(Scalar, (intern(value.tag), step, wall_time, value.simple_value)))
+            add(new(Scalar, (intern(rename(tag, tag)), step, wall_time, value.simple_value)))
         elif kind == "tensor":
             number = _tensor_scalar(value)
             if number is not None:
-                add(new(Scalar, (intern(value.tag), step, wall_time, number)))
+                add(new(Scalar, (intern(rename(tag, tag)), step, wall_time, number)))
 
 
 # The fast path. One event per scalar (torch's ``add_scalar`` per call) is the common file, and
@@ -153,9 +155,10 @@ def decode_learning(data: bytes, out: list[Scalar], layouts: dict[bytes, str], p
         return
     scalar = out[first]
     split = split_layout(data)
-    if split is not None and event.summary.value[0].WhichOneof("value") == "simple_value":
+    value = event.summary.value[0]
+    if split is not None and value.WhichOneof("value") == "simple_value":
         step, key = split
-        if step == scalar.step and key == layout_key(scalar.tag):
+        if step == scalar.step and key == layout_key(value.tag):  # the tag as written
             layouts[key] = scalar.tag
 
 

@@ -40,6 +40,8 @@ from lrwatch.hook.snapshots import Snapshots
 from lrwatch.schema import APPLIED_FILENAME, CONTROL_FILENAME, Action, ActionKind
 
 logger = logging.getLogger(__name__)
+# Not a failure, so a logger of its own: "one warning per failure" stays countable.
+lr_charts_logger = logging.getLogger(__name__ + ".lr_charts")
 _T = TypeVar("_T")
 
 LOOK_SECS = 0.02  # look at the control file at least this often (one lstat, ~2 us)
@@ -146,6 +148,8 @@ class Controller:
         if self.snapshots is not None and not rolled and self.snapshots.due(step):
             self._guarded("copying the weights", lambda: self._take(optimizer, step))
         self._guarded("setting the lr", lambda: self._set_lr(optimizer))
+        if any(a.action in (ActionKind.LR_CUT, ActionKind.UNDO) for a in new):
+            self._guarded("reporting the lr", lambda: self._say_where_the_lr_shows(optimizer, step))
         if not closure:
             self._guarded("clipping", lambda: self._clip(optimizer))
         return new
@@ -239,6 +243,26 @@ class Controller:
         for group, lr in zip(optimizer.param_groups, self._stash, strict=True):
             group["lr"] = _divided(lr, factor, self.min_lr)
             self._written.append(group["lr"])
+
+    def _say_where_the_lr_shows(self, optimizer: torch.optim.Optimizer, step: int) -> None:
+        """Warn, when the LR factor changes, that LR loggers reading ``param_groups`` between
+        steps show the scheduler's LR, not the cut one (issue 12 item 7): after_step puts the
+        scheduler's value back so the scheduler never compounds lrwatch's cut, and Lightning's
+        LearningRateMonitor, the HF Trainer's ``learning_rate`` and most hand-written logging
+        read ``group["lr"]`` between steps. lrwatch/lr is the LR the optimizer steps with."""
+        if ranks.rank() != 0:
+            return
+        group = optimizer.param_groups[0]
+        theirs = self._stash[0] if self._stash is not None else group["lr"]
+        if not all(isinstance(lr, int | float | torch.Tensor) for lr in (theirs, group["lr"])):
+            return  # setting the lr failed, and said so
+        lr_charts_logger.warning(
+            "lrwatch: from step %d the optimizer steps with lr %s (group 0: the scheduler's %s / "
+            "%g, logged as lrwatch/lr); between steps param_groups keep the scheduler's %s, so "
+            "LR charts that read them (Lightning's LearningRateMonitor 'lr-*', the HF Trainer's "
+            "'learning_rate', your own) do not show lrwatch's cut",
+            step, _show(group["lr"]), _show(theirs), self.lr_factor, _show(theirs),
+        )  # fmt: skip
 
     def _clip(self, optimizer: torch.optim.Optimizer) -> None:
         self.preclip_norm = None
@@ -403,6 +427,13 @@ def _divided(lr: Any, factor: float, min_lr: float) -> Any:
     if isinstance(lr, torch.Tensor):
         return torch.maximum(lr / factor, torch.clamp(lr, max=min_lr))
     return max(lr / factor, min(lr, min_lr))
+
+
+def _show(lr: Any) -> str:
+    """An LR for a log line; a device tensor is not read (that would sync with the device)."""
+    if isinstance(lr, torch.Tensor):
+        return f"{lr.item():.4g}" if lr.device.type == "cpu" and lr.numel() == 1 else "(tensor)"
+    return f"{lr:.4g}" if isinstance(lr, int | float) else repr(lr)
 
 
 def _describe(action: Action) -> str:

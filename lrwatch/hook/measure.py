@@ -284,8 +284,8 @@ class Measurer:
             per = torch.stack([u, w_before, w_after])
             full = torch.cat([torch.linalg.vector_norm(per, dim=1, keepdim=True), per], dim=1)
             ratios = stats.ratio(full[0], full[1])
-            tags += [schema.UPDATE_RATIO, schema.WEIGHT_NORM]
-            head += [ratios[:1], full[2, :1]]
+            tags += [schema.UPDATE_RATIO, schema.UPDATE_RATIO_LOG10, schema.WEIGHT_NORM]
+            head += [ratios[:1], ratios[:1].log10(), full[2, :1]]
             tail += [ratios[1:], full[2, 1:]]
         if per_layer:
             if pending.grads is not None:

@@ -8,12 +8,15 @@ micro-batches, NaN and Inf included. That matters because the Trainer's logs hid
 before it is logged. Only when the model returns no ``loss`` (a ``compute_loss`` override that
 pops the labels) does the callback fall back to the ``loss`` of the Trainer's logs.
 
-Evaluation metrics (``eval_loss``, ...) are written into the run under the Trainer's names, and a
-stop action from the control file sets ``control.should_training_stop``. Under DDP the hook
+A stop action from the control file sets ``control.should_training_stop``. Under DDP the hook
 applies actions at the same step on every rank, so every rank stops at the same step.
 
-Event files go to ``logdir`` if given, else ``$TENSORBOARD_LOGGING_DIR`` (where the Trainer's
-own TensorBoard callback writes when it is set), else ``<output_dir>/lrwatch``.
+Event files go to ``logdir`` if given, else into the Trainer's own TensorBoard run when it has one
+(``report_to`` includes ``tensorboard``: ``$TENSORBOARD_LOGGING_DIR``, or the
+``<output_dir>/runs/<date>_<host>`` directory its TensorBoardCallback has just created, which runs
+before user callbacks), so TensorBoard lists the training once; else ``<output_dir>/lrwatch``.
+Evaluation metrics (``eval_loss``, ...) are written under the Trainer's names only in that last
+case: in the Trainer's run its callback already writes them (``eval/loss``).
 
 This module imports ``transformers``; ``import lrwatch`` does not.
 """
@@ -22,6 +25,8 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +60,7 @@ class LRWatchCallback(TrainerCallback):
         self.monitor: Monitor | None = None
         self._model_gives_loss = False
         self._handle: Any = None
+        self._shared = False  # writing into the Trainer's own TensorBoard run
 
     def on_train_begin(
         self,
@@ -71,7 +77,8 @@ class LRWatchCallback(TrainerCallback):
         if model is None or inner is None:
             logger.warning("lrwatch: the Trainer passed no model or optimizer; nothing to watch")
             return
-        self.monitor = watch(model, inner, logdir=self._run_dir(args), **self.watch_kwargs)
+        run_dir, self._shared = self._run_dir(args)
+        self.monitor = watch(model, inner, logdir=run_dir, **self.watch_kwargs)
         if state.global_step > 0:  # resumed from a checkpoint: the step axis goes on
             resumed = self.monitor.state_dict()
             resumed.update(step=state.global_step, next_log=state.global_step + 1)
@@ -111,7 +118,7 @@ class LRWatchCallback(TrainerCallback):
         **kwargs: Any,
     ) -> None:
         mon = self.monitor
-        if mon is None or not metrics:
+        if mon is None or not metrics or self._shared:
             return
         values = {k: float(v) for k, v in metrics.items() if _is_metric(k, v)}
         if values:
@@ -137,16 +144,46 @@ class LRWatchCallback(TrainerCallback):
             loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
             self._model_gives_loss = isinstance(loss, torch.Tensor)
 
-    def _run_dir(self, args: TrainingArguments) -> Path:
+    def _run_dir(self, args: TrainingArguments) -> tuple[Path, bool]:
+        """The run directory, and whether the Trainer's TensorBoard callback writes there too."""
         if self.logdir is not None:
-            return Path(self.logdir)
+            return Path(self.logdir), False
+        shared = _reports_to_tensorboard(args)
         env = os.environ.get("TENSORBOARD_LOGGING_DIR")
         if env:
-            return Path(env).expanduser()
+            return Path(env).expanduser(), shared
         legacy = getattr(args, "logging_dir", None)  # transformers < 5
         if legacy:
-            return Path(legacy)
-        return Path(args.output_dir or "trainer_output") / "lrwatch"
+            return Path(legacy), shared
+        found = (
+            _fresh_tensorboard_run(Path(args.output_dir or "trainer_output")) if shared else None
+        )
+        if found is not None:
+            return found, True
+        return Path(args.output_dir or "trainer_output") / "lrwatch", False
+
+
+def _reports_to_tensorboard(args: TrainingArguments) -> bool:
+    report_to = getattr(args, "report_to", None) or []
+    names = [report_to] if isinstance(report_to, str) else list(report_to)
+    return "tensorboard" in names or "all" in names
+
+
+FRESH_S = 600.0  # an event file this recent is the one the Trainer's callback just opened
+
+
+def _fresh_tensorboard_run(output_dir: Path) -> Path | None:
+    """``<output_dir>/runs/<date>_<host>`` that TensorBoardCallback.on_train_begin created.
+
+    Its SummaryWriter opens the event file at once, and the Trainer calls its callback before
+    user callbacks, so the newest such file on this host is this training's.
+    """
+    host = socket.gethostname()
+    files = [f for f in (output_dir / "runs").glob(f"*_{host}/*tfevents*") if f.is_file()]
+    newest = max(files, key=lambda f: f.stat().st_mtime, default=None)
+    if newest is None or time.time() - newest.stat().st_mtime > FRESH_S:
+        return None
+    return newest.parent
 
 
 def _unwrap(optimizer: Any) -> torch.optim.Optimizer | None:

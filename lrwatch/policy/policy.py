@@ -414,7 +414,7 @@ class Policy:
     def record_applied(
         self, *, lr_factor: float | None = None, max_norm: float | None = None
     ) -> None:
-        """Adopt what the hook reports it applied (``lrwatch/lr_factor``, a clip in force).
+        """Adopt what the hook reports it applied (``lrwatch_control/lr_factor``, a clip in force).
 
         Human cuts and undos then count towards the budget, and the policy stops assuming that
         an unapplied decision took effect.

@@ -8,9 +8,10 @@ daemon or a human) and the hook's applied file.
 
 Health, first match wins:
 
-- ``stopped``: a stop action was applied (``lrwatch/stop`` logged, or the applied file says so);
+- ``stopped``: a stop action was applied (``lrwatch_control/stop`` logged, or the applied file
+  says so);
 - ``ended`` / ``stale``: no new event for ``stale_after`` seconds, and the job closed its monitor
-  (``lrwatch/closed`` at its last step: it finished) / did not (hung, killed, or a run that
+  (``lrwatch_control/closed`` at its last step: it finished) / did not (hung, killed, or a run that
   lrwatch's hook does not write);
 - ``acting``: a control action was issued and the job has not acknowledged it yet;
 - ``warning``: a warning or critical finding in the recent part of the run;

@@ -12,7 +12,7 @@ Modules (import from them directly; this package re-exports nothing):
 module         class                                  rule and main defaults
 =============  =====================================  ===========================================
 nonfinite      ``NonfiniteDetector``                  NaN/Inf at the last point, or the
-                                                      ``lrwatch/nonfinite`` flag > 0.5; critical
+                                                      nonfinite flag > 0.5; critical
 explosion      ``ExplosionDetector``                  robust z (median/MAD, log space) >= 6 and
                                                       >= 2x median over 100 points; critical when
                                                       3 in a row and >= 10x (or z >= 20), or 4

@@ -89,7 +89,8 @@ class AmpDetector:
         """Finding about the loss ``scale`` series, skip flags and loss, else None.
 
         Every series is optional (``None`` or empty when the run did not log it): a run with a
-        scaler logs ``lrwatch/loss_scale`` and ``lrwatch/skipped_step`` (1.0 on skipped steps;
+        scaler logs ``lrwatch.diagnostics/loss_scale`` and ``lrwatch.diagnostics/skipped_step``
+        (1.0 on skipped steps;
         zeros may or may not be written, both work).
         """
         s, v = as_window(*scale) if scale is not None else _EMPTY

@@ -1,6 +1,7 @@
 """Non-finite detector: NaN/Inf in the loss or a gradient norm, at the step it occurs.
 
-Run it on ``lrwatch/loss``, ``lrwatch/grad_norm`` and the ``lrwatch/nonfinite`` flag (1.0 when the
+Run it on ``lrwatch/loss``, ``lrwatch/grad_norm`` and the ``lrwatch.diagnostics/nonfinite`` flag
+(1.0 when the
 loss or any gradient was NaN/Inf, recorded even between logging steps). It is checked before any
 other detector, as EarlyStopping checks finiteness before it compares with the best value.
 
@@ -38,7 +39,7 @@ _SCALER_OVERFLOW_TAGS = (schema.NONFINITE, schema.GRAD_NORM, schema.GRAD_NORM_PR
 
 @dataclass(frozen=True)
 class NonfiniteDetector:
-    """Flag a NaN/Inf value (or a set ``lrwatch/nonfinite`` flag) at the last point.
+    """Flag a NaN/Inf value (or a set ``lrwatch.diagnostics/nonfinite`` flag) at the last point.
 
     Args:
         flag_threshold: the flag tag counts as set above this value. Default 0.5: the hook
@@ -65,7 +66,8 @@ class NonfiniteDetector:
     ) -> Finding | None:
         """Critical finding if the last point is non-finite (or the flag is set), else None.
 
-        ``skipped`` is the ``lrwatch/skipped_step`` series: a gradient overflow on a step that
+        ``skipped`` is the ``lrwatch.diagnostics/skipped_step`` series: a gradient overflow on a
+        step that
         GradScaler skipped is normal mixed-precision behaviour and is left to the AMP detector.
         """
         s, v = as_window(steps, values)
