@@ -45,7 +45,9 @@ from lrwatch.daemon.watched_run import STATE_FILENAME  # noqa: E402
 from lrwatch.events.writer import EventWriter  # noqa: E402
 
 HISTORY = 40  # healthy steps before the NaN: enough for every detector's warm-up
-TAGS = [schema.LOSS, schema.NONFINITE, schema.LR, schema.GRAD_NORM]
+# The hook's order: its per-step lrwatch/lr row comes last, which tells the daemon the step is
+# complete (without it the NaN step would wait for the next step's rows).
+TAGS = [schema.LOSS, schema.NONFINITE, schema.GRAD_NORM, schema.LR]
 TICKS = os.sysconf("SC_CLK_TCK")
 PHASE = 1.0  # seconds: NaN written at a uniform random moment after the daemon's last pass
 
@@ -84,7 +86,7 @@ def write_history(run_dir: Path, steps: int) -> EventWriter:
     writer = EventWriter(run_dir, filename_suffix=".lrwatch")
     for step in range(1, steps + 1):
         loss = 2.0 * math.exp(-step / 50) + 0.05 * math.sin(step)
-        writer.add_scalars(step, TAGS, [loss, 0.0, 0.1, 1.0 + 0.1 * math.cos(step)])
+        writer.add_scalars(step, TAGS, [loss, 0.0, 1.0 + 0.1 * math.cos(step), 0.1])
     writer.flush()
     return writer
 
@@ -102,7 +104,11 @@ def one_trial(logdir: Path, index: int, timeout: float) -> tuple[float, float]:
         # A random phase: right after the daemon's pass, a poller would always wait a full
         # interval; a real trainer flushes at any moment of the poll cycle.
         threading.Event().wait(random.uniform(0.0, PHASE))
-        writer.add_scalars(HISTORY + 1, TAGS, [math.nan, 1.0, 0.1, math.nan])
+        writer.add_scalars(HISTORY + 1, TAGS, [math.nan, 1.0, math.nan, 0.1])
+        # A step is judged once the next step's lr row is in (the hook may still log at a step
+        # after its row): the flush holds the NaN step and the one after, as a flush of a
+        # trainer faster than its flush interval does.
+        writer.add_scalars(HISTORY + 2, TAGS, [math.nan, 1.0, math.nan, 0.1])
         writer.flush()
         t0 = time.time()
         decision = wait_until(

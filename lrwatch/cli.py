@@ -320,11 +320,12 @@ def serve(
     from lrwatch.analysis.config import load_config
     from lrwatch.daemon.notify import HookRunner, validate_hooks
     from lrwatch.daemon.rails import Rails
-    from lrwatch.daemon.serve import Daemon, serve_forever
+    from lrwatch.daemon.runs import Daemon
+    from lrwatch.daemon.serve import serve_forever
     from lrwatch.errors import ConfigError
 
     # Decisions and the runs being watched are what the daemon is for: show them without -v.
-    for name in ("lrwatch.daemon.outputs", "lrwatch.daemon.serve"):
+    for name in ("lrwatch.daemon.outputs", "lrwatch.daemon.runs", "lrwatch.daemon.serve"):
         logging.getLogger(name).setLevel(min(logging.INFO, logging.getLogger().level))
     try:
         config = load_config(config_file, overrides={} if metric is None else {"metric": metric})

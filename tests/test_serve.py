@@ -36,7 +36,8 @@ from lrwatch.control import read_control
 from lrwatch.daemon.notify import HookRunner
 from lrwatch.daemon.outputs import read_audit
 from lrwatch.daemon.rails import Rails
-from lrwatch.daemon.serve import Daemon, Shutdown, Waker, watch
+from lrwatch.daemon.runs import Daemon
+from lrwatch.daemon.serve import Shutdown, Waker, watch
 from lrwatch.daemon.watched_run import WatchedRun, run_once
 from lrwatch.events.writer import EventWriter
 from lrwatch.schema import ActionKind, Decision, Finding, Kind, Scalar, Severity

@@ -100,6 +100,7 @@ class EventFileReader:
         self._skip = 0  # scalars of that record already yielded
         self._inode: int | None = None
         self._size = 0  # size at the last stat, to notice a shrink
+        self.modified = 0.0  # st_mtime at the last stat: when the file last grew (or changed)
         self._signature = b""  # first bytes, to notice a rewrite in place
         self._suppress = 0  # after a truncation: records ending before this were yielded
         self._warned_corrupt = False
@@ -158,6 +159,7 @@ class EventFileReader:
         except OSError as e:
             raise EventFileError(f"cannot stat {self.path}: {e}") from e
         self._check_identity(st)
+        self.modified = st.st_mtime
         if st.st_size <= self._offset:
             return  # the common idle poll: one stat, nothing new
         try:
@@ -358,6 +360,11 @@ class RunReader:
         except (FileNotFoundError, NotADirectoryError):
             raise RunGone(f"run directory {self.run_dir} no longer exists") from None
         return self._names
+
+    @property
+    def modified(self) -> float:
+        """When an event file of the run last changed, as of the last poll (0.0: never seen)."""
+        return max((r.modified for r in self._readers.values()), default=0.0)
 
     def state_dict(self) -> dict[str, Any]:
         return {"files": {name: r.state_dict() for name, r in self._readers.items()}}

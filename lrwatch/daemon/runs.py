@@ -1,0 +1,142 @@
+"""The runs under some log directories, each with its reader, analyzer and outputs.
+
+:class:`Daemon` is what ``lrwatch serve`` holds: it finds runs (:mod:`.discovery`), keeps one
+:class:`~lrwatch.daemon.watched_run.WatchedRun` each, and calls
+:func:`~lrwatch.daemon.watched_run.run_once` on the ones a pass names. The watch loop that
+decides which runs a pass names, and when, is :mod:`.serve`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+from lrwatch import schema
+from lrwatch.daemon.discovery import RunFinder
+from lrwatch.daemon.notify import HookRunner
+from lrwatch.daemon.outputs import Mode
+from lrwatch.daemon.rails import Rails
+from lrwatch.daemon.watched_run import Analyzer, WatchedRun, run_once
+from lrwatch.errors import RunGone
+from lrwatch.schema import Decision
+
+logger = logging.getLogger(__name__)
+
+
+class Daemon:
+    """The runs under some log directories, each with its reader, analyzer and outputs.
+
+    Example::
+
+        daemon = Daemon([Path("runs")], mode="apply", analyzer_factory=RunAnalyzer)
+        daemon.process()                 # discover runs, run_once on each
+        daemon.process(["runs/exp1"])    # only what a file event named (and what waits)
+        daemon.close()
+    """
+
+    def __init__(
+        self,
+        logdirs: Sequence[Path],
+        *,
+        mode: Mode,
+        analyzer_factory: Callable[[], Analyzer],
+        rails: Rails | None = None,
+        hooks: HookRunner | None = None,
+    ) -> None:
+        self.logdirs = tuple(Path(d) for d in logdirs)
+        self.mode: Mode = mode
+        self.rails = rails or Rails()
+        self.hooks = hooks
+        self.finder = RunFinder(self.logdirs)
+        self._analyzer_factory = analyzer_factory
+        self.runs: dict[Path, WatchedRun] = {}
+        # Runs with outputs a full disk refused, or an unsaved state: in every pass until done.
+        self._waiting: set[Path] = set()
+
+    def discover(self, dirs: Iterable[str] | None = None) -> list[Path]:
+        """Look for new runs (under ``dirs`` only, if given); returns the runs added."""
+        if dirs is None:
+            for missing in self.finder.check_all():
+                logger.warning("log directory %s does not exist", missing)
+        else:
+            for d in dirs:
+                self.finder.check(d)
+        return self.adopt(self.finder.take_new_runs())
+
+    def adopt(self, found: Iterable[str]) -> list[Path]:
+        """Start watching the run directories ``found`` (those not watched yet)."""
+        added = []
+        for run_dir in map(Path, sorted(found)):
+            if run_dir in self.runs:
+                continue
+            logger.info("watching run %s", run_dir)
+            _ensure_layout(run_dir)
+            self.runs[run_dir] = WatchedRun(
+                run_dir, analyzer_factory=self._analyzer_factory, mode=self.mode
+            )
+            added.append(run_dir)
+        return added
+
+    def process(self, dirs: Iterable[str] | None = None) -> dict[Path, list[Decision]]:
+        """Discover runs, then :func:`run_once` on each; returns the decisions taken, by run.
+
+        With ``dirs`` (directories a file event named), only the runs among them, the runs
+        found under them, and the runs with outputs waiting are processed.
+        """
+        if dirs is None:
+            self.discover()
+            return self.process_runs(list(self.runs))
+        dirs = set(dirs)
+        added = self.discover(dirs)
+        return self.process_runs([*(Path(d) for d in dirs), *added])
+
+    def process_runs(self, run_dirs: Iterable[Path]) -> dict[Path, list[Decision]]:
+        """:func:`run_once` on the watched runs among ``run_dirs``, and on every run waiting."""
+        taken: dict[Path, list[Decision]] = {}
+        for run_dir in dict.fromkeys([*run_dirs, *sorted(self._waiting)]):
+            run = self.runs.get(run_dir)
+            if run is None:
+                continue
+            try:
+                decisions = run_once(run, rails=self.rails, hooks=self.hooks)
+            except RunGone:
+                logger.info("run %s is gone; no longer watching it", run_dir)
+                self._drop(run_dir)
+                continue
+            except Exception:  # broad: one run's bad data must not blind the daemon to the rest
+                logger.exception("%s: processing failed; will retry on the next wake-up", run_dir)
+                # The failed pass consumed records in memory only: forget the run, so the next
+                # pass rebuilds it from its saved state and reads (and decides) them again.
+                self._drop(run_dir)
+                self.finder.forget_run(os.fspath(run_dir))
+                continue
+            if run.outbox or run.unacked or run.dirty:
+                self._waiting.add(run_dir)
+            else:
+                self._waiting.discard(run_dir)
+            if decisions:
+                taken[run_dir] = decisions
+        return taken
+
+    def _drop(self, run_dir: Path) -> None:
+        self.runs.pop(run_dir).close()
+        self._waiting.discard(run_dir)
+
+    def close(self) -> None:
+        for run in self.runs.values():
+            run.close()
+
+
+def _ensure_layout(run_dir: Path) -> None:
+    """Give a newly watched run TensorBoard's Custom Scalars tab, once (see tb_layout)."""
+    from lrwatch.daemon import tb_layout
+
+    subrun = run_dir / schema.DAEMON_SUBRUN
+    if any(subrun.glob(f"*{tb_layout.FILE_SUFFIX}")):
+        return
+    try:
+        tb_layout.write_layout(run_dir)
+    except OSError as err:  # a read-only run still gets watched and advised
+        logger.warning("cannot write the TensorBoard layout into %s: %s", subrun, err)
