@@ -18,6 +18,8 @@ Usage::
 
     PYTHONPATH=. python bench/decision_latency.py --quick     # < 1 min
     PYTHONPATH=. python bench/decision_latency.py             # 15 trials, 100 runs x 30 s
+    mkdir /tmp/base && git archive main | tar -x -C /tmp/base
+    PYTHONPATH=. python bench/decision_latency.py --baseline /tmp/base   # before/after
 """
 
 from __future__ import annotations
@@ -63,13 +65,16 @@ def wait_until(cond: Callable[[], Any], timeout: float, what: str, *, every: flo
     raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
 
 
-def start_daemon(logdir: Path, poll: float | None, log: Path) -> subprocess.Popen[bytes]:
+def start_daemon(
+    logdir: Path, poll: float | None, log: Path, root: Path = ROOT
+) -> subprocess.Popen[bytes]:
+    """``lrwatch serve --apply`` from the source tree ``root`` (this one, or a baseline's)."""
     args = [sys.executable, "-m", "lrwatch", "serve", str(logdir), "--apply"]
     if poll is not None:
         args += ["--poll", str(poll)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    with open(log, "ab") as out:
-        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    with open(log, "ab") as out:  # cwd: `-m` puts it first on sys.path
+        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=root)
 
 
 def stop_daemon(proc: subprocess.Popen[bytes]) -> None:
@@ -123,11 +128,13 @@ def one_trial(logdir: Path, index: int, timeout: float) -> tuple[float, float]:
         writer.close()
 
 
-def measure_latency(trials: int, poll: float | None, timeout: float) -> list[tuple[float, float]]:
+def measure_latency(
+    trials: int, poll: float | None, timeout: float, root: Path = ROOT
+) -> list[tuple[float, float]]:
     with tempfile.TemporaryDirectory(prefix="lrwatch-latency-") as tmp:
         logdir = Path(tmp) / "runs"
         logdir.mkdir()
-        daemon = start_daemon(logdir, poll, Path(tmp) / "serve.log")
+        daemon = start_daemon(logdir, poll, Path(tmp) / "serve.log", root)
         try:
             one_trial(logdir, 999, timeout)  # warm-up: imports, first analysis
             return [one_trial(logdir, i, timeout) for i in range(trials)]
@@ -151,13 +158,15 @@ def cpu_seconds(pid: int) -> float:
         return (int(fields[11]) + int(fields[12])) / TICKS
 
 
-def measure_idle(runs: int, seconds: float, poll: float | None, timeout: float) -> float:
+def measure_idle(
+    runs: int, seconds: float, poll: float | None, timeout: float, root: Path = ROOT
+) -> float:
     """CPU milliseconds per second of a daemon watching ``runs`` runs where nothing happens."""
     with tempfile.TemporaryDirectory(prefix="lrwatch-idle-") as tmp:
         logdir = Path(tmp) / "runs"
         for i in range(runs):
             write_history(logdir / f"run{i:03d}", HISTORY).close()
-        daemon = start_daemon(logdir, poll, Path(tmp) / "serve.log")
+        daemon = start_daemon(logdir, poll, Path(tmp) / "serve.log", root)
         try:
             runs_read = lambda: all(daemon_has_read(d) for d in logdir.iterdir())  # noqa: E731
             wait_until(runs_read, timeout, "every run read", every=0.1)
@@ -184,6 +193,12 @@ def main() -> None:
     p.add_argument("--idle-seconds", type=float, help="idle window (default 30, quick 8)")
     p.add_argument("--poll", type=float, default=1.0, help="the --poll interval compared")
     p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        help="another lrwatch source tree (e.g. `git archive main | tar -x -C DIR`): its daemon "
+        "is measured too, in the same run, as the 'before'",
+    )
     args = p.parse_args()
     trials = args.trials or (6 if args.quick else 15)
     runs = args.runs or (50 if args.quick else 100)
@@ -199,9 +214,12 @@ def main() -> None:
         ("inotify", None),
         (f"--poll {args.poll:g}", args.poll),
     ]
+    roots = [("", ROOT)] + ([(" (baseline)", args.baseline)] if args.baseline else [])
     for name, poll in modes:
-        res = measure_latency(trials, poll, args.timeout)
-        print(f"{name:<22} {summary([d for d, _ in res])}   {summary([c for _, c in res])}")
+        for label, root in roots:
+            res = measure_latency(trials, poll, args.timeout, root)
+            print(f"{name + label:<22} {summary([d for d, _ in res])}   "
+                  f"{summary([c for _, c in res])}")  # fmt: skip
     print(
         f"{'TensorBoard reload':<22} {2500.0:8.1f} {4500.0:8.1f} {5000.0:8.1f}   "
         "(anchor: default 5 s reload interval, uniform arrival)"
@@ -209,7 +227,9 @@ def main() -> None:
 
     print(f"\nidle CPU of lrwatch serve watching {runs} runs, {idle:g} s window")
     for name, poll in modes:
-        print(f"{name:<22} {measure_idle(runs, idle, poll, args.timeout):8.2f} ms CPU per s")
+        for label, root in roots:
+            cost = measure_idle(runs, idle, poll, args.timeout, root)
+            print(f"{name + label:<22} {cost:8.2f} ms CPU per s")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ class _Dir:
 
 
 class RunFinder:
-    """The run directories under ``logdirs``, kept up to date by :meth:`check` and :meth:`check_all`.
+    """The run directories under ``logdirs``, kept up to date by :meth:`check`, :meth:`check_all`.
 
     Example::
 
@@ -87,7 +87,7 @@ class RunFinder:
         return missing
 
     def check(self, path: str) -> bool:
-        """Look at one directory (and, if it changed, at its new subdirectories); True if it changed.
+        """Look at one directory (and at its new subdirectories); True if it changed.
 
         A directory that vanished is forgotten with everything below it.
         """

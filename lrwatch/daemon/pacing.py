@@ -43,7 +43,9 @@ class Coalescer:
 
     def __init__(self, *, duty: float = DUTY, max_window: float = MAX_WINDOW) -> None:
         if not 0.0 < duty <= 1.0 or max_window < 0:
-            raise ValueError(f"duty must be in (0, 1] and max_window >= 0, not {duty}, {max_window}")
+            raise ValueError(
+                f"duty must be in (0, 1] and max_window >= 0, not {duty}, {max_window}"
+            )
         self.duty = duty
         self.max_window = max_window
         self._ready_at = -math.inf  # the earliest moment the next pass may start

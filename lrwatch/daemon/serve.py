@@ -13,7 +13,6 @@ Between wake-ups the loop waits without using CPU. SIGINT/SIGTERM end it with on
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
@@ -95,7 +94,7 @@ class Waker:
         self.woken.set()
 
     def wait(self, timeout: float, pacer: Coalescer | None = None) -> None:
-        """Wait for a hint or ``timeout``, then as long as ``pacer`` says; raise Shutdown if asked."""
+        """Wait for a hint or ``timeout``, then as ``pacer`` says; raise Shutdown when asked."""
         if self.woken.wait(timeout) and pacer is not None:
             pause = pacer.delay(time.monotonic())
             if pause > 0:
