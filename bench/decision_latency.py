@@ -66,10 +66,11 @@ def wait_until(cond: Callable[[], Any], timeout: float, what: str, *, every: flo
 
 
 def start_daemon(
-    logdir: Path, poll: float | None, log: Path, root: Path = ROOT
+    logdir: Path, poll: float | None, log: Path, root: Path = ROOT, *, verbose: bool = False
 ) -> subprocess.Popen[bytes]:
     """``lrwatch serve --apply`` from the source tree ``root`` (this one, or a baseline's)."""
-    args = [sys.executable, "-m", "lrwatch", "serve", str(logdir), "--apply"]
+    args = [sys.executable, "-m", "lrwatch", *(["-vv"] if verbose else []), "serve"]
+    args += [str(logdir), "--apply"]
     if poll is not None:
         args += ["--poll", str(poll)]
     env = {**os.environ, "PYTHONPATH": str(root)}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import struct
 from pathlib import Path
 
@@ -430,3 +431,26 @@ def test_reader_many_value_layout_is_used_and_falls_back_on_other_layouts(
     learnt = [layout.tags for kinds in reader._many.values() for layout in kinds]
     assert len(learnt) == 3 and learnt[0] == tuple(f"layer{j}/grad_norm" for j in range(100))
     assert not caplog.records
+
+
+def test_run_reader_has_news_should_see_appends_new_files_and_a_vanished_run(
+    tmp_path: Path,
+) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    path = run / "events.out.tfevents.1.host"
+    path.write_bytes(header_record() + record(1, {"a": 1.0}))
+    os.utime(run, (1e9, 1e9))  # an old directory: its mtime is trusted, not re-listed
+    reader = RunReader(run)
+    assert reader.has_news()  # never read
+    reader.poll()
+    assert not reader.has_news()
+    append(path, record(2, {"a": 2.0}))
+    assert reader.has_news()
+    assert reader.poll() == expected(2, {"a": 2.0})
+    assert not reader.has_news()
+    (run / "events.out.tfevents.2.host").write_bytes(header_record())
+    assert reader.has_news()  # the directory changed
+    reader.poll()
+    shutil.rmtree(run)
+    assert reader.has_news()  # poll then says RunGone

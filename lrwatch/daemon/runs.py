@@ -52,6 +52,7 @@ class Daemon:
         self.finder = RunFinder(self.logdirs)
         self._analyzer_factory = analyzer_factory
         self.runs: dict[Path, WatchedRun] = {}
+        self.named: dict[str, WatchedRun] = {}  # the same by os.fspath: no Path per lookup
         # Runs with outputs a full disk refused, or an unsaved state: in every pass until done.
         self._waiting: set[Path] = set()
 
@@ -73,9 +74,8 @@ class Daemon:
                 continue
             logger.info("watching run %s", run_dir)
             _ensure_layout(run_dir)
-            self.runs[run_dir] = WatchedRun(
-                run_dir, analyzer_factory=self._analyzer_factory, mode=self.mode
-            )
+            run = WatchedRun(run_dir, analyzer_factory=self._analyzer_factory, mode=self.mode)
+            self.runs[run_dir] = self.named[os.fspath(run_dir)] = run
             added.append(run_dir)
         return added
 
@@ -121,6 +121,7 @@ class Daemon:
         return taken
 
     def _drop(self, run_dir: Path) -> None:
+        self.named.pop(os.fspath(run_dir), None)
         self.runs.pop(run_dir).close()
         self._waiting.discard(run_dir)
 

@@ -136,36 +136,57 @@ def _follow_events(daemon: Daemon, waker: Waker) -> None:
             dirty |= recheck.pop(0)[1]
         if start >= rescan_at:
             daemon.process()
-            rescan_at = time.monotonic() + rescan_interval(time.thread_time() - cpu)
-            logger.debug("full pass; the next in %.0f s", rescan_at - time.monotonic())
+            cost = time.thread_time() - cpu
+            rescan_at = time.monotonic() + rescan_interval(cost)
+            logger.debug(
+                "full pass over %d runs: %.2f ms of CPU; the next in %.0f s",
+                len(daemon.runs),
+                1000 * cost,
+                rescan_at - time.monotonic(),
+            )
         else:
             daemon.process(dirty | new_dirs)
         pacer.passed(start, time.monotonic())
 
 
 def _follow_timers(daemon: Daemon, waker: Waker, poll: float) -> None:
-    """The polling loop: every directory and run on its own timer, quiet ones less often."""
+    """The polling loop: every run and directory on its own timer, quiet ones less often.
+
+    A run is looked at with ``stat`` calls only (its directory and its event files); it is read
+    only when they changed. Directories that are not runs are looked at for new runs.
+    """
     dirs, runs = QuietSchedule(poll=poll), QuietSchedule(poll=poll)
     finder = daemon.finder
     daemon.discover()
+    for run_dir in daemon.runs:
+        runs.plan_at(os.fspath(run_dir), time.monotonic())
     while True:
         now, wall = time.monotonic(), time.time()
         for d in dirs.due(now):
-            if finder.check(d) and Path(d) in daemon.runs:
-                runs.plan_at(d, now)  # a new event file: read it now
-            if d in finder:
-                dirs.plan(d, now=now, age=wall - finder.modified(d))
+            if d not in daemon.named:  # a run's directory is looked at with the run
+                finder.check(d)
         for d in finder.take_new_dirs():
-            dirs.plan(d, now=now, age=wall - finder.modified(d))
+            if d not in daemon.named and d in finder:
+                dirs.plan(d, now=now, age=wall - finder.modified(d))
         for run_dir in daemon.adopt(finder.take_new_runs()):
+            dirs.forget(os.fspath(run_dir))
             runs.plan_at(os.fspath(run_dir), now)
-        due = runs.due(now)
-        daemon.process_runs(Path(d) for d in due)
-        for d in due:
-            run = daemon.runs.get(Path(d))
+        due = [(d, daemon.named.get(d)) for d in runs.due(now)]
+        news = [d for d, run in due if run is not None and run.reader.has_news()]
+        for d in news:
+            finder.check(d)  # new files, or runs in new subdirectories
+        daemon.process_runs(map(Path, news))
+        for d, _ in due:
+            run = daemon.named.get(d)
             if run is not None:
-                runs.plan(d, now=now, age=wall - run.reader.modified)
-        waker.wait(max(min(dirs.next_due(), runs.next_due(), now + poll) - time.monotonic(), 0))
+                age = wall - max(run.reader.modified, finder.modified(d))
+                runs.plan(d, now=now, age=age)
+            elif d in finder:  # dropped after a failure: found again through its directory
+                dirs.plan_at(d, now + poll)
+        # One pass per poll interval at most, for everything due by then: a look happens at
+        # most `poll` after its plan, and the loop wakes once, not once per key.
+        wake = max(min(dirs.next_due(), runs.next_due(), now + dirs.max_interval), now + poll)
+        waker.wait(max(wake - time.monotonic(), 0.0))
 
 
 def _observer(logdirs: Sequence[Path], waker: Waker) -> Any:

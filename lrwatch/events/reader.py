@@ -183,6 +183,14 @@ class EventFileReader:
             f.seek(self._offset)
             yield from self._frames(f, marking=marking)
 
+    def changed(self) -> bool:
+        """Whether the file's size or identity differs from the last read (one ``stat``)."""
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return True
+        return st.st_size != self._size or st.st_ino != self._inode
+
     def _check_identity(self, st: os.stat_result) -> None:
         if self._inode is not None and st.st_ino != self._inode:
             self._restart("was replaced", st)
@@ -368,6 +376,24 @@ class RunReader:
                 reader = self._readers[name] = self._factory(self.run_dir / name)
             out.extend(reader.read_all())
         return out
+
+    def has_news(self) -> bool:
+        """Whether :meth:`poll` could find anything new, from ``stat`` calls alone.
+
+        True when the directory changed (a new file; or it is gone, which poll reports) or a
+        known file changed size or identity. What it cannot see, a file rewritten in place to
+        the same size, a later poll still finds.
+        """
+        try:
+            st = os.stat(self.run_dir)
+        except OSError:
+            return True
+        if st.st_mtime_ns != self._dir_mtime_ns or time.time() - st.st_mtime < _RECENT_S:
+            return True
+        for reader in self._readers.values():
+            if reader.changed():
+                return True
+        return False
 
     def _event_files(self) -> list[str]:
         """Names of the run's event files; the directory is listed again only when it changed."""
