@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -118,7 +119,10 @@ def lrwatch(logdir: Path, poll: float | None, seconds: float, root: Path) -> tup
     With file events, the full pass behind them may run less often than a window is long: its
     cost, from the daemon's own debug line, is added over its interval instead of being missed.
     """
-    log = logdir.parent / f"serve-{time.monotonic_ns()}.log"
+    # A fresh copy per daemon (mtimes kept): "read" means its own state.json, not a previous one's.
+    fresh = logdir.parent / f"copy-{time.monotonic_ns()}"
+    shutil.copytree(logdir, fresh)
+    logdir, log = fresh, fresh.with_suffix(".log")
     mine = root == ROOT and poll is None
     proc = start_daemon(logdir, poll, log, root, verbose=mine)
     try:
@@ -129,6 +133,7 @@ def lrwatch(logdir: Path, poll: float | None, seconds: float, root: Path) -> tup
     finally:
         stop_daemon(proc)
     passes = FULL_PASS.findall(log.read_text(errors="replace")) if mine else []
+    shutil.rmtree(fresh)
     rescans = 0.0
     if passes:
         ms, every = passes[-1]

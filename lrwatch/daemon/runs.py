@@ -9,7 +9,9 @@ decides which runs a pass names, and when, is :mod:`.serve`.
 from __future__ import annotations
 
 import logging
+import math
 import os
+import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -23,6 +25,8 @@ from lrwatch.errors import RunGone
 from lrwatch.schema import Decision
 
 logger = logging.getLogger(__name__)
+
+SAVE_SECS = 5.0  # a run's state is saved at most this long after a change that decided nothing
 
 
 class Daemon:
@@ -53,8 +57,10 @@ class Daemon:
         self._analyzer_factory = analyzer_factory
         self.runs: dict[Path, WatchedRun] = {}
         self.named: dict[str, WatchedRun] = {}  # the same by os.fspath: no Path per lookup
-        # Runs with outputs a full disk refused, or an unsaved state: in every pass until done.
+        # Runs with outputs a full disk refused: in every pass until they went out.
         self._waiting: set[Path] = set()
+        # Runs whose state changed without a decision, by when: saved within SAVE_SECS.
+        self._unsaved: dict[Path, float] = {}
 
     def discover(self, dirs: Iterable[str] | None = None) -> list[Path]:
         """Look for new runs (under ``dirs`` only, if given); returns the runs added."""
@@ -100,7 +106,7 @@ class Daemon:
             if run is None:
                 continue
             try:
-                decisions = run_once(run, rails=self.rails, hooks=self.hooks)
+                decisions = run_once(run, rails=self.rails, hooks=self.hooks, defer_save=True)
             except RunGone:
                 logger.info("run %s is gone; no longer watching it", run_dir)
                 self._drop(run_dir)
@@ -112,20 +118,47 @@ class Daemon:
                 self._drop(run_dir)
                 self.finder.forget_run(os.fspath(run_dir))
                 continue
-            if run.outbox or run.unacked or run.dirty:
+            if run.outbox or run.unacked:
                 self._waiting.add(run_dir)
             else:
                 self._waiting.discard(run_dir)
+            if run.dirty:
+                self._unsaved.setdefault(run_dir, time.monotonic())
             if decisions:
                 taken[run_dir] = decisions
+        self.save_states()
         return taken
+
+    def next_save(self) -> float:
+        """When (``time.monotonic()``) :meth:`save_states` next has a state to save; inf if none."""
+        return next(iter(self._unsaved.values()), math.inf) + SAVE_SECS
+
+    def save_states(self, *, everything: bool = False) -> None:
+        """Save the state of runs changed ``SAVE_SECS`` ago or more (all of them: ``everything``).
+
+        Writing ``state.json`` on every pass was ~90% of the daemon's work per appended step
+        (a rename per run per flush; ``bench/fleet.py``); its only reader is a restarted daemon.
+        """
+        deadline = math.inf if everything else time.monotonic() - SAVE_SECS
+        for run_dir, since in list(self._unsaved.items()):
+            if since > deadline:
+                break  # in order of first change: the rest are younger
+            del self._unsaved[run_dir]
+            run = self.runs.get(run_dir)
+            if run is None or not run.dirty or run.outbox or run.unacked:
+                continue  # gone, saved by run_once, or saved once what waits went out
+            run.dirty = not run.save()
+            if run.dirty:  # a full disk: try again later
+                self._unsaved[run_dir] = time.monotonic()
 
     def _drop(self, run_dir: Path) -> None:
         self.named.pop(os.fspath(run_dir), None)
+        self._unsaved.pop(run_dir, None)
         self.runs.pop(run_dir).close()
         self._waiting.discard(run_dir)
 
     def close(self) -> None:
+        self.save_states(everything=True)
         for run in self.runs.values():
             run.close()
 

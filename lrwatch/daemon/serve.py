@@ -126,7 +126,7 @@ def _follow_events(daemon: Daemon, waker: Waker) -> None:
     recheck: list[tuple[float, set[str]]] = []  # (when, new directories to look at again)
     daemon.process()
     while True:
-        deadline = min([rescan_at, *(when for when, _ in recheck[:1])])
+        deadline = min([rescan_at, daemon.next_save(), *(when for when, _ in recheck[:1])])
         waker.wait(max(deadline - time.monotonic(), 0.0), pacer)
         dirty, new_dirs = waker.take()
         start, cpu = time.monotonic(), time.thread_time()
@@ -185,7 +185,8 @@ def _follow_timers(daemon: Daemon, waker: Waker, poll: float) -> None:
                 dirs.plan_at(d, now + poll)
         # One pass per poll interval at most, for everything due by then: a look happens at
         # most `poll` after its plan, and the loop wakes once, not once per key.
-        wake = max(min(dirs.next_due(), runs.next_due(), now + dirs.max_interval), now + poll)
+        wake = min(dirs.next_due(), runs.next_due(), daemon.next_save(), now + dirs.max_interval)
+        wake = max(wake, now + poll)
         waker.wait(max(wake - time.monotonic(), 0.0))
 
 

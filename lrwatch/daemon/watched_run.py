@@ -169,7 +169,11 @@ class WatchedRun:
 
 
 def run_once(
-    run: WatchedRun, *, rails: Rails | None = None, hooks: HookRunner | None = None
+    run: WatchedRun,
+    *,
+    rails: Rails | None = None,
+    hooks: HookRunner | None = None,
+    defer_save: bool = False,
 ) -> list[Decision]:
     """Read what is new in one run, decide, and send each decision everywhere it goes.
 
@@ -177,6 +181,11 @@ def run_once(
     action. Returns the decisions taken. Outputs that a full disk refused wait in the run's
     outbox and go out, in order and once, on a later pass; the state is saved only when nothing
     waits, so a daemon killed meanwhile re-derives them from the last saved state.
+
+    ``defer_save``: save the state only when the pass issued, recorded or acknowledged
+    something; otherwise leave ``run.dirty`` set for the caller to save later (the daemon does
+    within ``SAVE_SECS``). A daemon killed before then reads the same records again and derives
+    the same decisions, which the audit log and the control file already hold: nothing repeats.
     """
     scalars = run.reader.poll()
     decisions: list[Decision] = []
@@ -193,8 +202,10 @@ def run_once(
                 logger.warning("%s", finding_line(run.run_dir, f, why))
         run.sink.mark_findings(quiet)
         run.dirty = True
+    before = (len(run.ledger.issued), len(run.ledger.acked), len(run.recorded))
     deliver(run, rails or Rails(), hooks)
-    if run.dirty and not run.outbox and not run.unacked:
+    urgent = before != (len(run.ledger.issued), len(run.ledger.acked), len(run.recorded))
+    if run.dirty and not run.outbox and not run.unacked and (urgent or not defer_save):
         run.dirty = not run.save()
     return decisions
 
