@@ -26,7 +26,11 @@ from lrwatch.schema import Decision
 
 logger = logging.getLogger(__name__)
 
-SAVE_SECS = 5.0  # a run's state is saved at most this long after a change that decided nothing
+# A run's state is saved at most this long after a change that decided nothing, or longer with
+# many runs, so that at most MAX_SAVES states are written per second: a killed daemon then reads
+# up to that much of each run again (cheap), where saving every pass cost a rename per flush.
+SAVE_SECS = 5.0
+MAX_SAVES = 50.0
 
 
 class Daemon:
@@ -129,17 +133,22 @@ class Daemon:
         self.save_states()
         return taken
 
+    @property
+    def save_after(self) -> float:
+        """Seconds a changed state may wait to be saved: SAVE_SECS, more with many runs."""
+        return max(SAVE_SECS, len(self.runs) / MAX_SAVES)
+
     def next_save(self) -> float:
         """When (``time.monotonic()``) :meth:`save_states` next has a state to save; inf if none."""
-        return next(iter(self._unsaved.values()), math.inf) + SAVE_SECS
+        return next(iter(self._unsaved.values()), math.inf) + self.save_after
 
     def save_states(self, *, everything: bool = False) -> None:
-        """Save the state of runs changed ``SAVE_SECS`` ago or more (all of them: ``everything``).
+        """Save the state of runs changed :attr:`save_after` ago or more (``everything``: all).
 
         Writing ``state.json`` on every pass was ~90% of the daemon's work per appended step
         (a rename per run per flush; ``bench/fleet.py``); its only reader is a restarted daemon.
         """
-        deadline = math.inf if everything else time.monotonic() - SAVE_SECS
+        deadline = math.inf if everything else time.monotonic() - self.save_after
         for run_dir, since in list(self._unsaved.items()):
             if since > deadline:
                 break  # in order of first change: the rest are younger

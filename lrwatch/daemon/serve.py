@@ -119,12 +119,24 @@ def watch(daemon: Daemon, *, waker: Waker, poll: float | None = None) -> None:
     _follow_timers(daemon, waker, poll)
 
 
+def _first_pass(daemon: Daemon) -> None:
+    """Read every run once, and say when that is done (what was there is judged from then on)."""
+    start = time.monotonic()
+    taken = daemon.process()
+    logger.info(
+        "caught up with %d runs in %.1f s (%d decisions)",
+        len(daemon.runs),
+        time.monotonic() - start,
+        sum(map(len, taken.values())),
+    )
+
+
 def _follow_events(daemon: Daemon, waker: Waker) -> None:
     """The inotify loop: each pass reads the runs the events named; full passes are rare."""
     pacer = Coalescer()
     rescan_at = time.monotonic() + STARTUP_RESCAN
     recheck: list[tuple[float, set[str]]] = []  # (when, new directories to look at again)
-    daemon.process()
+    _first_pass(daemon)
     while True:
         deadline = min([rescan_at, daemon.next_save(), *(when for when, _ in recheck[:1])])
         waker.wait(max(deadline - time.monotonic(), 0.0), pacer)
@@ -157,9 +169,9 @@ def _follow_timers(daemon: Daemon, waker: Waker, poll: float) -> None:
     """
     dirs, runs = QuietSchedule(poll=poll), QuietSchedule(poll=poll)
     finder = daemon.finder
-    daemon.discover()
+    _first_pass(daemon)
     for run_dir in daemon.runs:
-        runs.plan_at(os.fspath(run_dir), time.monotonic())
+        runs.plan_at(os.fspath(run_dir), time.monotonic() + poll)
     while True:
         now, wall = time.monotonic(), time.time()
         for d in dirs.due(now):
