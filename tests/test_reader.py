@@ -454,3 +454,12 @@ def test_run_reader_has_news_should_see_appends_new_files_and_a_vanished_run(
     reader.poll()
     shutil.rmtree(run)
     assert reader.has_news()  # poll then says RunGone
+
+
+def test_reader_many_value_layout_is_learnt_once_however_short_the_tags(tmp_path: Path) -> None:
+    path = tmp_path / "events.out.tfevents.1.x"
+    rows = [{"a": i / 3, "bb": -i, "c": 2.0**i} for i in range(50)]
+    path.write_bytes(b"".join(record(i + 1, row) for i, row in enumerate(rows)))
+    reader = EventFileReader(path)
+    assert reader.read_all() == [s for i, row in enumerate(rows) for s in expected(i + 1, row)]
+    assert [k.tags for kinds in reader._many.values() for k in kinds] == [("a", "bb", "c")]

@@ -153,7 +153,21 @@ def split_layout(data: bytes) -> tuple[int, bytes] | None:
 # but the floats is fixed. One struct unpack splits the event into those fixed segments and the
 # floats; the event is taken only when every segment equals the one learnt, and a tuple of tags
 # is learnt only after protobuf decoded a record of it to exactly what the unpack gives.
-MANY_KEY = 24  # bytes after the step that index the learnt layouts (the first tag, mostly)
+
+
+def many_key(data: bytes, p: int) -> bytes | None:
+    """What indexes the learnt layouts: the first fixed segment (summary length, first tag).
+
+    ``data[p]`` should open the summary (``2a L 0a M ...``); None when it does not, or when
+    the first value's length M is not a one-byte varint (a first tag over ~118 bytes).
+    """
+    q = p + 1
+    end = min(len(data), p + 4)
+    while q < end and data[q] & 0x80:
+        q += 1  # the summary's length L, a varint of 1 to 3 bytes
+    if q + 2 >= len(data) or data[p] != 0x2A or data[q + 1] != 0x0A or data[q + 2] & 0x80:
+        return None
+    return data[p : q + 3 + data[q + 2] - 4]
 
 
 class ManyLayout:
@@ -194,6 +208,9 @@ def learn_many(
     p = len(data) - len(split[1]) - 4
     if split[0] != event.step:
         return
+    key = many_key(data, p)
+    if key is None:
+        return
     layout = ManyLayout(tuple(s.tag for s in found))
     got = layout.values(data, p)
     want = tuple(s.value for s in found)
@@ -201,7 +218,7 @@ def learn_many(
     if got is not None and struct.pack(f"<{len(got)}d", *got) == struct.pack(
         f"<{len(want)}d", *want
     ):
-        many.setdefault(data[p : p + MANY_KEY], []).append(layout)
+        many.setdefault(key, []).append(layout)
 
 
 def decode_learning(
