@@ -275,7 +275,7 @@ class EventFileReader:
                                     p += 1
                         if b < 0x80:
                             tag = layouts.get(data[p:-4]) if length <= FAST_MAX else None
-                            if tag is None and (kinds := many.get(many_key(data, p))):
+                            if tag is None and (kinds := many.get(many_key(data, p) or b"")):
                                 done = self._many_values(data, p, step, kinds, values)
                     if tag is not None:
                         add(new(Scalar, (tag, step, wall(data, 1)[0], value(data, length - 4)[0])))
