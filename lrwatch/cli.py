@@ -243,7 +243,8 @@ def apply(
     "--poll",
     type=click.FloatRange(min=0.05),
     metavar="SECONDS",
-    help="Poll every SECONDS instead of watching files (network filesystems).",
+    help="Poll every SECONDS instead of watching files (network filesystems); runs quiet for a "
+    "while are looked at less often, at least every 8 x SECONDS.",
 )
 @click.option("--once", is_flag=True, help="Process what is there now, then exit.")
 @click.option(

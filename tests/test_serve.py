@@ -347,6 +347,8 @@ def test_watch_should_pick_up_a_run_created_after_it_started(
     try:
         write(tmp_path / "late", losses((1, 0.5), (2, 7.0)))
         wait_for(lambda: control_ids(tmp_path / "late") == [(1, "lr_cut", 2)])
+        write(tmp_path / "later", losses((1, 0.5), (2, 8.0)))  # and the next one too
+        wait_for(lambda: control_ids(tmp_path / "later") == [(1, "lr_cut", 2)])
     finally:
         waker.stop()
         thread.join(timeout=30)

@@ -177,6 +177,8 @@ def _follow_timers(daemon: Daemon, waker: Waker, poll: float) -> None:
         for d in dirs.due(now):
             if d not in daemon.named:  # a run's directory is looked at with the run
                 finder.check(d)
+                if d in finder:
+                    dirs.plan(d, now=now, age=wall - finder.modified(d))
         for d in finder.take_new_dirs():
             if d not in daemon.named and d in finder:
                 dirs.plan(d, now=now, age=wall - finder.modified(d))
