@@ -62,7 +62,7 @@ def test_rescan_interval_should_keep_full_passes_within_their_share(
 
 @pytest.mark.parametrize(
     ("age", "want"),
-    [(0.0, 1.0), (3.0, 1.0), (8.0, 2.0), (20.0, 5.0), (32.0, 8.0), (3600.0, 8.0)],
+    [(0.0, 1.0), (3.0, 1.0), (16.0, 2.0), (40.0, 5.0), (64.0, 8.0), (3600.0, 8.0)],
 )
 def test_quiet_schedule_interval_should_grow_with_quiet_time_up_to_its_bound(
     age: float, want: float

@@ -12,7 +12,7 @@ tested with plain numbers. Three rules, each with its bound:
   core, but at least every ``MAX_RESCAN`` seconds.
 - :class:`QuietSchedule` (``--poll``): a directory or run that has not changed for ``age``
   seconds is looked at every ``age * QUIET_SHARE`` seconds, at least every ``poll`` and at most
-  every ``QUIET_FACTOR * poll``: a write to it is seen at most a quarter of its quiet time, and
+  every ``QUIET_FACTOR * poll``: a write to it is seen at most an eighth of its quiet time, and
   at most ``QUIET_FACTOR * poll`` seconds, after it happened.
 """
 
@@ -27,7 +27,7 @@ DUTY = 0.5  # share of the wall time that event-driven passes may take while wri
 IDLE_SHARE = 1e-4  # CPU seconds per second that safety-net rescans may cost: 0.1 ms/s
 MIN_RESCAN = 30.0  # seconds: no more often than this, however cheap the pass
 MAX_RESCAN = 600.0  # seconds: the longest a missed file event can go unnoticed
-QUIET_SHARE = 0.25  # a quiet run is looked at every quarter of its quiet time...
+QUIET_SHARE = 0.125  # a quiet run is looked at every eighth of its quiet time...
 QUIET_FACTOR = 8.0  # ...but at least every QUIET_FACTOR * poll seconds
 
 
