@@ -3,8 +3,9 @@
 :func:`run_once` does reader -> analyzer -> decisions -> report / hooks, and in apply mode the
 control file, behind :class:`~lrwatch.daemon.rails.Rails`. The run's state (reader offsets, analyzer
 state, issued and acknowledged actions) is saved atomically to ``<run>/lrwatch_daemon/state.json``
-after every change and reloaded at start, so a restarted daemon neither forgets nor repeats.
-The watch loop that calls it lives in :mod:`.serve`.
+after every change (or, with ``defer_save``, after every decision and later for the rest) and
+reloaded at start, so a restarted daemon neither forgets nor repeats. The watch loop that calls
+it lives in :mod:`.serve`, through :class:`~lrwatch.daemon.runs.Daemon`.
 """
 
 from __future__ import annotations
