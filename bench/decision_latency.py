@@ -18,6 +18,8 @@ Usage::
 
     PYTHONPATH=. python bench/decision_latency.py --quick     # < 1 min
     PYTHONPATH=. python bench/decision_latency.py             # 15 trials, 100 runs x 30 s
+    mkdir /tmp/base && git archive main | tar -x -C /tmp/base
+    PYTHONPATH=. python bench/decision_latency.py --baseline /tmp/base   # before/after
 """
 
 from __future__ import annotations
@@ -45,7 +47,9 @@ from lrwatch.daemon.watched_run import STATE_FILENAME  # noqa: E402
 from lrwatch.events.writer import EventWriter  # noqa: E402
 
 HISTORY = 40  # healthy steps before the NaN: enough for every detector's warm-up
-TAGS = [schema.LOSS, schema.NONFINITE, schema.LR, schema.GRAD_NORM]
+# The hook's order: its per-step lrwatch/lr row comes last, which tells the daemon the step is
+# complete (without it the NaN step would wait for the next step's rows).
+TAGS = [schema.LOSS, schema.NONFINITE, schema.GRAD_NORM, schema.LR]
 TICKS = os.sysconf("SC_CLK_TCK")
 PHASE = 1.0  # seconds: NaN written at a uniform random moment after the daemon's last pass
 
@@ -61,13 +65,17 @@ def wait_until(cond: Callable[[], Any], timeout: float, what: str, *, every: flo
     raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
 
 
-def start_daemon(logdir: Path, poll: float | None, log: Path) -> subprocess.Popen[bytes]:
-    args = [sys.executable, "-m", "lrwatch", "serve", str(logdir), "--apply"]
+def start_daemon(
+    logdir: Path, poll: float | None, log: Path, root: Path = ROOT, *, verbose: bool = False
+) -> subprocess.Popen[bytes]:
+    """``lrwatch serve --apply`` from the source tree ``root`` (this one, or a baseline's)."""
+    args = [sys.executable, "-m", "lrwatch", *(["-vv"] if verbose else []), "serve"]
+    args += [str(logdir), "--apply"]
     if poll is not None:
         args += ["--poll", str(poll)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    with open(log, "ab") as out:
-        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    with open(log, "ab") as out:  # cwd: `-m` puts it first on sys.path
+        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=root)
 
 
 def stop_daemon(proc: subprocess.Popen[bytes]) -> None:
@@ -84,7 +92,7 @@ def write_history(run_dir: Path, steps: int) -> EventWriter:
     writer = EventWriter(run_dir, filename_suffix=".lrwatch")
     for step in range(1, steps + 1):
         loss = 2.0 * math.exp(-step / 50) + 0.05 * math.sin(step)
-        writer.add_scalars(step, TAGS, [loss, 0.0, 0.1, 1.0 + 0.1 * math.cos(step)])
+        writer.add_scalars(step, TAGS, [loss, 0.0, 1.0 + 0.1 * math.cos(step), 0.1])
     writer.flush()
     return writer
 
@@ -102,7 +110,11 @@ def one_trial(logdir: Path, index: int, timeout: float) -> tuple[float, float]:
         # A random phase: right after the daemon's pass, a poller would always wait a full
         # interval; a real trainer flushes at any moment of the poll cycle.
         threading.Event().wait(random.uniform(0.0, PHASE))
-        writer.add_scalars(HISTORY + 1, TAGS, [math.nan, 1.0, 0.1, math.nan])
+        writer.add_scalars(HISTORY + 1, TAGS, [math.nan, 1.0, math.nan, 0.1])
+        # A step is judged once the next step's lr row is in (the hook may still log at a step
+        # after its row): the flush holds the NaN step and the one after, as a flush of a
+        # trainer faster than its flush interval does.
+        writer.add_scalars(HISTORY + 2, TAGS, [math.nan, 1.0, math.nan, 0.1])
         writer.flush()
         t0 = time.time()
         decision = wait_until(
@@ -117,11 +129,13 @@ def one_trial(logdir: Path, index: int, timeout: float) -> tuple[float, float]:
         writer.close()
 
 
-def measure_latency(trials: int, poll: float | None, timeout: float) -> list[tuple[float, float]]:
+def measure_latency(
+    trials: int, poll: float | None, timeout: float, root: Path = ROOT
+) -> list[tuple[float, float]]:
     with tempfile.TemporaryDirectory(prefix="lrwatch-latency-") as tmp:
         logdir = Path(tmp) / "runs"
         logdir.mkdir()
-        daemon = start_daemon(logdir, poll, Path(tmp) / "serve.log")
+        daemon = start_daemon(logdir, poll, Path(tmp) / "serve.log", root)
         try:
             one_trial(logdir, 999, timeout)  # warm-up: imports, first analysis
             return [one_trial(logdir, i, timeout) for i in range(trials)]
@@ -145,13 +159,15 @@ def cpu_seconds(pid: int) -> float:
         return (int(fields[11]) + int(fields[12])) / TICKS
 
 
-def measure_idle(runs: int, seconds: float, poll: float | None, timeout: float) -> float:
+def measure_idle(
+    runs: int, seconds: float, poll: float | None, timeout: float, root: Path = ROOT
+) -> float:
     """CPU milliseconds per second of a daemon watching ``runs`` runs where nothing happens."""
     with tempfile.TemporaryDirectory(prefix="lrwatch-idle-") as tmp:
         logdir = Path(tmp) / "runs"
         for i in range(runs):
             write_history(logdir / f"run{i:03d}", HISTORY).close()
-        daemon = start_daemon(logdir, poll, Path(tmp) / "serve.log")
+        daemon = start_daemon(logdir, poll, Path(tmp) / "serve.log", root)
         try:
             runs_read = lambda: all(daemon_has_read(d) for d in logdir.iterdir())  # noqa: E731
             wait_until(runs_read, timeout, "every run read", every=0.1)
@@ -178,6 +194,12 @@ def main() -> None:
     p.add_argument("--idle-seconds", type=float, help="idle window (default 30, quick 8)")
     p.add_argument("--poll", type=float, default=1.0, help="the --poll interval compared")
     p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        help="another lrwatch source tree (e.g. `git archive main | tar -x -C DIR`): its daemon "
+        "is measured too, in the same run, as the 'before'",
+    )
     args = p.parse_args()
     trials = args.trials or (6 if args.quick else 15)
     runs = args.runs or (50 if args.quick else 100)
@@ -193,9 +215,12 @@ def main() -> None:
         ("inotify", None),
         (f"--poll {args.poll:g}", args.poll),
     ]
+    roots = [("", ROOT)] + ([(" (baseline)", args.baseline)] if args.baseline else [])
     for name, poll in modes:
-        res = measure_latency(trials, poll, args.timeout)
-        print(f"{name:<22} {summary([d for d, _ in res])}   {summary([c for _, c in res])}")
+        for label, root in roots:
+            res = measure_latency(trials, poll, args.timeout, root)
+            print(f"{name + label:<22} {summary([d for d, _ in res])}   "
+                  f"{summary([c for _, c in res])}")  # fmt: skip
     print(
         f"{'TensorBoard reload':<22} {2500.0:8.1f} {4500.0:8.1f} {5000.0:8.1f}   "
         "(anchor: default 5 s reload interval, uniform arrival)"
@@ -203,7 +228,9 @@ def main() -> None:
 
     print(f"\nidle CPU of lrwatch serve watching {runs} runs, {idle:g} s window")
     for name, poll in modes:
-        print(f"{name:<22} {measure_idle(runs, idle, poll, args.timeout):8.2f} ms CPU per s")
+        for label, root in roots:
+            cost = measure_idle(runs, idle, poll, args.timeout, root)
+            print(f"{name + label:<22} {cost:8.2f} ms CPU per s")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,10 @@ Writes runs of scalars (one event per scalar, and one event per step of 100 valu
 - TensorBoard ``EventFileLoader`` (the loader TensorBoard itself uses): iterate and decode every
   value to a float (the cheapest decode: ``tensor.float_val[0]``);
 - TensorBoard ``EventAccumulator`` (legacy loader, ``Reload()`` then ``Scalars()`` per tag);
-- lrwatch ``EventFileReader.read_all()`` and the ``read()`` generator.
+- lrwatch ``EventFileReader.read_all()`` and the ``read()`` generator, and ``read_all()`` with
+  the many-value layout off (protobuf per event, as before issue 13);
+- a generic pure-Python framing + CRC + protobuf field walk (what hand-parsing every field in
+  Python costs; issue 13 quotes a tighter floor of 2.3M values/s on 100-value events).
 
 Rates are per second of this process's CPU time (robust on a shared machine). The baselines run
 on a smaller file (they would take minutes on a million values); rates are per
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import struct
 import tempfile
 import time
 from collections.abc import Callable
@@ -28,7 +32,7 @@ from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.compat.proto import event_pb2
 
-from lrwatch.events.decode import frame_record
+from lrwatch.events.decode import MAX_LAYOUTS, frame_record, masked_crc
 from lrwatch.events.reader import EventFileReader, RunReader
 
 # CPU time of this process, not wall time: the benchmark machine is shared, and a reader that is
@@ -63,6 +67,79 @@ def time_reader(path: Path) -> float:
     """Seconds for lrwatch to read ``path`` whole (reusable for end-to-end benchmarks)."""
     start = clock()
     EventFileReader(path).read_all()
+    return clock() - start
+
+
+class _NoManyLayouts(dict[bytes, list[object]]):
+    """A reader's many-value layouts that never learn: every event goes through protobuf."""
+
+    def get(self, key: object, default: object = None) -> None:  # type: ignore[override]
+        return None
+
+    def values(self) -> list[range]:  # type: ignore[override]
+        return [range(MAX_LAYOUTS)]  # "full": decode.learn_many learns nothing more
+
+
+def time_reader_protobuf(path: Path) -> float:
+    """lrwatch's reader with the many-value layout off: protobuf per event (before issue 13)."""
+    start = clock()
+    reader = EventFileReader(path)
+    reader._many = _NoManyLayouts()  # type: ignore[assignment]
+    reader.read_all()
+    return clock() - start
+
+
+def _varint(buf: bytes, p: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        b = buf[p]
+        value |= (b & 0x7F) << shift
+        p += 1
+        if b < 0x80:
+            return value, p
+        shift += 7
+
+
+def time_python_floor(path: Path) -> float:
+    """The floor of issue 13: frame, check both CRCs, and walk the protobuf fields in Python.
+
+    Generic over field order (a loop over tags and wire types), simple_value only, no checks
+    beyond the CRCs: what any pure-Python reader must at least do per record and per value.
+    """
+    start = clock()
+    buf, out, pos = path.read_bytes(), [], 0
+    head, f32, f64 = struct.Struct("<QI").unpack_from, struct.Struct("<f"), struct.Struct("<d")
+    while pos + 12 <= len(buf):
+        length, hcrc = head(buf, pos)
+        assert masked_crc(buf[pos : pos + 8]) == hcrc
+        data = buf[pos + 12 : pos + 12 + length]
+        assert masked_crc(data) == struct.unpack_from("<I", buf, pos + 12 + length)[0]
+        pos += 16 + length
+        p, step, wall = 0, 0, 0.0
+        while p < len(data):
+            key, p = _varint(data, p)
+            if key == 0x09:
+                wall = f64.unpack_from(data, p)[0]
+                p += 8
+            elif key == 0x10:
+                step, p = _varint(data, p)
+            elif key & 7 == 2:
+                n, p = _varint(data, p)
+                end, sub = p + n, p
+                if key >> 3 == 5:  # summary: values
+                    while sub < end:
+                        _, sub = _varint(data, sub)
+                        m, sub = _varint(data, sub)
+                        vend, tag, val = sub + m, "", 0.0
+                        while sub < vend:
+                            k, sub = _varint(data, sub)
+                            if k == 0x0A:
+                                t, sub = _varint(data, sub)
+                                tag, sub = data[sub : sub + t].decode(), sub + t
+                            elif k == 0x15:
+                                val, sub = f32.unpack_from(data, sub)[0], sub + 4
+                        out.append((tag, step, wall, val))
+                p = end
     return clock() - start
 
 
@@ -144,6 +221,8 @@ def main() -> None:
                     "tensorboard EventAccumulator": (time_event_accumulator, small, n_base),
                     "lrwatch read_all(), same file": (time_reader, small, n_base),
                     "lrwatch read_all()": (time_reader, big, n_ours),
+                    "lrwatch, protobuf per event (before)": (time_reader_protobuf, big, n_ours),
+                    "generic Python field walk + CRCs": (time_python_floor, big, n_ours),
                     "lrwatch read() generator, same file": (time_reader_generator, small, n_base),
                 },
                 rounds,

@@ -251,7 +251,8 @@ def apply(
     "--poll",
     type=click.FloatRange(min=0.05),
     metavar="SECONDS",
-    help="Poll every SECONDS instead of watching files (network filesystems).",
+    help="Poll every SECONDS instead of watching files (network filesystems); runs quiet for a "
+    "while are looked at less often, at least every 8 x SECONDS.",
 )
 @click.option("--once", is_flag=True, help="Process what is there now, then exit.")
 @click.option(
@@ -354,12 +355,14 @@ def serve(
     from lrwatch.analysis.config import load_config
     from lrwatch.daemon.notify import HookRunner, validate_hooks
     from lrwatch.daemon.rails import Rails
-    from lrwatch.daemon.serve import Daemon, serve_forever
+    from lrwatch.daemon.runs import Daemon
+    from lrwatch.daemon.serve import serve_forever
     from lrwatch.daemon.tally import Tally
     from lrwatch.errors import ConfigError
 
     # Decisions and the runs being watched are what the daemon is for: show them without -v.
-    shown = ["lrwatch.daemon.outputs"] + ([] if quiet else ["lrwatch.daemon.serve"])
+    shown = ["lrwatch.daemon.outputs"]
+    shown += [] if quiet else ["lrwatch.daemon.runs", "lrwatch.daemon.serve"]
     shown += [] if quiet or as_json else ["lrwatch.daemon.tally"]
     for name in shown:
         logging.getLogger(name).setLevel(min(logging.INFO, logging.getLogger().level))

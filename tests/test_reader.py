@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import struct
 from pathlib import Path
 
@@ -345,7 +346,7 @@ _events = st.lists(
         | st.integers(min_value=-3, max_value=2**22),
         st.floats(width=64) | st.sampled_from([0.0, -0.0, 1.7e9]),
         st.floats(width=32) | st.sampled_from([0.0, -0.0, float("inf"), float("nan")]),
-        st.integers(min_value=1, max_value=2),
+        st.integers(min_value=1, max_value=6),
     ),
     min_size=1,
     max_size=40,
@@ -362,8 +363,8 @@ def test_reader_fast_layout_gives_exactly_what_protobuf_gives(
     datas = []
     for tag_i, step, wall_time, value, n_values in events:
         ev = event_pb2.Event(wall_time=wall_time, step=step)
-        for k in range(n_values):  # two values per event must take the protobuf path
-            ev.summary.value.add(tag=tags[(tag_i + k) % 4], simple_value=value)
+        for k in range(n_values):  # several values per event: the many-value layout
+            ev.summary.value.add(tag=tags[(tag_i + k) % 4], simple_value=value * (k + 1))
         datas.append(ev.SerializeToString())
     path = tmp_path_factory.mktemp("fast") / "events.out.tfevents.1.x"
     path.write_bytes(b"".join(frame_record(d) for d in datas * 2))
@@ -437,3 +438,75 @@ def test_analysis_of_an_older_lrwatch_file_should_equal_that_of_todays(tmp_path:
         docs.append({k: v for k, v in doc.items() if k != "run"})
     assert docs[0] == docs[1]
     assert any(f["kind"] == "nonfinite" for f in docs[0]["findings"])
+
+
+def test_reader_many_value_layout_is_used_and_falls_back_on_other_layouts(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    def event(step: int, **extra: float) -> event_pb2.Event:
+        ev = event_pb2.Event(wall_time=5.0 + step, step=step)
+        for j in range(100):
+            ev.summary.value.add(tag=f"layer{j}/grad_norm", simple_value=step + j / 8)
+        return ev
+
+    plain = [event(s).SerializeToString() for s in (300, 301, 20000)]
+    with_tensor = event(302)
+    with_tensor.summary.value.add(tag="t", tensor=tensor_util.make_tensor_proto(2.5))
+    dropped = event(303)
+    del dropped.summary.value[50]  # a value missing: the same length nowhere, other tags
+    renamed = event(304)
+    renamed.summary.value[99].tag = "layer99/grad_nurm"  # same length, one tag differs
+    records = [
+        *plain,
+        plain[0] + b"\x98\x06\x01",  # an unknown field after the summary
+        with_tensor.SerializeToString(),
+        dropped.SerializeToString(),
+        renamed.SerializeToString(),
+        plain[1][9:] + plain[1][:9],  # wall_time after the rest: valid protobuf, other layout
+        plain[2],
+    ]
+    path = tmp_path / "events.out.tfevents.1.x"
+    path.write_bytes(b"".join(frame_record(d) for d in records))
+    reader = EventFileReader(path)
+    want = [comparable(row) for d in records for row in protobuf_scalars(d)]
+    got = reader.read_all()
+    tensor_at = 4 * 100 + 100  # after plain x3, the unknown-field event, then 100 simple values
+    assert got[tensor_at] == Scalar("t", 302, 307.0, 2.5)
+    assert [comparable(s) for s in got[:tensor_at] + got[tensor_at + 1 :]] == want
+    # Learnt: the plain tags (from the first record), and the two other valid tag tuples; not
+    # the unknown field, the tensor or the reordered fields.
+    learnt = [layout.tags for kinds in reader._many.values() for layout in kinds]
+    assert len(learnt) == 3 and learnt[0] == tuple(f"layer{j}/grad_norm" for j in range(100))
+    assert not caplog.records
+
+
+def test_run_reader_has_news_should_see_appends_new_files_and_a_vanished_run(
+    tmp_path: Path,
+) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    path = run / "events.out.tfevents.1.host"
+    path.write_bytes(header_record() + record(1, {"a": 1.0}))
+    os.utime(run, (1e9, 1e9))  # an old directory: its mtime is trusted, not re-listed
+    reader = RunReader(run)
+    assert reader.has_news()  # never read
+    reader.poll()
+    assert not reader.has_news()
+    append(path, record(2, {"a": 2.0}))
+    assert reader.has_news()
+    assert reader.poll() == expected(2, {"a": 2.0})
+    assert not reader.has_news()
+    (run / "events.out.tfevents.2.host").write_bytes(header_record())
+    assert reader.has_news()  # the directory changed
+    reader.poll()
+    shutil.rmtree(run)
+    assert reader.has_news()  # poll then says RunGone
+
+
+def test_reader_many_value_layout_is_learnt_once_however_short_the_tags(tmp_path: Path) -> None:
+    path = tmp_path / "events.out.tfevents.1.x"
+    rows = [{"a": i / 3, "bb": -i, "c": 2.0**i} for i in range(50)]
+    path.write_bytes(b"".join(record(i + 1, row) for i, row in enumerate(rows)))
+    reader = EventFileReader(path)
+    assert reader.read_all() == [s for i, row in enumerate(rows) for s in expected(i + 1, row)]
+    assert [k.tags for kinds in reader._many.values() for k in kinds] == [("a", "bb", "c")]

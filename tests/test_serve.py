@@ -37,7 +37,8 @@ from lrwatch.control import read_control
 from lrwatch.daemon.notify import HookRunner
 from lrwatch.daemon.outputs import read_audit
 from lrwatch.daemon.rails import Rails
-from lrwatch.daemon.serve import Daemon, Shutdown, Waker, watch
+from lrwatch.daemon.runs import Daemon
+from lrwatch.daemon.serve import Shutdown, Waker, watch
 from lrwatch.daemon.watched_run import WatchedRun, run_once
 from lrwatch.events.writer import EventWriter
 from lrwatch.schema import ActionKind, Decision, Finding, Kind, Scalar, Severity
@@ -257,6 +258,33 @@ def test_daemon_should_find_new_runs_and_drop_vanished_ones(tmp_path: Path) -> N
     assert sorted(daemon.runs) == [tmp_path / "b" / "nested"]
 
 
+def test_a_pass_over_named_directories_should_read_only_those_runs(tmp_path: Path) -> None:
+    daemon = Daemon([tmp_path], mode="apply", analyzer_factory=LossAbove, rails=RAILS)
+    write(tmp_path / "a", losses((1, 0.1)))
+    write(tmp_path / "b", losses((1, 0.1)))
+    daemon.process()
+    write(tmp_path / "a", losses((2, 5.0)))
+    write(tmp_path / "b", losses((2, 6.0)))
+    write(tmp_path / "new" / "c", losses((1, 7.0)))  # under a new directory an event named
+    taken = daemon.process([str(tmp_path / "a"), str(tmp_path / "new")])
+    assert {run.name: [d.step for d in ds] for run, ds in taken.items()} == {"a": [2], "c": [1]}
+    assert control_ids(tmp_path / "b") == []  # b was not named: not read yet
+    taken = daemon.process()  # the full pass catches it
+    daemon.close()
+    assert {run.name: [d.step for d in ds] for run, ds in taken.items()} == {"b": [2]}
+
+
+def test_waker_should_collect_the_written_and_the_new_directories() -> None:
+    waker = Waker()
+    waker.dispatch(FileModifiedEvent("/r/run1/events.out.tfevents.1.host"))
+    waker.dispatch(FileModifiedEvent("/r/run1/events.out.tfevents.2.host"))
+    waker.dispatch(FileMovedEvent("/r/run2/x.tmp", "/r/run2/events.out.tfevents.1"))
+    waker.dispatch(DirCreatedEvent("/r/run3"))
+    waker.dispatch(FileModifiedEvent("/r/run4/lrwatch_audit.jsonl"))
+    assert waker.take() == ({"/r/run1", "/r/run2"}, {"/r/run3"})
+    assert waker.take() == (set(), set())
+
+
 def test_daemon_should_give_each_new_run_one_tensorboard_layout(tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -320,6 +348,8 @@ def test_watch_should_pick_up_a_run_created_after_it_started(
     try:
         write(tmp_path / "late", losses((1, 0.5), (2, 7.0)))
         wait_for(lambda: control_ids(tmp_path / "late") == [(1, "lr_cut", 2)])
+        write(tmp_path / "later", losses((1, 0.5), (2, 8.0)))  # and the next one too
+        wait_for(lambda: control_ids(tmp_path / "later") == [(1, "lr_cut", 2)])
     finally:
         waker.stop()
         thread.join(timeout=30)

@@ -1,132 +1,40 @@
-"""The daemon: wake on file events, then :func:`~lrwatch.daemon.watched_run.run_once` on every run.
+"""The watch loop of ``lrwatch serve``: wake on file events (or a timer), then process runs.
 
 File events (inotify through watchdog) are wake-up hints, never the source of truth: the handler
-only sets an event, and the loop then asks every run's reader for whatever is new, so missed,
-late or duplicate events are harmless. The loop also wakes on its own every ``RESCAN_SECONDS``
-(or every ``--poll`` seconds, for network filesystems where inotify sees nothing), and waits in
-between without using CPU. New runs are found on every pass. SIGINT/SIGTERM end the loop with
-one :class:`Shutdown` exception that leaves through the observer's ``with`` block.
+only notes which directories were written and sets an event; the loop then asks those runs'
+readers for whatever is new, so missed, late or duplicate events are harmless. Behind them, a
+full pass over every run catches anything an event could miss, as rarely as its measured cost
+allows (:func:`~lrwatch.daemon.pacing.rescan_interval`). With ``--poll`` (network filesystems,
+where inotify sees nothing) there are no events: each directory and run is looked at on its own
+timer, less often the longer it has been quiet (:class:`~lrwatch.daemon.pacing.QuietSchedule`).
+Between wake-ups the loop waits without using CPU. SIGINT/SIGTERM end it with one
+:class:`Shutdown` exception that leaves through the observer's ``with`` block.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
 import threading
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from lrwatch import schema
-from lrwatch.daemon.hook_jobs import HookJobs
-from lrwatch.daemon.notify import HookRunner
-from lrwatch.daemon.outputs import Mode
-from lrwatch.daemon.rails import Rails
-from lrwatch.daemon.tally import Tally
-from lrwatch.daemon.watched_run import Analyzer, WatchedRun, run_once
-from lrwatch.errors import RunGone
-from lrwatch.events.reader import find_runs
-from lrwatch.schema import Decision
+from lrwatch.daemon.pacing import Coalescer, QuietSchedule, rescan_interval
+from lrwatch.daemon.runs import Daemon
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Daemon", "Shutdown", "Waker", "run_once", "serve_forever", "watch"]
+__all__ = ["Shutdown", "Waker", "serve_forever", "watch"]
 
-
-class Daemon:
-    """The runs under some log directories, each with its reader, analyzer and outputs.
-
-    Example::
-
-        daemon = Daemon([Path("runs")], mode="apply", analyzer_factory=RunAnalyzer)
-        daemon.process()   # discover runs, run_once on each
-        daemon.close()
-    """
-
-    def __init__(
-        self,
-        logdirs: Sequence[Path],
-        *,
-        mode: Mode,
-        analyzer_factory: Callable[[], Analyzer],
-        rails: Rails | None = None,
-        hooks: HookRunner | None = None,
-        tally: Tally | None = None,
-    ) -> None:
-        self.logdirs = tuple(Path(d) for d in logdirs)
-        self.tally = tally
-        self.mode: Mode = mode
-        self.rails = rails or Rails()
-        self.hooks = hooks
-        self._analyzer_factory = analyzer_factory
-        self.runs: dict[Path, WatchedRun] = {}
-        # Hook runs of a run forgotten after a failed pass: the rebuilt run takes them over, so
-        # a hook still running is not started again (the audit log does not say it ended yet).
-        self._hook_jobs: dict[Path, HookJobs] = {}
-
-    def discover(self) -> None:
-        """Add every run that appeared under the logdirs since the last call."""
-        for logdir in self.logdirs:
-            try:
-                found = find_runs(logdir)
-            except RunGone as err:
-                logger.warning("%s", err)
-                continue
-            for run_dir in found:
-                if run_dir not in self.runs:
-                    logger.info("watching run %s", run_dir)
-                    _ensure_layout(run_dir)
-                    run = WatchedRun(
-                        run_dir,
-                        analyzer_factory=self._analyzer_factory,
-                        mode=self.mode,
-                        hook_jobs=self._hook_jobs.pop(run_dir, None),
-                    )
-                    run.tally = self.tally
-                    self.runs[run_dir] = run
-
-    def process(self) -> dict[Path, list[Decision]]:
-        """Discover runs, then :func:`run_once` on each; returns the decisions taken, by run."""
-        self.discover()
-        taken: dict[Path, list[Decision]] = {}
-        for run_dir, run in list(self.runs.items()):
-            try:
-                decisions = run_once(run, rails=self.rails, hooks=self.hooks)
-            except RunGone:
-                logger.info("run %s is gone; no longer watching it", run_dir)
-                run.close()
-                del self.runs[run_dir]
-                continue
-            except Exception:  # broad: one run's bad data must not blind the daemon to the rest
-                logger.exception("%s: processing failed; will retry on the next wake-up", run_dir)
-                # The failed pass consumed records in memory only: forget the run, so the next
-                # pass rebuilds it from its saved state and reads (and decides) them again.
-                run.close()
-                del self.runs[run_dir]
-                self._hook_jobs[run_dir] = run.hook_jobs
-                continue
-            if decisions:
-                taken[run_dir] = decisions
-        if self.tally is not None:
-            self.tally.maybe_summarize(runs=len(self.runs))
-        return taken
-
-    def close(self) -> None:
-        for run in self.runs.values():
-            run.close()
-
-
-# ------------------------------------------------------------------------------ the watch loop
-RESCAN_SECONDS = 30.0  # with inotify, a full pass this often anyway: events are only hints
 FALLBACK_POLL = 1.0  # seconds between passes when inotify cannot be used (e.g. too many watches)
-NEW_DIR_RECHECK = 0.5  # seconds after a new directory appeared: one more pass
+NEW_DIR_RECHECK = 0.5  # seconds after a new directory appeared: one more look at it
 # watchdog installs its watches on its own thread after start(): a run written in that moment
-# raises no event, so the second pass comes this soon instead of after RESCAN_SECONDS.
+# raises no event, so the second full pass comes this soon instead of after a rescan interval.
 STARTUP_RESCAN = 1.0
-MIN_INTERVAL = 0.02  # seconds: a trainer flushing in bursts wakes us once per burst, not per write
-
 
 _WRITES = frozenset({"created", "modified", "moved", "closed"})  # watchdog's event_type words
 
@@ -136,14 +44,19 @@ class Shutdown(Exception):
 
 
 class Waker:
-    """Turns file events and stop requests into wake-ups of the loop; does no work itself."""
+    """Turns file events and stop requests into wake-ups of the loop; does no work itself.
+
+    It remembers which directories were written (``take()``), so a pass reads only those runs.
+    """
 
     def __init__(self) -> None:
         self.woken = threading.Event()
         self.stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._dirty: set[str] = set()  # directories with a written event file
         # A new directory's first writes can precede the observer's watch on it (inotify adds
-        # it only after the creation event): the loop looks again shortly after one appears.
-        self.new_dir = threading.Event()
+        # it only after the creation event): the loop looks at it again shortly after.
+        self._new_dirs: set[str] = set()
 
     def dispatch(self, event: Any) -> None:
         """watchdog's handler entry point: wake only for written event files and new directories.
@@ -155,49 +68,144 @@ class Waker:
         paths = [os.fsdecode(p) for p in (event.src_path, getattr(event, "dest_path", "")) if p]
         # The daemon's own markers land in <run>/lrwatch_daemon/: they must not wake it.
         paths = [p for p in paths if f"{os.sep}{schema.DAEMON_SUBRUN}" not in p]
-        is_new_dir = event.is_directory and event.event_type == "created" and paths
-        if is_new_dir:
-            self.new_dir.set()
-        if is_new_dir or any("tfevents" in os.path.basename(p) for p in paths):
-            logger.debug("wake-up: %s %s", event.event_type, paths[0])
-            self.woken.set()
+        if not paths:
+            return
+        if event.is_directory and event.event_type == "created":
+            with self._lock:
+                self._new_dirs.add(paths[-1])
+        else:
+            written = [p for p in paths if "tfevents" in os.path.basename(p)]
+            if not written:
+                return
+            with self._lock:
+                self._dirty.update(os.path.dirname(p) for p in written)
+        logger.debug("wake-up: %s %s", event.event_type, paths[-1])
+        self.woken.set()
+
+    def take(self) -> tuple[set[str], set[str]]:
+        """(written directories, new directories) since the last call."""
+        with self._lock:
+            out = self._dirty, self._new_dirs
+            self._dirty, self._new_dirs = set(), set()
+        return out
 
     def stop(self) -> None:
         self.stopping.set()
         self.woken.set()
 
-    def wait(self, timeout: float) -> None:
-        """Wait for a hint or ``timeout``, then let a burst settle; raise Shutdown when asked."""
-        self.woken.wait(timeout)
-        self.stopping.wait(MIN_INTERVAL)  # a stop-aware pause, not a sleep: it ends on stop()
+    def wait(self, timeout: float, pacer: Coalescer | None = None) -> None:
+        """Wait for a hint or ``timeout``, then as ``pacer`` says; raise Shutdown when asked."""
+        if self.woken.wait(timeout) and pacer is not None:
+            pause = pacer.delay(time.monotonic())
+            if pause > 0:
+                self.stopping.wait(pause)  # a stop-aware pause, not a sleep: it ends on stop()
         self.woken.clear()  # before the pass: a write during the pass wakes the next one
         if self.stopping.is_set():
             raise Shutdown
 
 
 def watch(daemon: Daemon, *, waker: Waker, poll: float | None = None) -> None:
-    """Run ``daemon.process()`` on every wake-up until ``waker.stop()``; raises Shutdown then.
+    """Process the daemon's runs on every wake-up until ``waker.stop()``; raises Shutdown then.
 
-    With ``poll`` (seconds) there is no file watching at all, only timed passes, which is what
+    With ``poll`` (seconds) there is no file watching at all, only timed looks, which is what
     works on network filesystems; without it, watchdog's inotify observer supplies the hints.
     """
-    observer: Any = contextlib.nullcontext()
-    interval = poll if poll is not None else RESCAN_SECONDS
     if poll is None:
-        observer, interval = _observer(daemon.logdirs, waker)
-    with observer:
-        wait = min(interval, STARTUP_RESCAN)
-        while True:
+        observer = _observer(daemon.logdirs, waker)
+        if observer is not None:
+            with observer:
+                _follow_events(daemon, waker)
+        poll = FALLBACK_POLL
+    _follow_timers(daemon, waker, poll)
+
+
+def _first_pass(daemon: Daemon) -> None:
+    """Read every run once, and say when that is done (what was there is judged from then on)."""
+    start = time.monotonic()
+    taken = daemon.process()
+    logger.info(
+        "caught up with %d runs in %.1f s (%d decisions)",
+        len(daemon.runs),
+        time.monotonic() - start,
+        sum(map(len, taken.values())),
+    )
+
+
+def _follow_events(daemon: Daemon, waker: Waker) -> None:
+    """The inotify loop: each pass reads the runs the events named; full passes are rare."""
+    pacer = Coalescer()
+    rescan_at = time.monotonic() + STARTUP_RESCAN
+    recheck: list[tuple[float, set[str]]] = []  # (when, new directories to look at again)
+    _first_pass(daemon)
+    while True:
+        deadline = min([rescan_at, daemon.next_save(), *(when for when, _ in recheck[:1])])
+        waker.wait(max(deadline - time.monotonic(), 0.0), pacer)
+        dirty, new_dirs = waker.take()
+        start, cpu = time.monotonic(), time.thread_time()
+        if new_dirs:
+            recheck.append((start + NEW_DIR_RECHECK, new_dirs))
+        while recheck and recheck[0][0] <= start:
+            dirty |= recheck.pop(0)[1]
+        if start >= rescan_at:
             daemon.process()
-            if waker.new_dir.is_set():
-                waker.new_dir.clear()
-                waker.stopping.wait(NEW_DIR_RECHECK)
-                waker.woken.set()  # one more pass for writes the new watch may have missed
-            waker.wait(wait)
-            wait = interval
+            cost = time.thread_time() - cpu
+            rescan_at = time.monotonic() + rescan_interval(cost)
+            logger.debug(
+                "full pass over %d runs: %.2f ms of CPU; the next in %.0f s",
+                len(daemon.runs),
+                1000 * cost,
+                rescan_at - time.monotonic(),
+            )
+        else:
+            daemon.process(dirty | new_dirs)
+        pacer.passed(start, time.monotonic())
 
 
-def _observer(logdirs: Sequence[Path], waker: Waker) -> tuple[Any, float]:
+def _follow_timers(daemon: Daemon, waker: Waker, poll: float) -> None:
+    """The polling loop: every run and directory on its own timer, quiet ones less often.
+
+    A run is looked at with ``stat`` calls only (its directory and its event files); it is read
+    only when they changed. Directories that are not runs are looked at for new runs.
+    """
+    dirs, runs = QuietSchedule(poll=poll), QuietSchedule(poll=poll)
+    finder = daemon.finder
+    _first_pass(daemon)
+    for run_dir in daemon.runs:
+        runs.plan_at(os.fspath(run_dir), time.monotonic() + poll)
+    while True:
+        now, wall = time.monotonic(), time.time()
+        for d in dirs.due(now):
+            if d not in daemon.named:  # a run's directory is looked at with the run
+                finder.check(d)
+                if d in finder:
+                    dirs.plan(d, now=now, age=wall - finder.modified(d))
+        for d in finder.take_new_dirs():
+            if d not in daemon.named and d in finder:
+                dirs.plan(d, now=now, age=wall - finder.modified(d))
+        for run_dir in daemon.adopt(finder.take_new_runs()):
+            dirs.forget(os.fspath(run_dir))
+            runs.plan_at(os.fspath(run_dir), now)
+        due = [(d, daemon.named.get(d)) for d in runs.due(now)]
+        news = [d for d, run in due if run is not None and run.reader.has_news()]
+        for d in news:
+            finder.check(d)  # new files, or runs in new subdirectories
+        daemon.process_runs(map(Path, news))
+        for d, _ in due:
+            run = daemon.named.get(d)
+            if run is not None:
+                age = wall - max(run.reader.modified, finder.modified(d))
+                runs.plan(d, now=now, age=age)
+            elif d in finder:  # dropped after a failure: found again through its directory
+                dirs.plan_at(d, now + poll)
+        # One pass per poll interval at most, for everything due by then: a look happens at
+        # most `poll` after its plan, and the loop wakes once, not once per key.
+        wake = min(dirs.next_due(), runs.next_due(), daemon.next_save(), now + dirs.max_interval)
+        wake = max(wake, now + poll)
+        waker.wait(max(wake - time.monotonic(), 0.0))
+
+
+def _observer(logdirs: Sequence[Path], waker: Waker) -> Any:
+    """A started watchdog observer on ``logdirs``, or None (after a warning) if inotify fails."""
     from watchdog.events import DirCreatedEvent, FileModifiedEvent
     from watchdog.observers import Observer
 
@@ -206,7 +214,7 @@ def _observer(logdirs: Sequence[Path], waker: Waker) -> tuple[Any, float]:
         for logdir in logdirs:
             # Writes only. Subscribing to renames would stall every later event by 0.5 s: watchdog
             # holds each IN_MOVED_FROM that long to pair it, and the daemon's own atomic state and
-            # control-file writes are renames. New directories wake it too (see Waker.new_dir).
+            # control-file writes are renames. New directories wake it too (see Waker).
             observer.schedule(
                 waker,  # type: ignore[arg-type]
                 str(logdir),
@@ -218,8 +226,8 @@ def _observer(logdirs: Sequence[Path], waker: Waker) -> tuple[Any, float]:
         logger.warning(
             "file watching unavailable (%s); polling every %s s (see --poll)", err, FALLBACK_POLL
         )
-        return contextlib.nullcontext(), FALLBACK_POLL
-    return observer, RESCAN_SECONDS
+        return None
+    return observer
 
 
 def serve_forever(daemon: Daemon, *, poll: float | None = None) -> None:
@@ -240,16 +248,3 @@ def serve_forever(daemon: Daemon, *, poll: float | None = None) -> None:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def _ensure_layout(run_dir: Path) -> None:
-    """Give a newly watched run TensorBoard's Custom Scalars tab, once (see tb_layout)."""
-    from lrwatch.daemon import tb_layout
-
-    subrun = run_dir / schema.DAEMON_SUBRUN
-    if any(subrun.glob(f"*{tb_layout.FILE_SUFFIX}")):
-        return
-    try:
-        tb_layout.write_layout(run_dir)
-    except OSError as err:  # a read-only run still gets watched and advised
-        logger.warning("cannot write the TensorBoard layout into %s: %s", subrun, err)

@@ -3,8 +3,9 @@
 :func:`run_once` does reader -> analyzer -> decisions -> report / hooks, and in apply mode the
 control file, behind :class:`~lrwatch.daemon.rails.Rails`. The run's state (reader offsets, analyzer
 state, issued and acknowledged actions) is saved atomically to ``<run>/lrwatch_daemon/state.json``
-after every change and reloaded at start, so a restarted daemon neither forgets nor repeats.
-The watch loop that calls it lives in :mod:`.serve`.
+after every change (or, with ``defer_save``, after every decision and later for the rest) and
+reloaded at start, so a restarted daemon neither forgets nor repeats. The watch loop that calls
+it lives in :mod:`.serve`, through :class:`~lrwatch.daemon.runs.Daemon`.
 """
 
 from __future__ import annotations
@@ -186,7 +187,11 @@ class WatchedRun:
 
 
 def run_once(
-    run: WatchedRun, *, rails: Rails | None = None, hooks: HookRunner | None = None
+    run: WatchedRun,
+    *,
+    rails: Rails | None = None,
+    hooks: HookRunner | None = None,
+    defer_save: bool = False,
 ) -> list[Decision]:
     """Read what is new in one run, decide, and send each decision everywhere it goes.
 
@@ -194,6 +199,11 @@ def run_once(
     action. Returns the decisions taken. Outputs that a full disk refused wait in the run's
     outbox and go out, in order and once, on a later pass; the state is saved only when nothing
     waits, so a daemon killed meanwhile re-derives them from the last saved state.
+
+    ``defer_save``: save the state only when the pass issued, recorded or acknowledged
+    something; otherwise leave ``run.dirty`` set for the caller to save later (the daemon does
+    within ``SAVE_SECS``). A daemon killed before then reads the same records again and derives
+    the same decisions, which the audit log and the control file already hold: nothing repeats.
     """
     scalars = run.reader.poll()
     decisions: list[Decision] = []
@@ -215,12 +225,14 @@ def run_once(
                 logger.warning("%s", finding_line(run.run_dir, f, why))
         run.sink.mark_findings(quiet)
         run.dirty = True
+    before = (len(run.ledger.issued), len(run.ledger.acked), len(run.recorded))
     deliver(run, rails or Rails(), hooks)
     if hooks is not None:
         run.hook_jobs.pump(hooks)
     if scalars:
         run.sink.follow(band=run.hooked, force=closed)
-    if run.dirty and not run.outbox and not run.unacked:
+    urgent = before != (len(run.ledger.issued), len(run.ledger.acked), len(run.recorded))
+    if run.dirty and not run.outbox and not run.unacked and (urgent or not defer_save):
         run.dirty = not run.save()
     return decisions
 

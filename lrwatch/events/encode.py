@@ -57,7 +57,7 @@ def _varint(n: int) -> bytes:
     return bytes(out)
 
 
-class _Layout:
+class SummaryLayout:
     """The fixed bytes of ``Summary{value{tag, simple_value}}`` for one tuple of tags."""
 
     __slots__ = ("args", "struct", "summary_head")
@@ -78,15 +78,15 @@ class _Layout:
         self.summary_head = b"\x2a" + _varint(self.struct.size)  # Event.summary=5, fixed length
 
 
-_layouts: dict[tuple[str, ...], _Layout] = {}
+_layouts: dict[tuple[str, ...], SummaryLayout] = {}
 
 
-def _layout(tags: tuple[str, ...]) -> _Layout:
+def _layout(tags: tuple[str, ...]) -> SummaryLayout:
     layout = _layouts.get(tags)
     if layout is None:
         if len(_layouts) >= _MAX_LAYOUTS:
             _layouts.clear()
-        layout = _layouts[tags] = _Layout(tags)
+        layout = _layouts[tags] = SummaryLayout(tags)
     return layout
 
 

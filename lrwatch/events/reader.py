@@ -14,10 +14,11 @@ framing is a loop over one buffer with ``struct``, checksums use the C ``crc32c`
 CRCs are cached per record length; data CRCs are always checked), and the payload is parsed by
 TensorBoard's own compiled ``event_pb2.Event`` (protobuf upb), except for the one-value
 ``simple_value`` event, whose exact byte layout is read with ``struct`` once protobuf has
-vouched for its tag (see :mod:`.decode`). Measured side by side (``--quick``, CPU time,
-shared 2-core machine, noisy): one value per event, EventFileLoader 22-28k values/s, this reader
-460-770k (20-35x; 220-280k, 10-14x, with protobuf alone); 100 per event, 45-49k and 1.13-1.18M
-(25x), where protobuf field access and building the ``Scalar`` values dominate.
+vouched for its tag, and the several-value event, split by one ``struct`` unpack once
+protobuf has vouched for its tuple of tags (see :mod:`.decode`). Measured side by side
+(``--quick``, CPU time, shared 2-core machine, noisy): one value per event, EventFileLoader
+22-28k values/s, this reader 460-770k (20-35x; 220-280k, 10-14x, with protobuf alone); 100 per
+event, 40-44k and 2.9-3.1M (70x; 1.16M, 29x, with protobuf per event).
 
 A replaced file (a new inode, or different first bytes) is read again from the start, so its
 scalars can be yielded a second time; downstream, :class:`~lrwatch.analysis.history.History` treats
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import functools
 import gc
 import logging
 import os
@@ -45,6 +47,7 @@ from tensorboard.compat.proto import event_pb2
 
 from lrwatch.errors import EventFileError, RunGone
 from lrwatch.events.decode import (
+    FAST_MAX,
     FAST_MIN,
     FOOTER,
     HEADER,
@@ -52,7 +55,9 @@ from lrwatch.events.decode import (
     MAX_RECORD,
     SIMPLE_VALUE,
     WALL_TIME,
+    ManyLayout,
     decode_learning,
+    many_key,
     masked_crc,
     resync,
 )
@@ -64,6 +69,8 @@ _CHUNK = 4 << 20  # bytes per read(): bounds memory on huge files, amortises sys
 _SIGNATURE = 64  # first bytes of a file remembered to notice a rewrite in place
 _RECENT_S = 2.0  # a directory changed this recently is listed on every poll (mtime granularity)
 _Chunk = tuple[list[Scalar], list[int], list[int], int]  # see EventFileReader._frames
+# Scalar from a (tag, step, wall_time, value) tuple at C speed: skips the NamedTuple's __new__.
+_SCALAR = functools.partial(tuple.__new__, Scalar)
 
 
 @contextlib.contextmanager
@@ -100,11 +107,13 @@ class EventFileReader:
         self._skip = 0  # scalars of that record already yielded
         self._inode: int | None = None
         self._size = 0  # size at the last stat, to notice a shrink
+        self.modified = 0.0  # st_mtime at the last stat: when the file last grew (or changed)
         self._signature = b""  # first bytes, to notice a rewrite in place
         self._suppress = 0  # after a truncation: records ending before this were yielded
         self._warned_corrupt = False
         self._header_crcs: dict[int, int] = {}  # length -> masked CRC of its 8 bytes
         self._layouts: dict[bytes, str] = {}  # fast-layout key -> its (interned) tag
+        self._many: dict[bytes, list[ManyLayout]] = {}  # see decode.ManyLayout
 
     def read(self) -> Generator[Scalar, None, None]:
         """Yield every scalar not yielded before; stopping early loses nothing."""
@@ -158,6 +167,7 @@ class EventFileReader:
         except OSError as e:
             raise EventFileError(f"cannot stat {self.path}: {e}") from e
         self._check_identity(st)
+        self.modified = st.st_mtime
         if st.st_size <= self._offset:
             return  # the common idle poll: one stat, nothing new
         try:
@@ -172,6 +182,14 @@ class EventFileReader:
                 self._same_start(f, st.st_size)
             f.seek(self._offset)
             yield from self._frames(f, marking=marking)
+
+    def changed(self) -> bool:
+        """Whether the file's size or identity differs from the last read (one ``stat``)."""
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return True
+        return st.st_size != self._size or st.st_ino != self._inode
 
     def _check_identity(self, st: os.stat_result) -> None:
         if self._inode is not None and st.st_ino != self._inode:
@@ -211,6 +229,7 @@ class EventFileReader:
         parse, crc, new = event_pb2.Event.FromString, crc32c.crc32c, tuple.__new__
         unpack_header, unpack_footer = HEADER.unpack_from, FOOTER.unpack_from
         crcs, layouts, wall, value = self._header_crcs, self._layouts, WALL_TIME, SIMPLE_VALUE
+        many = self._many
         while chunk := f.read(_CHUNK):
             buf = buf + chunk if buf else chunk
             n, pos = len(buf), 0
@@ -237,7 +256,7 @@ class EventFileReader:
                 if (((c >> 15) | (c << 17)) + MASK_DELTA) & 0xFFFFFFFF != footer:
                     self._warn_corrupt(base + pos, "data CRC mismatch")
                 else:
-                    tag = None  # the fast layout (records.split_layout, inlined)
+                    tag, done = None, False  # the fast layouts (decode.split_layout, inlined)
                     if length >= FAST_MIN and data[0] == 0x09 and data[9] == 0x10:
                         step = b = data[10]
                         p = 11
@@ -255,12 +274,14 @@ class EventFileReader:
                                     shift += 7
                                     p += 1
                         if b < 0x80:
-                            tag = layouts.get(data[p:-4])
+                            tag = layouts.get(data[p:-4]) if length <= FAST_MAX else None
+                            if tag is None and (kinds := many.get(many_key(data, p) or b"")):
+                                done = self._many_values(data, p, step, kinds, values)
                     if tag is not None:
                         add(new(Scalar, (tag, step, wall(data, 1)[0], value(data, length - 4)[0])))
-                    else:
+                    elif not done:
                         try:
-                            decode_learning(data, values, layouts, parse)
+                            decode_learning(data, values, layouts, parse, many)
                         except DecodeError:
                             self._warn_corrupt(base + pos, "undecodable event")
                 pos = end + 4
@@ -270,6 +291,20 @@ class EventFileReader:
             yield values, ends, marks, base + pos
             base += pos
             buf = buf[pos:]
+
+    @staticmethod
+    def _many_values(
+        data: bytes, p: int, step: int, kinds: list[ManyLayout], out: list[Scalar]
+    ) -> bool:
+        """Append the values of a several-value event if one of ``kinds`` is its layout."""
+        for kind in kinds:
+            floats = kind.values(data, p)
+            if floats is not None:
+                n = len(floats)
+                t = WALL_TIME(data, 1)[0]
+                out += map(_SCALAR, zip(kind.tags, [step] * n, [t] * n, floats, strict=True))
+                return True
+        return False
 
     def _warn_corrupt(self, where: int, what: str) -> None:
         if not self._warned_corrupt:
@@ -342,6 +377,24 @@ class RunReader:
             out.extend(reader.read_all())
         return out
 
+    def has_news(self) -> bool:
+        """Whether :meth:`poll` could find anything new, from ``stat`` calls alone.
+
+        True when the directory changed (a new file; or it is gone, which poll reports) or a
+        known file changed size or identity. What it cannot see, a file rewritten in place to
+        the same size, a later poll still finds.
+        """
+        try:
+            st = os.stat(self.run_dir)
+        except OSError:
+            return True
+        if st.st_mtime_ns != self._dir_mtime_ns or time.time() - st.st_mtime < _RECENT_S:
+            return True
+        for reader in self._readers.values():
+            if reader.changed():
+                return True
+        return False
+
     def _event_files(self) -> list[str]:
         """Names of the run's event files; the directory is listed again only when it changed."""
         try:
@@ -358,6 +411,11 @@ class RunReader:
         except (FileNotFoundError, NotADirectoryError):
             raise RunGone(f"run directory {self.run_dir} no longer exists") from None
         return self._names
+
+    @property
+    def modified(self) -> float:
+        """When an event file of the run last changed, as of the last poll (0.0: never seen)."""
+        return max((r.modified for r in self._readers.values()), default=0.0)
 
     def state_dict(self) -> dict[str, Any]:
         return {"files": {name: r.state_dict() for name, r in self._readers.items()}}
