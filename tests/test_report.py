@@ -41,6 +41,13 @@ CLIP = Decision(
     step=120, action=ActionKind.CLIP, reason="explosion", max_norm=4.5, findings=(EXPLOSION,)
 )
 STOP = Decision(step=130, action=ActionKind.STOP, reason="cut 1024x")
+CLIP_LONG = Decision(
+    step=121, action=ActionKind.CLIP, reason="explosion", max_norm=10.399410390853875,
+    findings=(EXPLOSION,),
+)  # fmt: skip
+BACK = Decision(
+    step=140, action=ActionKind.ROLLBACK, reason="diverged", to_step=40, findings=(EXPLOSION,)
+)
 
 
 def _clock() -> float:
@@ -175,8 +182,11 @@ def test_a_sink_without_decisions_should_create_no_event_file(tmp_path: Path) ->
         (CUT, None, "apply", logging.INFO, "lr_cut /2 recommended (not applied: budget): plat"),
         (CLIP, None, "recommend", logging.WARNING, "clip max_norm=4.5 recommended: explosion"),
         (STOP, None, "recommend", logging.WARNING, "stop recommended: cut 1024x"),
+        (CLIP_LONG, None, "recommend", logging.WARNING, "clip max_norm=10.4 recommended"),
+        (BACK, 3, "apply", logging.WARNING, "rollback to step 40 applied as action #3"),
     ],
-    ids=["recommendation", "applied", "over-budget", "critical-finding", "stop"],
+    ids=["recommendation", "applied", "over-budget", "critical-finding", "stop", "clip-digits",
+         "rollback"],
 )
 def test_emit_should_log_one_console_line_at_a_sensible_level(
     tmp_path: Path,
