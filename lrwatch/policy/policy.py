@@ -8,8 +8,9 @@ control-file action and onto one ``analyze --json`` entry ``{"step", "action", "
 
 The response each finding asks for is the table in :mod:`.responses`; the counters
 live in :mod:`.state`, the floor, budget and stop rules in
-:mod:`.budget`, the clip threshold in :mod:`.autoclip`. This module joins
-them: which response wins, the cooldown, and the reason text of each decision.
+:mod:`.budget`, the clip threshold in :mod:`.autoclip`, the answer to a model gone
+non-finite (rollback, then stop) in :mod:`.lost`. This module joins them: which response wins,
+the cooldown and its escalation, and the reason text of each decision.
 
 Stop also when the next cut would take the cumulative cut past ``max_total_cut`` (1024 = ten
 halvings), or when non-finite values come back within two cooldowns of ``nonfinite_max_cuts``
@@ -29,6 +30,7 @@ from numpy.typing import ArrayLike
 from lrwatch.errors import ConfigError
 from lrwatch.policy.autoclip import clip_threshold
 from lrwatch.policy.budget import fit_factor, stop_reason
+from lrwatch.policy.lost import LostModel
 from lrwatch.policy.responses import Plan, escalates, headline, overfit_stop, plan_for
 from lrwatch.policy.state import PolicyState
 from lrwatch.schema import ActionKind, Decision, Finding, Kind, Severity
@@ -155,12 +157,8 @@ class Policy:
         if lr is not None and not (math.isfinite(lr) and lr >= 0):
             lr = None  # a NaN or negative logged LR says nothing about the floor
         s.observe(findings, lr=lr, warmup=warmup)
-        lost = self._lost(step, findings)
+        lost = LostModel(self.nonfinite_stuck, self.settle_steps).answer(step, findings, s)
         if lost is not None:  # no cooldown wait: every further step is wasted compute
-            s.stopped = lost.action is ActionKind.STOP
-            if lost.action is ActionKind.ROLLBACK:  # no cut while it settles
-                s.rollbacks, s.last_action_step, s.cooldown_rank = s.rollbacks + 1, step, 4
-                s.lost_rollback_step = step
             self.unanswered = []
             return [lost]
         plan, why = self._choose(findings, warmup=warmup, defer=defer is not None, rising=rising)
@@ -180,54 +178,6 @@ class Policy:
         wastes steps at a bad LR."""
         last = self._state.last_action_step
         return last is not None and step - last >= self.settle_steps and any(map(escalates, why))
-
-    def _lost(self, step: int, findings: Sequence[Finding]) -> Decision | None:
-        """The answer when the model itself is gone: non-finite weights, or a loss non-finite
-        for ``nonfinite_stuck`` logged points in a row (a bad batch gives one; an LR cut cures
-        a model whose weights are finite, and the first non-finite point already got one).
-        First a rollback to the last good step; if the model is gone again after it, a stop."""
-        for f in findings:
-            what = self._gone(f)
-            if what is None or self._rollback_pending(step, f):
-                continue
-            good = f.evidence.get("last_good")
-            if good is not None and self._state.lost_rollback_step is None:
-                text = (
-                    f"{headline((f,))}. Roll back: {what}; the weights and optimizer state go "
-                    f"back to the hook's newest copy at or before step {good}, the last good "
-                    "one (the LR cut in force stays). If the model is gone again, the run stops."
-                )
-                return Decision(step, ActionKind.ROLLBACK, text, findings=(f,), to_step=good)
-            last = f"the last good step is {good}" if good is not None else "no good step"
-            text = (
-                f"{headline((f,))}. Stop: {what}, so no LR cut can rescue this run; "
-                f"{last} (logged). Resume from a checkpoint at or before it with a lower LR."
-            )
-            return Decision(step, ActionKind.STOP, text, findings=(f,))
-        return None
-
-    def _gone(self, f: Finding) -> str | None:
-        """What says the model is gone, or None."""
-        role, run = f.evidence.get("role"), int(f.evidence.get("consecutive", 0))
-        if f.kind is not Kind.NONFINITE:
-            return None
-        if role == "weight_norm":
-            return "the weights are non-finite"
-        if role == "loss" and run >= self.nonfinite_stuck:
-            return f"the loss has been non-finite for {run} logged steps in a row"
-        return None
-
-    def _rollback_pending(self, step: int, f: Finding) -> bool:
-        """After a rollback for a lost model: whether its effect can still be on its way. A
-        streak of non-finite values that began after it (its last good step is later) means
-        the rollback did not help; one that began before it is given ``2 * settle_steps``."""
-        back = self._state.lost_rollback_step
-        if back is None:
-            return False
-        good = f.evidence.get("last_good")
-        if isinstance(good, int) and good >= back:
-            return False
-        return step - back < 2 * self.settle_steps
 
     def _unanswered(
         self, findings: Sequence[Finding], out: list[Decision], why: Callable[[Finding], str]
