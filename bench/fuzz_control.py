@@ -37,7 +37,9 @@ from lrwatch.control import MAX_CONTROL_BYTES, decode_control, read_control
 from lrwatch.errors import ControlFileError
 from lrwatch.schema import CONTROL_FILENAME
 
-KEYS = ("id", "action", "factor", "max_norm", "target", "reason", "source", "issued_at")
+KEYS = (
+    "id", "action", "factor", "max_norm", "target", "to_step", "reason", "source", "issued_at"
+)  # fmt: skip
 TOP_KEYS = ("version", "run", "actions")
 
 
@@ -56,7 +58,9 @@ HOSTILE: list[Callable[[random.Random], Any]] = [
     lambda r: r.randint(-(2**64), 2**64),
     lambda r: r.choice([1, 2, 5, 10, 3, 0, -1, 2**24, 2**24 + 1]),
     lambda r: r.uniform(-1e6, 1e6),
-    lambda r: r.choice(["", "lr_cut", "clip", "stop", "undo", "raise_lr_advice", "\ud800x"]),
+    lambda r: r.choice(
+        ["", "lr_cut", "clip", "stop", "undo", "rollback", "raise_lr_advice", "\ud800x"]
+    ),
     lambda r: "x" * r.choice([1, 1000, 100_000]),
     lambda r: [r.randint(0, 9) for _ in range(r.randint(0, 3))],
     lambda r: {"a": r.random(), "id": r.randint(0, 3)},
@@ -67,13 +71,15 @@ HOSTILE: list[Callable[[random.Random], Any]] = [
 def valid_document(r: random.Random) -> dict[str, Any]:
     actions: list[dict[str, Any]] = []
     for i in range(1, r.randint(1, 5) + 1):
-        kind = r.choice(["lr_cut", "clip", "stop", "undo"])
+        kind = r.choice(["lr_cut", "clip", "stop", "undo", "rollback"])
         action: dict[str, Any] = {"id": i, "action": kind, "reason": "r", "source": "daemon"}
         action["issued_at"] = 1.7e9 + i
         if kind == "lr_cut":
             action["factor"] = r.choice([2, 5, 10])
         elif kind == "clip":
             action["max_norm"] = r.choice([0.5, 1.0, 7])
+        elif kind == "rollback":
+            action["to_step"] = r.choice([0, 1, 100, 2**40])
         elif kind == "undo":
             earlier = [a["id"] for a in actions if a["action"] in ("lr_cut", "clip")]
             if not earlier:

@@ -90,7 +90,12 @@ def test_read_control_refuses_a_huge_integer_in_a_message_without_echoing_it(
 # --------------------------------------------------------------------------------- property
 def valid_action(i: int) -> st.SearchStrategy[dict[str, Any]]:
     kinds = st.sampled_from(
-        [{"action": "lr_cut", "factor": 2}, {"action": "clip", "max_norm": 1.5}, {"action": "stop"}]
+        [
+            {"action": "lr_cut", "factor": 2},
+            {"action": "clip", "max_norm": 1.5},
+            {"action": "stop"},
+            {"action": "rollback", "to_step": 100},
+        ]
     )
     return kinds.map(lambda k: {"id": i, "issued_at": 1.0, "reason": "r", **k})
 
@@ -109,8 +114,8 @@ ANY_JSON = st.recursive(
     ),
     max_leaves=12,
 )
-KEYS = ["version", "run", "actions", "id", "action", "factor", "max_norm", "target", "reason",
-        "source", "issued_at"]  # fmt: skip
+KEYS = ["version", "run", "actions", "id", "action", "factor", "max_norm", "target", "to_step",
+        "reason", "source", "issued_at"]  # fmt: skip
 
 
 @st.composite
