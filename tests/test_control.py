@@ -636,9 +636,11 @@ def test_every_ddp_rank_applies_the_same_action_at_the_same_step(tmp_path: Path)
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
     ranks = [json.loads((out_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
     for result in ranks:  # issued after step 7, picked up at the next check step (10) by both
-        assert result["arrived"] == {"10": [1]}
-        assert result["used"] == pytest.approx([0.1] * 10 + [0.05] * 5, rel=1e-12)
+        assert result["arrived"] == {"10": [1], "15": [2]}  # the rollback after 12, at 15
+        used = result["used"]
+        assert used[:15] + used[16:] == pytest.approx([0.1] * 10 + [0.05] * 9, rel=1e-12)
         assert result["factor"] == 2.0
+        assert result["rolled_back"]  # each rank its own step-5 weights, the same step
     assert ranks[0]["looked"] and not ranks[1]["looked"]
 
 
