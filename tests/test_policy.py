@@ -436,3 +436,18 @@ def test_policy_should_cut_by_ten_and_roll_back_a_run_too_hot_from_its_first_ste
     ]
     late = [finding(Kind.RATIO_HIGH, severity=Severity.CRITICAL)]  # a full-window verdict
     assert [(d.action, d.factor) for d in Policy().decide(500, late, lr=1.0)] == [(CUT, 5)]
+
+
+def test_policy_should_say_why_findings_beside_a_lost_models_answer_led_to_nothing() -> None:
+    """Three non-finite findings at one step (loss, grad norm, flag): the loss's answers the
+    run with a rollback; the other two must say why they led to no decision of their own."""
+    p = Policy(nonfinite_stuck=10)
+    loss = finding(
+        Kind.NONFINITE, severity=Severity.CRITICAL, role="loss", consecutive=10, last_good=5
+    )
+    others = [finding(Kind.NONFINITE, severity=Severity.CRITICAL) for _ in range(2)]
+    [back] = p.decide(34, [loss, *others])
+    assert back.action is ActionKind.ROLLBACK
+    assert [why for _, why in p.unanswered] == [
+        "the rollback at this step answers the run as a whole"
+    ] * 2

@@ -57,7 +57,7 @@ class RoleChecks:
         self.findings: list[Finding] = []
         self.conditions = Conditions()
         self.gates: dict[str, ExplosionGate] = {}
-        self._first: dict[str, float] = {}  # each loss tag's first level, once it is fixed
+        self._openings: dict[str, np.ndarray] = {}  # each loss tag's first points, once in
         self._fresh_after = fresh_after
 
     def check(self, role: Role, point: Scalar) -> list[Finding]:
@@ -170,34 +170,36 @@ class RoleChecks:
             return int(steps[ok][-1])
         return int(steps[0]) if steps.size else 0
 
-    def _first_level(self, tag: str) -> float | None:
-        """Where a loss began: its start level, or its first point when the start level is
-        already ``ratio`` times that (a run at 100x its LR diverges within its first ten
-        points, so their median is no start). Fixed once the start level is."""
-        if tag in self._first:
-            return self._first[tag]
-        _, values = self.history.downsampled(tag)
-        values = values[np.isfinite(values)][:_START_POINTS]
-        if values.size == 0:
-            return None
-        level, first = float(np.median(values)), float(values[0])
-        if first > 0 and level >= self.config.divergence.ratio * first:
-            level = first
+    def _opening(self, tag: str) -> np.ndarray:
+        """The first ``_START_POINTS`` finite points of the run's thinned history; kept once
+        all of them are in (a run's opening never changes)."""
+        kept = self._openings.get(tag)
+        if kept is not None:
+            return kept
+        _, thinned = self.history.downsampled(tag)
+        values: np.ndarray = np.asarray(thinned[np.isfinite(thinned)][:_START_POINTS])
         if values.size == _START_POINTS:
-            self._first[tag] = level
-        return level
+            self._openings[tag] = values
+        return values
+
+    def _start_level(self, tag: str) -> float | None:
+        """A loss's own scale: the median of its opening points."""
+        values = self._opening(tag)
+        return float(np.median(values)) if values.size else None
 
     def _init_level(self, tag: str) -> float | None:
         """The loss at initialisation: the run's first finite point."""
-        _, values = self.history.downsampled(tag)
-        values = values[np.isfinite(values)][:1]
+        values = self._opening(tag)
         return float(values[0]) if values.size else None
 
-    def _start_level(self, tag: str) -> float | None:
-        """Median of the first ``_START_POINTS`` finite points of the run's thinned history."""
-        _, values = self.history.downsampled(tag)
-        values = values[np.isfinite(values)][:_START_POINTS]
-        return float(np.median(values)) if values.size else None
+    def _first_level(self, tag: str) -> float | None:
+        """Where a loss began: its start level, or its first point when the start level is
+        already ``ratio`` times that (a run at 100x its LR diverges within its first ten
+        points, so their median is no start)."""
+        level, first = self._start_level(tag), self._init_level(tag)
+        if level is None or first is None:
+            return None
+        return first if first > 0 and level >= self.config.divergence.ratio * first else level
 
     def _nonfinite(self, tag: str, value: float, *, role: Role) -> Finding | None:
         """Non-finite values; a loss or weight-norm finding also carries its ``role`` and the

@@ -159,7 +159,8 @@ class Policy:
         s.observe(findings, lr=lr, warmup=warmup)
         lost = LostModel(self.nonfinite_stuck, self.settle_steps).answer(step, findings, s)
         if lost is not None:  # no cooldown wait: every further step is wasted compute
-            self.unanswered = []
+            why_not = f"the {lost.action.value} at this step answers the run as a whole"
+            self._unanswered(findings, [lost], lambda f: why_not)
             return [lost]
         plan, why = self._choose(findings, warmup=warmup, defer=defer is not None, rising=rising)
         cooling = plan is not None and self.in_cooldown(step) and plan.rank <= s.cooldown_rank
