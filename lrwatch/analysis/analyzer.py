@@ -23,6 +23,8 @@ from typing import Any
 
 from lrwatch import schema
 from lrwatch.analysis import roles
+from lrwatch.analysis.batch import BatchFeed
+from lrwatch.analysis.batch import supported as batch_supported
 from lrwatch.analysis.config import AnalyzerConfig
 from lrwatch.analysis.cut_tracking import HELD_WHEN_UNAPPLIED, LastCut
 from lrwatch.analysis.detectors.schedule import steps_to_next_cut
@@ -57,7 +59,7 @@ class RunAnalyzer:
             print(decision.step, decision.action.value, decision.reason)
     """
 
-    def __init__(self, config: AnalyzerConfig | None = None) -> None:
+    def __init__(self, config: AnalyzerConfig | None = None, *, batch: bool = True) -> None:
         self.config = config or AnalyzerConfig()
         self.history = History()
         self.policy = self.config.new_policy()
@@ -67,6 +69,12 @@ class RunAnalyzer:
             self.config, self.history, self._tags, fresh_after=self._fresh_after
         )
         self.plateau = self._checks.plateau
+        # batch=False keeps the point-by-point path: the reference the batch path is tested on
+        self._batch = (
+            BatchFeed(self._checks, self._tags, self.history, self._step)
+            if batch and batch_supported(self.config)
+            else None
+        )
         self._cut: LastCut | None = None
         # why each warning or critical finding led to no decision, by (kind, tag, step)
         self.why_quiet: dict[tuple[str, str, int], str] = {}
@@ -118,11 +126,11 @@ class RunAnalyzer:
         keep = {t for t in tags if self._tags.is_useful(t, metric=self.config.metric)}
         mine = sorted((s for s in ready if s.tag in keep), key=_STEP)
         out: list[Decision] = []
-        for step, group in itertools.groupby(mine, key=_STEP):
-            points = list(group)
-            self._tags.learn((p.tag for p in points), metric=self.config.metric)
-            self.history.extend(points)
-            out.extend(self._at_step(step, points))
+        if self._batch is not None:
+            out = self._batch.feed(mine)
+        else:
+            for step, group in itertools.groupby(mine, key=_STEP):
+                out.extend(self._step(step, list(group)))
         self.decisions.extend(out)
         return out
 
@@ -146,6 +154,12 @@ class RunAnalyzer:
         return [s for s in batch if s.step < limit], [s for s in batch if s.step >= limit]
 
     # ---------------------------------------------------------------- one step
+    def _step(self, step: int, points: list[Scalar]) -> list[Decision]:
+        """The point-by-point path: one step's points into the history, then its checks."""
+        self._tags.learn((p.tag for p in points), metric=self.config.metric)
+        self.history.extend(points)
+        return self._at_step(step, points)
+
     def _at_step(self, step: int, points: list[Scalar]) -> list[Decision]:
         touched = self._tags.touch(points)
         found = [f for role, point in touched.items() for f in self._checks.check(role, point)]

@@ -7,6 +7,7 @@ costs two comparisons per step instead of the median of a window.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +38,33 @@ class ExplosionGate:
         self.rises = self.rises + 1 if value > self.prev else 0
         self.prev, self.since = value, self.since + 1
         return value >= self.bar or self.rises >= runaway_rises or self.since >= REBASE_EVERY
+
+    def run_through(
+        self,
+        values: Sequence[float],
+        detector: ExplosionDetector,
+        look: Callable[[int], np.ndarray | None],
+    ) -> int:
+        """Batch twin of :meth:`admits` then :meth:`rebase`, over ``values`` in turn.
+
+        At each point the gate admits, ``look(i)`` returns the window the full check would
+        read, or None when that check might find something. Stops there, the gate as it was
+        before point ``i`` (the point-by-point path judges it), and returns ``i``; returns
+        ``len(values)`` when it went through all of them.
+        """
+        runaway_rises = detector.growth_points - 1
+        for i, value in enumerate(values):
+            rises = self.rises + 1 if value > self.prev else 0
+            since = self.since + 1
+            if value >= self.bar or rises >= runaway_rises or since >= REBASE_EVERY:
+                window = look(i)
+                if window is None:
+                    return i
+                self.rises, self.prev, self.since = rises, value, since
+                self.rebase(window, detector)
+            else:
+                self.rises, self.prev, self.since = rises, value, since
+        return len(values)
 
     def rebase(self, values: np.ndarray, detector: ExplosionDetector) -> None:
         """Refresh the bar from the window the full check just read."""

@@ -79,6 +79,47 @@ class _Series:
             self.stride *= 2
         self.phase = 1 % self.stride
 
+    def add_run(self, points: list[Scalar], values: np.ndarray, max_points: int) -> None:
+        """:meth:`add` for each of ``points`` at once, with the same resulting state.
+
+        The batch analysis path (:mod:`lrwatch.analysis.batch`) calls it only for points whose
+        steps rise strictly and follow ``last``, so nothing is purged. ``values`` holds their
+        values as float64.
+        """
+        steps = [p.step for p in points]
+        floats = values.tolist()
+        self.count += len(points)
+        self.last = points[-1]
+        self.steps.extend(steps)
+        self.values.extend(floats)
+        finite = np.flatnonzero(np.isfinite(values))
+        if finite.size:  # the first point of the lowest (highest) value, as add keeps it
+            lo = int(finite[np.argmin(values[finite])])
+            hi = int(finite[np.argmax(values[finite])])
+            best = self.best
+            if best["min"] is None or floats[lo] < best["min"][1]:
+                best["min"] = (steps[lo], floats[lo])
+            if best["max"] is None or floats[hi] > best["max"][1]:
+                best["max"] = (steps[hi], floats[hi])
+        self._thin_run(steps, floats, max_points)
+
+    def _thin_run(self, steps: list[int], values: list[float], max_points: int) -> None:
+        """The thinned history's part of :meth:`add_run`: every ``stride``-th point is kept."""
+        i = (self.stride - self.phase) % self.stride  # the next point add would keep
+        last_kept = None
+        while i < len(steps):
+            self.ds_steps.append(steps[i])
+            self.ds_values.append(values[i])
+            if len(self.ds_steps) >= max_points:
+                del self.ds_steps[1::2], self.ds_values[1::2]
+                self.stride *= 2
+            last_kept = i
+            i += self.stride
+        if last_kept is None:
+            self.phase = (self.phase + len(steps)) % self.stride
+        else:
+            self.phase = (len(steps) - last_kept) % self.stride
+
     def _purge_from(self, step: int) -> None:
         """Forget every kept point at ``step`` or later (a resumed trainer rewrites them)."""
         while self.steps and self.steps[-1] >= step:
@@ -137,6 +178,13 @@ class History:
             if one is None:
                 one = series[s.tag] = _Series(window)
             one.add(s, max_points)
+
+    def extend_run(self, tag: str, points: list[Scalar], values: np.ndarray) -> None:
+        """Add one tag's points at once (steps rising strictly after its last): as :meth:`extend`."""
+        one = self._series.get(tag)
+        if one is None:
+            one = self._series[tag] = _Series(self._window)
+        one.add_run(points, values, self._max_points)
 
     def tags(self) -> list[str]:
         return sorted(self._series)

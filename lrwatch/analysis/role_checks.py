@@ -61,7 +61,10 @@ class RoleChecks:
         self._fresh_after = fresh_after
 
     def check(self, role: Role, point: Scalar) -> list[Finding]:
-        """Run the detectors that read ``role``'s tag, now that it has a new point."""
+        """Run the detectors that read ``role``'s tag, now that it has a new point.
+
+        Its batch twin, which must change with it, is :class:`.role_screens.RoleScreens`.
+        """
         c, tag = self.config, point.tag
         n = self.tags.counts[tag]
         out: list[Finding | None] = []
@@ -224,6 +227,17 @@ class RoleChecks:
         if self.conditions.report(kind, tag, f) and f is not None:
             self.findings.append(f)
         return f
+
+    # Read by the batch twin of check (role_screens), which must see the same scale and windows.
+    def opening_known(self, tag: str) -> bool:
+        """Whether ``tag``'s opening points are all in: its start level is settled."""
+        return tag in self._openings
+
+    def first_level(self, tag: str) -> float | None:
+        return self._first_level(tag)
+
+    def fresh_after(self) -> int | None:
+        return self._fresh_after()
 
     def _window_of(self, role: Role, n: int) -> Window | None:
         return self.tags.window(self.history, role, n)

@@ -18,6 +18,7 @@ losses only (a loss that can be <= 0 has no multiplicative "start level").
 
 Example:
     >>> import numpy as np
+from numpy.typing import NDArray
     >>> stuck = np.r_[np.full(20, 4.6), np.full(12, 70.0) + np.arange(12) % 3]
     >>> f = DivergenceDetector().check(np.arange(32), stuck, tag="loss", scale=4.6)
     >>> f.kind.value, f.severity.value, round(f.evidence["ratio"])
@@ -68,6 +69,12 @@ class DivergenceDetector:
     def could_fire(self, value: float, scale: float | None) -> bool:
         """Cheap gate: only a point at ``ratio`` times the start level can make a finding."""
         return scale is not None and scale > 0 and value >= self.ratio * scale
+
+    def could_fire_many(self, values: Values, scale: float | None) -> NDArray[np.bool_]:
+        """Batch twin of :meth:`could_fire`, per point of ``values``."""
+        if scale is None or not scale > 0:
+            return np.zeros(values.shape, dtype=bool)
+        return np.asarray(values >= self.ratio * scale)
 
     @quiet_numpy
     def check(

@@ -229,6 +229,25 @@ class ExplosionDetector:
             evidence.update(trend_tau=trend[0], trend_p_value=trend[1])
         return self._finding(int(s[-1]), tag, evidence, critical=critical, minor=minor)
 
+    @quiet_numpy
+    def could_fire(self, values: Values) -> bool:
+        """Batch twin of :meth:`check`: False only when ``check`` on this window gives None.
+
+        Every rule needs the last point at ``min_ratio`` times the baseline median (the trend
+        rule asks that of its last ``confirm`` points) or a runaway; a ``scale`` only removes
+        findings. The batch path runs the full check only where this says True.
+        """
+        if values.size == 0 or not math.isfinite(float(values[-1])):
+            return False
+        v = values[np.isfinite(values)]
+        log_space = bool(np.all(v > 0))
+        if log_space and self._is_runaway(v):
+            return True
+        base = v[: max(v.size - self.confirm, 1)][-self.window :]
+        med = float(np.median(_tx(base, log_space)))
+        ratio = float(_ratio(v[-1:], med, log_space)[0])
+        return not ratio < self.min_ratio * (1 - 1e-9)  # NaN: let the check decide
+
     def _loud(self, tail: Values, base: Values, scale: float | None) -> np.ndarray:
         """Which tail points clear the noise floor (all of them without a ``scale``)."""
         if scale is None or not math.isfinite(scale) or base.size == 0:

@@ -100,6 +100,10 @@ class NonfiniteDetector:
             message=message,
         )
 
+    def could_fire_many(self, values: Values, *, tag: str) -> NDArray[np.bool_]:
+        """Batch twin of :meth:`check`: the points that could make a finding (False: None)."""
+        return self._bad(np.asarray(values, dtype=np.float64), tag)
+
     def _bad(self, v: Values, tag: str) -> NDArray[np.bool_]:
         if tag == schema.NONFINITE:
             # A non-finite flag value is itself a sign that something went wrong.

@@ -191,6 +191,23 @@ class OscillationDetector:
             _message(tag, int(s[-1]), evidence),
         )
 
+    def could_fire(self, steps: Steps, values: Values, *, ratio_max: float | None) -> bool:
+        """Batch twin of :meth:`check`: False only when ``check`` gives None on this window.
+
+        Its cheap first test: no finding without corroboration, i.e. excess alternation or an
+        update-ratio median of at least ``ratio_mild`` (``ratio_max``, an upper bound of that
+        median, stands for it; None: no ratio series).
+        """
+        s, v = as_window(steps, values)
+        if v.size == 0 or not math.isfinite(float(v[-1])):
+            return False
+        s, v = finite_tail(s, v, self.jitter_window)
+        if v.size < self.min_points:
+            return False
+        if ratio_max is not None and ratio_max >= self.ratio_mild:
+            return True
+        return bool(_turning_z(np.diff(v)) >= self.excess_z - 1e-9)
+
     def _strength(self, excess: bool, ratio_med: float | None) -> Strength | None:
         r = -math.inf if ratio_med is None else ratio_med
         if r >= self.ratio_strong or (excess and r >= self.ratio_mild):

@@ -16,6 +16,7 @@ series and the global ``lrwatch/update_ratio`` separately.
 
 Example:
     >>> import numpy as np
+from numpy.typing import NDArray
     >>> f = RatioDetector().check(np.arange(60), np.full(60, 0.05), tag="lrwatch/update_ratio")
     >>> f.kind.value, f.severity.value
     ('ratio_high', 'warning')
@@ -197,6 +198,22 @@ class RatioDetector:
         if progress is not None and high:
             message += f", but the loss keeps falling (Kendall p {fmt(progress[1])})"
         return Finding(kind, int(s[-1]), tag, severity, evidence, message)
+
+    def quiet_many(self, values: Values) -> NDArray[np.bool_]:
+        """Batch twin of :meth:`check` and :meth:`early` over a run of finite points.
+
+        For each point of ``values`` (finite, oldest first, as the window grows), True when
+        ``check`` gives None there and ``early`` is False: a full window whose median lies
+        within [low, high]. Points with fewer than ``window`` before them are False (ask
+        ``check``); so is a median within a hair of a threshold.
+        """
+        out = np.zeros(values.size, dtype=bool)
+        if values.size < self.window:
+            return out
+        med = np.median(np.lib.stride_tricks.sliding_window_view(values, self.window), axis=1)
+        eps = 1e-9
+        out[self.window - 1 :] = (med >= self.low * (1 + eps)) & (med <= self.high * (1 - eps))
+        return out
 
     def early(self, steps: Steps, values: Values) -> bool:
         """Whether a window too short for a full verdict has a critical median (then the loss

@@ -1,0 +1,211 @@
+"""Batch analysis: a run's new points judged a chunk at a time, with the point path's results.
+
+The point-by-point path (:meth:`.analyzer.RunAnalyzer.feed` with ``batch=False``) runs every
+detector of a tag's role at each new point: ~10-25 us of Python and numpy per point, which set
+the speed of ``analyze`` and of a daemon watching a fleet. Almost every point of a healthy run
+changes nothing but the history: no finding, no condition, no decision. Here, per chunk of at
+most ``CHUNK_STEPS`` steps, vectorised screens (:mod:`.role_screens`, each a necessary
+condition written beside its detector's ``check``) mark the steps where something could happen;
+only those steps go through the point path, at the same history, and everything between them
+is added in bulk (the history, the point counts, the explosion gates). Findings, decisions and
+the analyzer's saved state are the same as point by point; ``tests/test_batch_analysis.py``
+checks that on real runs, scenarios and random streams.
+
+Anything the screens cannot vouch for goes through the point path: a tag seen for the first
+time, a step logged again (a resumed trainer), a role or a condition the screens do not know.
+A detector that ``AnalyzerConfig`` holds but this module does not know turns the batch path off
+for the whole analyzer (:func:`supported`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+
+import numpy as np
+
+from lrwatch.analysis.config import AnalyzerConfig
+from lrwatch.analysis.explosion_gate import ExplosionGate
+from lrwatch.analysis.history import History
+from lrwatch.analysis.role_checks import RoleChecks
+from lrwatch.analysis.role_screens import RoleScreens, TagRun
+from lrwatch.analysis.run_tags import RunTags
+from lrwatch.schema import Decision, Scalar
+
+__all__ = ["CHUNK_STEPS", "BatchFeed", "supported"]
+
+logger = logging.getLogger(__name__)
+
+# Steps per chunk: bounds the arrays built per chunk (a few per tag, each at most the chunk's
+# points plus 512) and the rescreening after an event that changed what the screens read.
+CHUNK_STEPS = 1024
+# Every AnalyzerConfig field this module knows: the screens cover them, or they run only at
+# steps that go through the point path anyway (the metric's, GradScaler's, the policy's).
+KNOWN_SETTINGS = frozenset(
+    {
+        "metric",
+        "nonfinite",
+        "explosion",
+        "divergence",
+        "plateau_trend",
+        "oscillation",
+        "ratio",
+        "overfit",
+        "amp",
+        "schedule",
+        "plateau",
+        "policy",
+    }
+)
+StepFn = Callable[[int, list[Scalar]], list[Decision]]
+
+
+def supported(config: AnalyzerConfig) -> bool:
+    """Whether every detector of ``config`` is one the batch path knows (else: point path)."""
+    unknown = {f.name for f in dataclasses.fields(config)} - KNOWN_SETTINGS
+    if unknown:
+        logger.debug("batch analysis off: no batch twin for %s", ", ".join(sorted(unknown)))
+    return not unknown
+
+
+class BatchFeed:
+    """Feeds step-sorted points through ``step`` (the point path) only where needed."""
+
+    def __init__(
+        self, checks: RoleChecks, tags: RunTags, history: History, step: StepFn
+    ) -> None:
+        self.checks, self.tags, self.history, self.step = checks, tags, history, step
+        self.screens = RoleScreens(checks)
+
+    def feed(self, points: list[Scalar]) -> list[Decision]:
+        """Judge ``points`` (sorted by step); returns the decisions, as the point path would."""
+        out: list[Decision] = []
+        bounds = _step_starts(points)
+        for first in range(0, len(bounds), CHUNK_STEPS):
+            lo = bounds[first]
+            hi = bounds[first + CHUNK_STEPS] if first + CHUNK_STEPS < len(bounds) else len(points)
+            out.extend(self._chunk(points[lo:hi]))
+        return out
+
+    def _chunk(self, points: list[Scalar]) -> list[Decision]:
+        starts = _step_starts(points)
+        at = np.zeros(len(points), dtype=np.int64)
+        at[starts[1:]] = 1
+        at = np.cumsum(at)
+        runs = self._runs(points, at)
+        if runs is None:  # a step logged again: the history purges, point by point
+            return self._pointwise(points, starts, 0, len(starts))
+        out: list[Decision] = []
+        events = self._screen(runs, len(starts), 0)
+        i = 0
+        while i < len(starts):
+            nxt = np.flatnonzero(events[i:])
+            j = self._through_gates(runs, i, i + int(nxt[0]) if nxt.size else len(starts))
+            self._bulk(runs, i, j)
+            if j == len(starts):
+                break
+            key = self._context()
+            out.extend(self._pointwise(points, starts, j, j + 1))
+            i = j + 1
+            if self._context() != key and i < len(starts):
+                events[i:] = self._screen(runs, len(starts), i)
+        return out
+
+    def _runs(self, points: list[Scalar], at: np.ndarray) -> dict[str, TagRun] | None:
+        """Each tag's points in the chunk; None when a tag's steps do not rise strictly."""
+        index: dict[str, list[int]] = {}
+        for i, p in enumerate(points):
+            index.setdefault(p.tag, []).append(i)
+        runs = {}
+        for tag, idx in index.items():
+            mine = [points[i] for i in idx]
+            last = self.history.last(tag)
+            if last is not None and mine[0].step <= last.step:
+                return None
+            run = TagRun.build(tag, mine, at[idx], self.history)
+            if run.steps.size > 1 and not bool(np.all(np.diff(run.steps) > 0)):
+                return None
+            runs[tag] = run
+        return runs
+
+    def _screen(self, runs: dict[str, TagRun], n_steps: int, i: int) -> np.ndarray:
+        """Which steps from ``i`` on go through the point path, as far as known now."""
+        events = np.zeros(n_steps - i, dtype=bool)
+        self.screens.prepare(runs, self.history)
+        for tag, run in runs.items():
+            k0 = int(np.searchsorted(run.at, i))
+            if k0 == run.at.size:
+                continue
+            if tag not in self.tags.known:  # learning it may change the roles
+                events[run.at[k0] - i] = True
+                continue
+            counts = self.tags.counts.get(tag, 0)
+            for role in self.tags.by_tag.get(tag, ()):
+                mask = self.screens.events(role, run, k0, counts)
+                events[run.at[k0:][mask] - i] = True
+        return events
+
+    def _through_gates(self, runs: dict[str, TagRun], i: int, j: int) -> int:
+        """Advance the explosion gates over steps ``i..j-1``; returns the first step (<= j)
+        whose point one of them lets through to a check that might find something."""
+        gated = [
+            (tag, run)
+            for tag, run in runs.items()
+            if {"loss", "grad_norm"} & set(self.tags.by_tag.get(tag, ()))
+        ]
+        trial = {tag: dataclasses.replace(self._gate(tag)) for tag, _ in gated}
+        stop = j
+        for tag, run in gated:
+            stop = min(stop, self._gate_run(trial[tag], run, i, stop))
+        if stop == j:
+            self.checks.gates.update(trial)
+            return j
+        for tag, run in gated:  # rare: again on the real gates, up to that step
+            self._gate_run(self._gate(tag), run, i, stop)
+        return stop
+
+    def _gate(self, tag: str) -> ExplosionGate:
+        return self.checks.gates.setdefault(tag, ExplosionGate())
+
+    def _gate_run(self, gate: ExplosionGate, run: TagRun, i: int, j: int) -> int:
+        k0, k1 = np.searchsorted(run.at, [i, j])
+        values = run.values[k0:k1].tolist()
+        detector = self.checks.config.explosion
+        done = gate.run_through(
+            values, detector, lambda k: self.screens.explosion_look(run, int(k0) + k)
+        )
+        return j if done == len(values) else int(run.at[k0 + done])
+
+    def _bulk(self, runs: dict[str, TagRun], i: int, j: int) -> None:
+        """Steps ``i..j-1`` changed nothing but the history and the counts: add them at once."""
+        for tag, run in runs.items():
+            k0, k1 = (int(k) for k in np.searchsorted(run.at, [i, j]))
+            if k1 > k0:
+                self.history.extend_run(tag, run.points[k0:k1], run.values[k0:k1])
+                self.tags.counts[tag] = self.tags.counts.get(tag, 0) + k1 - k0
+
+    def _pointwise(
+        self, points: list[Scalar], starts: list[int], i: int, j: int
+    ) -> list[Decision]:
+        out: list[Decision] = []
+        for k in range(i, j):
+            end = starts[k + 1] if k + 1 < len(starts) else len(points)
+            out.extend(self.step(points[starts[k]].step, points[starts[k] : end]))
+        return out
+
+    def _context(self) -> tuple[object, ...]:
+        """What the screens read besides the points: when it changes, screen again."""
+        c = self.checks
+        return (
+            tuple(sorted(self.tags.roles.items())),
+            frozenset(c.conditions.active),
+            c.fresh_after(),
+            frozenset(self.tags.known),
+            frozenset(t for t in self.tags.known if c.opening_known(t)),
+        )
+
+
+def _step_starts(points: list[Scalar]) -> list[int]:
+    """Index of the first point of each step in ``points`` (sorted by step)."""
+    return [i for i in range(len(points)) if i == 0 or points[i].step != points[i - 1].step]
