@@ -152,7 +152,7 @@ class RoleScreens:
         s, v = s[start:], v[start:]
         if not bool(np.all(np.isfinite(v))) or (after is not None and bool(np.any(s <= after))):
             return np.ones(n, dtype=bool)  # holes or a cut inside: the check sees every point
-        quiet = det.quiet_many(v)[lo - start :]
+        quiet = det.quiet_many(v, from_start=start == 0)[lo - start :]
         return np.asarray(~quiet)
 
     def explosion_look(self, run: TagRun, k: int) -> np.ndarray | None:

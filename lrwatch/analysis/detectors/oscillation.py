@@ -191,6 +191,7 @@ class OscillationDetector:
             _message(tag, int(s[-1]), evidence),
         )
 
+    @quiet_numpy
     def could_fire(self, steps: Steps, values: Values, *, ratio_max: float | None) -> bool:
         """Batch twin of :meth:`check`: False only when ``check`` gives None on this window.
 

@@ -91,6 +91,9 @@ def aggregate(series: Mapping[str, Window]) -> Window:
     return uniq.astype(np.int64), meds
 
 
+_EPS = 1e-9  # the batch twin leaves medians this close to a threshold to check
+
+
 @dataclass(frozen=True)
 class RatioDetector:
     """Flag a median update/weight ratio above ``high`` or below ``low`` over the window.
@@ -199,21 +202,32 @@ class RatioDetector:
             message += f", but the loss keeps falling (Kendall p {fmt(progress[1])})"
         return Finding(kind, int(s[-1]), tag, severity, evidence, message)
 
-    def quiet_many(self, values: Values) -> NDArray[np.bool_]:
+    @quiet_numpy
+    def quiet_many(self, values: Values, *, from_start: bool) -> NDArray[np.bool_]:
         """Batch twin of :meth:`check` and :meth:`early` over a run of finite points.
 
-        For each point of ``values`` (finite, oldest first, as the window grows), True when
-        ``check`` gives None there and ``early`` is False: a full window whose median lies
-        within [low, high]. Points with fewer than ``window`` before them are False (ask
-        ``check``); so is a median within a hair of a threshold.
+        For each point of ``values`` (finite, oldest first), True when ``check`` gives None
+        there and ``early`` is False, for the window ending there: a median within [low, high]
+        (below the critical level while the window is short of ``min_points``). A median
+        within a hair of a threshold is False: ``check`` decides. ``from_start``: ``values``
+        begins the series, so its first windows are short; otherwise they are not judged.
         """
         out = np.zeros(values.size, dtype=bool)
-        if values.size < self.window:
-            return out
-        med = np.median(np.lib.stride_tricks.sliding_window_view(values, self.window), axis=1)
-        eps = 1e-9
-        out[self.window - 1 :] = (med >= self.low * (1 + eps)) & (med <= self.high * (1 - eps))
+        for i in range(min(values.size, self.window - 1) if from_start else 0):
+            out[i] = self._quiet_short(values[: i + 1])
+        if values.size >= self.window:
+            windows = np.lib.stride_tricks.sliding_window_view(values, self.window)
+            med = np.median(windows, axis=1)
+            out[self.window - 1 :] = (med >= self.low * (1 + _EPS)) & (
+                med <= self.high * (1 - _EPS)
+            )
         return out
+
+    def _quiet_short(self, v: Values) -> bool:
+        med = float(np.median(v))
+        if v.size < self.min_points:  # only early's critical median could speak
+            return v.size < self.early_points or med < self.critical_factor * self.high * (1 - _EPS)
+        return self.low * (1 + _EPS) <= med <= self.high * (1 - _EPS)
 
     def early(self, steps: Steps, values: Values) -> bool:
         """Whether a window too short for a full verdict has a critical median (then the loss
