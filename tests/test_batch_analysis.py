@@ -179,7 +179,7 @@ def differs(i: int) -> bool:
 SEEDS = range(30)
 # Streams where one detector acts alone: an oscillation seen by its alternation with a healthy
 # update ratio, and blow-ups between logging steps.
-FORCED = [(seed, "oscillate", 1e-3) for seed in range(4)] + [(seed, "diverge", 1e-3) for seed in range(4)]
+FORCED = [(seed, shape, 1e-3) for shape in ("oscillate", "diverge") for seed in range(4)]
 
 
 @functools.cache

@@ -72,9 +72,7 @@ def supported(config: AnalyzerConfig) -> bool:
 class BatchFeed:
     """Feeds step-sorted points through ``step`` (the point path) only where needed."""
 
-    def __init__(
-        self, checks: RoleChecks, tags: RunTags, history: History, step: StepFn
-    ) -> None:
+    def __init__(self, checks: RoleChecks, tags: RunTags, history: History, step: StepFn) -> None:
         self.checks, self.tags, self.history, self.step = checks, tags, history, step
         self.screens = RoleScreens(checks)
 
@@ -185,9 +183,7 @@ class BatchFeed:
                 self.history.extend_run(tag, run.points[k0:k1], run.values[k0:k1])
                 self.tags.counts[tag] = self.tags.counts.get(tag, 0) + k1 - k0
 
-    def _pointwise(
-        self, points: list[Scalar], starts: list[int], i: int, j: int
-    ) -> list[Decision]:
+    def _pointwise(self, points: list[Scalar], starts: list[int], i: int, j: int) -> list[Decision]:
         out: list[Decision] = []
         for k in range(i, j):
             end = starts[k + 1] if k + 1 < len(starts) else len(points)

@@ -180,7 +180,7 @@ class History:
             one.add(s, max_points)
 
     def extend_run(self, tag: str, points: list[Scalar], values: np.ndarray) -> None:
-        """Add one tag's points at once (steps rising strictly after its last): as :meth:`extend`."""
+        """Add one tag's points at once, as :meth:`extend` would (steps rising after its last)."""
         one = self._series.get(tag)
         if one is None:
             one = self._series[tag] = _Series(self._window)

@@ -18,7 +18,6 @@ losses only (a loss that can be <= 0 has no multiplicative "start level").
 
 Example:
     >>> import numpy as np
-from numpy.typing import NDArray
     >>> stuck = np.r_[np.full(20, 4.6), np.full(12, 70.0) + np.arange(12) % 3]
     >>> f = DivergenceDetector().check(np.arange(32), stuck, tag="loss", scale=4.6)
     >>> f.kind.value, f.severity.value, round(f.evidence["ratio"])
@@ -34,6 +33,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import NDArray
 
 from lrwatch import schema
 from lrwatch.analysis.detectors._window import Steps, Values, as_window, fmt, kendall, quiet_numpy

@@ -16,7 +16,6 @@ series and the global ``lrwatch/update_ratio`` separately.
 
 Example:
     >>> import numpy as np
-from numpy.typing import NDArray
     >>> f = RatioDetector().check(np.arange(60), np.full(60, 0.05), tag="lrwatch/update_ratio")
     >>> f.kind.value, f.severity.value
     ('ratio_high', 'warning')
@@ -33,6 +32,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import NDArray
 
 from lrwatch import schema
 from lrwatch.analysis.detectors._window import (
