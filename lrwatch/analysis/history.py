@@ -79,14 +79,15 @@ class _Series:
             self.stride *= 2
         self.phase = 1 % self.stride
 
-    def add_run(self, points: list[Scalar], values: np.ndarray, max_points: int) -> None:
+    def add_run(
+        self, points: list[Scalar], steps: list[int], values: np.ndarray, max_points: int
+    ) -> None:
         """:meth:`add` for each of ``points`` at once, with the same resulting state.
 
         The batch analysis path (:mod:`lrwatch.analysis.batch`) calls it only for points whose
-        steps rise strictly and follow ``last``, so nothing is purged. ``values`` holds their
-        values as float64.
+        steps rise strictly and follow ``last``, so nothing is purged. ``steps`` and ``values``
+        (float64) are theirs.
         """
-        steps = [p.step for p in points]
         floats = values.tolist()
         self.count += len(points)
         self.last = points[-1]
@@ -179,12 +180,14 @@ class History:
                 one = series[s.tag] = _Series(window)
             one.add(s, max_points)
 
-    def extend_run(self, tag: str, points: list[Scalar], values: np.ndarray) -> None:
+    def extend_run(
+        self, tag: str, points: list[Scalar], steps: list[int], values: np.ndarray
+    ) -> None:
         """Add one tag's points at once, as :meth:`extend` would (steps rising after its last)."""
         one = self._series.get(tag)
         if one is None:
             one = self._series[tag] = _Series(self._window)
-        one.add_run(points, values, self._max_points)
+        one.add_run(points, steps, values, self._max_points)
 
     def tags(self) -> list[str]:
         return sorted(self._series)

@@ -53,10 +53,16 @@ class TagRun:
     head: int  # index in ext_* of the chunk's first point
 
     @classmethod
-    def build(cls, tag: str, points: list[Scalar], at: np.ndarray, history: History) -> TagRun:
+    def build(
+        cls,
+        tag: str,
+        points: list[Scalar],
+        steps: np.ndarray,
+        values: np.ndarray,
+        at: np.ndarray,
+        history: History,
+    ) -> TagRun:
         old_steps, old_values = history.window(tag, HISTORY_WINDOW)
-        steps = np.fromiter((p.step for p in points), np.int64, len(points))
-        values = np.fromiter((p.value for p in points), np.float64, len(points))
         return cls(
             tag,
             points,

@@ -229,7 +229,6 @@ class ExplosionDetector:
             evidence.update(trend_tau=trend[0], trend_p_value=trend[1])
         return self._finding(int(s[-1]), tag, evidence, critical=critical, minor=minor)
 
-    @quiet_numpy
     def could_fire(self, values: Values) -> bool:
         """Batch twin of :meth:`check`: False only when ``check`` on this window gives None.
 
@@ -237,16 +236,26 @@ class ExplosionDetector:
         rule asks that of its last ``confirm`` points) or a runaway; a ``scale`` only removes
         findings. The batch path runs the full check only where this says True.
         """
-        if values.size == 0 or not math.isfinite(float(values[-1])):
+        last = float(values[-1]) if values.size else math.nan
+        if not math.isfinite(last):
             return False
-        v = values[np.isfinite(values)]
-        log_space = bool(np.all(v > 0))
-        if log_space and self._is_runaway(v):
-            return True
+        finite = np.isfinite(values)
+        v = values if bool(finite.all()) else values[finite]
+        log_space = bool(v.min() > 0)
+        tail = v[-self.growth_points :].tolist()
+        rising = all(b > a for a, b in zip(tail, tail[1:], strict=False))
+        if log_space and len(tail) == self.growth_points and rising:  # as _is_runaway
+            if tail[-1] >= self.growth_factor * tail[0]:
+                return True
         base = v[: max(v.size - self.confirm, 1)][-self.window :]
-        med = float(np.median(_tx(base, log_space)))
-        ratio = float(_ratio(v[-1:], med, log_space)[0])
-        return not ratio < self.min_ratio * (1 - 1e-9)  # NaN: let the check decide
+        n = base.size
+        lo, hi = np.partition(base, [(n - 1) // 2, n // 2])[[(n - 1) // 2, n // 2]].tolist()
+        if log_space:  # the median of the logs: the two middle values are the same ones
+            excess = math.log(last) - (math.log(lo) + math.log(hi)) / 2
+            return not excess < math.log(self.min_ratio) - 1e-9  # a hair short: check decides
+        med = (lo + hi) / 2
+        ratio = 1.0 + (last - med) / max(abs(med), 1e-12)
+        return not ratio < self.min_ratio * (1 - 1e-9)  # a hair short, or NaN: check decides
 
     def _loud(self, tail: Values, base: Values, scale: float | None) -> np.ndarray:
         """Which tail points clear the noise floor (all of them without a ``scale``)."""
