@@ -40,7 +40,7 @@ __all__ = ["NoUsableTags", "RunAnalyzer", "analyze_run"]
 
 logger = logging.getLogger(__name__)
 
-_STEP = operator.attrgetter("step")
+_TAG, _STEP = operator.itemgetter(0), operator.itemgetter(1)  # Scalar's tag and step
 _SOON_FRACTION = 0.1  # a schedule cut this fraction of its period away is "about to happen"
 _TAIL = 0.5  # a decaying LR at or below this fraction of its peak is in its tail
 
@@ -121,10 +121,11 @@ class RunAnalyzer:
         """
         batch = [*self._held, *scalars]
         ready, self._held = self._complete(batch, hooked=hooked) if live else (batch, [])
-        tags = {s.tag for s in ready}
+        tags = set(map(_TAG, ready))
         self._tags.tags |= tags
         keep = {t for t in tags if self._tags.is_useful(t, metric=self.config.metric)}
-        mine = sorted((s for s in ready if s.tag in keep), key=_STEP)
+        mine = [s for s in ready if s.tag in keep]
+        mine.sort(key=_STEP)
         out: list[Decision] = []
         if self._batch is not None:
             out = self._batch.feed(mine)

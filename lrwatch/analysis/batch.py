@@ -4,7 +4,7 @@ The point-by-point path (:meth:`.analyzer.RunAnalyzer.feed` with ``batch=False``
 detector of a tag's role at each new point: ~10-25 us of Python and numpy per point, which set
 the speed of ``analyze`` and of a daemon watching a fleet. Almost every point of a healthy run
 changes nothing but the history: no finding, no condition, no decision. Here, per chunk of at
-most ``CHUNK_STEPS`` steps, vectorised screens (:mod:`.role_screens`, each a necessary
+most ``CHUNK_POINTS`` points, vectorised screens (:mod:`.role_screens`, each a necessary
 condition written beside its detector's ``check``) mark the steps where something could happen;
 only those steps go through the point path, at the same history, and everything between them
 is added in bulk (the history, the point counts, the explosion gates). Findings, decisions and
@@ -19,6 +19,7 @@ for the whole analyzer (:func:`supported`).
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import logging
 import operator
@@ -34,13 +35,14 @@ from lrwatch.analysis.role_screens import RoleScreens, TagRun
 from lrwatch.analysis.run_tags import RunTags
 from lrwatch.schema import Decision, Scalar
 
-__all__ = ["CHUNK_STEPS", "BatchFeed", "supported"]
+__all__ = ["CHUNK_POINTS", "BatchFeed", "supported"]
 
 logger = logging.getLogger(__name__)
 
-# Steps per chunk: bounds the arrays built per chunk (a few per tag, each at most the chunk's
-# points plus 512) and the rescreening after an event that changed what the screens read.
-CHUNK_STEPS = 1024
+# Points per chunk (at most, but for a step with more): bounds the arrays built per chunk (a
+# few per tag, each at most the chunk's points plus 512) and the rescreening after an event
+# that changed what the screens read.
+CHUNK_POINTS = 4096
 # Every AnalyzerConfig field this module knows: the screens cover them, or they run only at
 # steps that go through the point path anyway (the metric's, GradScaler's, the policy's).
 KNOWN_SETTINGS = frozenset(
@@ -81,20 +83,18 @@ class BatchFeed:
     def feed(self, points: list[Scalar]) -> list[Decision]:
         """Judge ``points`` (sorted by step); returns the decisions, as the point path would."""
         out: list[Decision] = []
-        n = len(points)
-        cols = _Columns(points)
-        bounds = np.flatnonzero(np.diff(cols.steps, prepend=-(2**62))).tolist()
-        for first in range(0, len(bounds), CHUNK_STEPS):
-            lo = bounds[first]
-            hi = bounds[first + CHUNK_STEPS] if first + CHUNK_STEPS < len(bounds) else n
-            starts = [b - lo for b in bounds[first : first + CHUNK_STEPS]]
-            out.extend(self._chunk(points[lo:hi], cols.part(lo, hi), starts))
+        lo = 0
+        while lo < len(points):
+            hi = _chunk_end(points, lo)
+            out.extend(self._chunk(points[lo:hi]))
+            lo = hi
         return out
 
-    def _chunk(self, points: list[Scalar], cols: _Columns, starts: list[int]) -> list[Decision]:
-        at = np.zeros(len(points), dtype=np.int64)
-        at[starts[1:]] = 1
-        at = np.cumsum(at)
+    def _chunk(self, points: list[Scalar]) -> list[Decision]:
+        cols = _Columns(points)
+        new_step = np.diff(cols.steps, prepend=cols.steps[0] - 1) != 0
+        starts = np.flatnonzero(new_step).tolist()
+        at = np.cumsum(new_step) - 1
         runs = self._runs(points, cols, at)
         if runs is None:  # a step logged again: the history purges, point by point
             return self._pointwise(points, starts, 0, len(starts))
@@ -175,7 +175,7 @@ class BatchFeed:
         values = run.values[k0:k1].tolist()
         detector = self.checks.config.explosion
         done = gate.run_through(
-            values, detector, lambda k: self.screens.explosion_look(run, int(k0) + k)
+            values, detector, lambda k: self.screens.explosion_window(run, int(k0) + k)
         )
         return j if done == len(values) else int(run.at[k0 + done])
 
@@ -208,21 +208,23 @@ class BatchFeed:
         )
 
 
+def _chunk_end(points: list[Scalar], lo: int) -> int:
+    """The end of the chunk of ``points`` (sorted by step) that starts at ``lo``: about
+    ``CHUNK_POINTS`` points, ending at a step boundary (a longer step is a chunk of its own)."""
+    hi = lo + CHUNK_POINTS
+    if hi >= len(points):
+        return len(points)
+    end = bisect.bisect_left(points, points[hi].step, lo, hi, key=_STEP)
+    return end if end > lo else bisect.bisect_right(points, points[lo].step, lo, key=_STEP)
+
+
 class _Columns:
     """Steps, values and tag codes of a list of points, as arrays (one pass each)."""
 
-    def __init__(self, points: list[Scalar] | None = None) -> None:
-        if points is None:
-            return
+    def __init__(self, points: list[Scalar]) -> None:
         n = len(points)  # map and itemgetter: C loops, a third of a generator's cost
         tags = list(map(_TAG, points))
         self.codes: dict[str, int] = {tag: i for i, tag in enumerate(dict.fromkeys(tags))}
         self.tags = np.fromiter(map(self.codes.__getitem__, tags), np.int64, n)
         self.steps = np.fromiter(map(_STEP, points), np.int64, n)
         self.values = np.fromiter(map(_VALUE, points), np.float64, n)
-
-    def part(self, lo: int, hi: int) -> _Columns:
-        out = _Columns()
-        out.codes = self.codes
-        out.tags, out.steps, out.values = self.tags[lo:hi], self.steps[lo:hi], self.values[lo:hi]
-        return out

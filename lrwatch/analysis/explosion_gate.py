@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lrwatch import schema
-from lrwatch.analysis.detectors.explosion import ExplosionDetector
+from lrwatch.analysis.detectors.explosion import ExplosionDetector, middle_values
 
 REBASE_EVERY = 16  # points between two refreshes of the gate's baseline
 
@@ -43,25 +43,23 @@ class ExplosionGate:
         self,
         values: Sequence[float],
         detector: ExplosionDetector,
-        look: Callable[[int], np.ndarray | None],
+        window_at: Callable[[int], np.ndarray],
     ) -> int:
         """Batch twin of :meth:`admits` then :meth:`rebase`, over ``values`` in turn.
 
-        At each point the gate admits, ``look(i)`` returns the window the full check would
-        read, or None when that check might find something. Stops there, the gate as it was
-        before point ``i`` (the point-by-point path judges it), and returns ``i``; returns
-        ``len(values)`` when it went through all of them.
+        At each point the gate admits, ``window_at(i)`` is the window the full check would
+        read. Where the check might find something (``detector.could_fire``), stops, the gate
+        as it was before point ``i`` (the point-by-point path judges it), and returns ``i``;
+        returns ``len(values)`` when it went through all of them.
         """
         runaway_rises = detector.growth_points - 1
         for i, value in enumerate(values):
             rises = self.rises + 1 if value > self.prev else 0
             since = self.since + 1
             if value >= self.bar or rises >= runaway_rises or since >= REBASE_EVERY:
-                window = look(i)
-                if window is None:
+                if not self._rebase_many(window_at(i), detector):
                     return i
-                self.rises, self.prev, self.since = rises, value, since
-                self._rebase_many(window, detector)
+                self.rises, self.prev = rises, value  # and since = 0: rebased
             else:
                 self.rises, self.prev, self.since = rises, value, since
         return len(values)
@@ -76,20 +74,24 @@ class ExplosionGate:
         med = float(np.median(base))
         self.bar = med + 0.5 * (detector.min_ratio - 1.0) * abs(med)
 
-    def _rebase_many(self, values: np.ndarray, detector: ExplosionDetector) -> None:
-        """:meth:`rebase` with the median from one partition: the same float as np.median
-        (the middle value, or the two middle ones summed and halved), at a fifth of the cost."""
-        self.since = 0
+    def _rebase_many(self, values: np.ndarray, detector: ExplosionDetector) -> bool:
+        """:meth:`rebase` after a check that finds nothing, else False (the gate unchanged).
+
+        The baseline's median from one partition, shared with ``could_fire``: the same float
+        as np.median (the middle value, or the two middle ones summed and halved)."""
         finite = np.isfinite(values)
         base = (values if bool(finite.all()) else values[finite])[: -detector.confirm]
         base = base[-detector.window :]
-        n = base.size
-        if n < detector.min_history:
+        middle = middle_values(base) if base.size else None
+        if detector.could_fire(values, middle=middle):
+            return False
+        self.since = 0
+        if middle is None or base.size < detector.min_history:
             self.bar = -math.inf
-            return
-        middle = np.partition(base, [(n - 1) // 2, n // 2])
-        med = float(middle[n // 2]) if n % 2 else float((middle[n // 2 - 1] + middle[n // 2]) / 2)
+            return True
+        med = (middle[0] + middle[1]) / 2  # np.median's mean of two (one value: itself)
         self.bar = med + 0.5 * (detector.min_ratio - 1.0) * abs(med)
+        return True
 
     def state(self) -> list[float | int | str]:
         return [schema.json_number(self.bar), schema.json_number(self.prev), self.rises, self.since]

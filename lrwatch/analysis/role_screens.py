@@ -161,9 +161,7 @@ class RoleScreens:
         quiet = det.quiet_many(v, from_start=start == 0)[lo - start :]
         return np.asarray(~quiet)
 
-    def explosion_look(self, run: TagRun, k: int) -> np.ndarray | None:
-        """For the gate at chunk point ``k``: the window the full explosion check reads, or
-        None when that check might find something (the point goes through ``check``)."""
+    def explosion_window(self, run: TagRun, k: int) -> np.ndarray:
+        """The values the full explosion check reads at chunk point ``k``."""
         e = self.config.explosion
-        _, values = run.window(k, e.window + e.confirm)
-        return None if e.could_fire(values) else values
+        return run.window(k, e.window + e.confirm)[1]

@@ -229,12 +229,13 @@ class ExplosionDetector:
             evidence.update(trend_tau=trend[0], trend_p_value=trend[1])
         return self._finding(int(s[-1]), tag, evidence, critical=critical, minor=minor)
 
-    def could_fire(self, values: Values) -> bool:
+    def could_fire(self, values: Values, *, middle: tuple[float, float] | None = None) -> bool:
         """Batch twin of :meth:`check`: False only when ``check`` on this window gives None.
 
         Every rule needs the last point at ``min_ratio`` times the baseline median (the trend
         rule asks that of its last ``confirm`` points) or a runaway; a ``scale`` only removes
-        findings. The batch path runs the full check only where this says True.
+        findings. The batch path runs the full check only where this says True. ``middle``:
+        the two middle values of the baseline, when the caller has them already.
         """
         last = float(values[-1]) if values.size else math.nan
         if not math.isfinite(last):
@@ -247,9 +248,9 @@ class ExplosionDetector:
         if log_space and len(tail) == self.growth_points and rising:  # as _is_runaway
             if tail[-1] >= self.growth_factor * tail[0]:
                 return True
-        base = v[: max(v.size - self.confirm, 1)][-self.window :]
-        n = base.size
-        lo, hi = np.partition(base, [(n - 1) // 2, n // 2])[[(n - 1) // 2, n // 2]].tolist()
+        if middle is None:
+            middle = middle_values(v[: max(v.size - self.confirm, 1)][-self.window :])
+        lo, hi = middle
         if log_space:  # the median of the logs: the two middle values are the same ones
             excess = math.log(last) - (math.log(lo) + math.log(hi)) / 2
             return not excess < math.log(self.min_ratio) - 1e-9  # a hair short: check decides
@@ -309,6 +310,14 @@ class ExplosionDetector:
             f"{fmt(ev['median'])} ({why}, growth {fmt(100 * ev['growth_rate'])}% per step)"
         )
         return Finding(schema.Kind.EXPLOSION, step, tag, severity, ev, message)
+
+
+def middle_values(x: Values) -> tuple[float, float]:
+    """The two middle values of a non-empty ``x`` (the same one twice for an odd size), from
+    one partition: np.median is their mean, computed the same way, at five times the cost."""
+    n = x.size
+    part = np.partition(x, [(n - 1) // 2, n // 2])
+    return float(part[(n - 1) // 2]), float(part[n // 2])
 
 
 def _tx(x: Values, log_space: bool) -> Values:
