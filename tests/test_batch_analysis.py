@@ -196,10 +196,15 @@ def reference(i: int) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------ tests
 @pytest.mark.parametrize("seed", SEEDS)
-def test_batch_equals_point_by_point_on_random_streams(seed: int) -> None:
+def test_batch_equals_point_by_point_on_random_streams(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     assert not differs(seed)  # fed whole
     for feed in feeds(seed):
         assert_same(feed)
+        monkeypatch.setattr(batch, "MIN_POINTS", 0)  # small reads through the batch path too
+        assert_same(feed)
+        monkeypatch.undo()
 
 
 def test_batch_equals_point_by_point_on_single_detector_streams() -> None:
@@ -212,6 +217,7 @@ def test_every_chunk_boundary(chunk_points: int, monkeypatch: pytest.MonkeyPatch
     """Chunks of one step (a chunk of 1 point ends at its step), a few, splitting every
     detector's window at every position."""
     monkeypatch.setattr(batch, "CHUNK_POINTS", chunk_points)
+    monkeypatch.setattr(batch, "MIN_POINTS", 0)
     for i in range(8):
         assert not differs(i)
 

@@ -58,6 +58,7 @@ class RoleChecks:
         self.conditions = Conditions()
         self.gates: dict[str, ExplosionGate] = {}
         self._openings: dict[str, np.ndarray] = {}  # each loss tag's first points, once in
+        self._levels: dict[str, float] = {}  # their median
         self._fresh_after = fresh_after
 
     def check(self, role: Role, point: Scalar) -> list[Finding]:
@@ -186,9 +187,16 @@ class RoleChecks:
         return values
 
     def _start_level(self, tag: str) -> float | None:
-        """A loss's own scale: the median of its opening points."""
+        """A loss's own scale: the median of its opening points (kept once they are all in:
+        it was a median per loss point, a quarter of a daemon's work per step)."""
+        level = self._levels.get(tag)
+        if level is not None:
+            return level
         values = self._opening(tag)
-        return float(np.median(values)) if values.size else None
+        level = float(np.median(values)) if values.size else None
+        if level is not None and tag in self._openings:
+            self._levels[tag] = level
+        return level
 
     def _init_level(self, tag: str) -> float | None:
         """The loss at initialisation: the run's first finite point."""
