@@ -312,3 +312,35 @@ def test_batch_equals_point_by_point_on_real_trainings(tmp_path: Path) -> None:
         for feed in ([scalars], False), (reads(scalars, rng), True):
             kinds |= {f.kind for f in assert_same(feed).findings}
     assert {Kind.EXPLOSION, Kind.NONFINITE} <= kinds
+
+
+def cut_then_jump(*, every: int = 1, ack: bool = True) -> list[Scalar]:
+    """A blow-up the analyzer answers with a cut, which the run applies at step 310 (LR / 10,
+    acknowledged); from then on its update ratio jumps to 0.2 while the loss stays flat. The
+    ratio check then reads only points after the cut (a short window, its early rule): the
+    batch path must see that window change at the step the cut shows in the data (the
+    acknowledgement, or without one the logged LR)."""
+    rng = np.random.default_rng(0)
+    out: list[Scalar] = []
+    for step in range(1, 601):
+        loss = 2.0 * math.exp(-min(step, 310) / 100) + 0.5 + 0.01 * rng.random()
+        grad = 1.0 + 0.1 * rng.random()
+        if 300 <= step < 303:
+            grad *= 1000.0
+        row = [(schema.LOSS, loss), (schema.NONFINITE, 0.0), (schema.GRAD_NORM, grad)]
+        if step % every == 0:
+            ratio = (1e-3 if step < 310 else 0.2) * (1 + 0.1 * rng.random())
+            row.append((schema.UPDATE_RATIO, ratio))
+        if step == 310 and ack:
+            row.append((schema.LR_FACTOR, 10.0))
+        row.append((schema.LR, 0.1 if step < 310 else 0.01))
+        out += [Scalar(tag, step, 0.0, float(v)) for tag, v in row]
+    return out
+
+
+@pytest.mark.parametrize("every", [1, 2])
+@pytest.mark.parametrize("ack", [True, False])
+def test_a_cut_taking_effect_between_events(every: int, ack: bool) -> None:
+    analyzer = assert_same(([cut_then_jump(every=every, ack=ack)], False))
+    assert any(d.action is schema.ActionKind.LR_CUT for d in analyzer.decisions)
+    assert any(f.kind is Kind.RATIO_HIGH and 310 < f.step < 350 for f in analyzer.findings)

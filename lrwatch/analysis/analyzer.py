@@ -71,7 +71,14 @@ class RunAnalyzer:
         self.plateau = self._checks.plateau
         # batch=False keeps the point-by-point path: the reference the batch path is tested on
         self._batch = (
-            BatchFeed(self._checks, self._tags, self.history, self._step)
+            BatchFeed(
+                self._checks,
+                self._tags,
+                self.history,
+                step=self._step,
+                fresh_if=self._fresh_after_if,
+                cut=lambda: self._cut is not None,
+            )
             if batch and batch_supported(self.config)
             else None
         )
@@ -225,6 +232,14 @@ class RunAnalyzer:
         if self._cut is None or self._cut_unapplied():
             return None
         return self._cut.step
+
+    def _fresh_after_if(self, ack: Scalar | None, lr: Scalar | None) -> int | None:
+        """:meth:`_fresh_after` once ``ack`` and ``lr`` are the last acknowledgement and LR
+        points (the batch path asks it for points it adds in bulk); None without a cut."""
+        if self._cut is None:
+            return None
+        unapplied = self._cut.unapplied(advice_only=self.advice_only, ack=ack, lr=lr)
+        return None if unapplied else self._cut.step
 
     def _schedule_will(self, step: int) -> str | None:
         """Why a gentle cut (plateau, high ratio, oscillation) is the schedule's job now, or

@@ -27,6 +27,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from lrwatch import schema
 from lrwatch.analysis.config import AnalyzerConfig
 from lrwatch.analysis.explosion_gate import ExplosionGate
 from lrwatch.analysis.history import History
@@ -65,6 +66,7 @@ KNOWN_SETTINGS = frozenset(
     }
 )
 StepFn = Callable[[int, list[Scalar]], list[Decision]]
+FreshFn = Callable[[Scalar | None, Scalar | None], int | None]  # (last ack, last LR) -> after
 _TAG, _STEP, _VALUE = (operator.itemgetter(i) for i in (0, 1, 3))  # Scalar's fields
 
 
@@ -79,8 +81,18 @@ def supported(config: AnalyzerConfig) -> bool:
 class BatchFeed:
     """Feeds step-sorted points through ``step`` (the point path) only where needed."""
 
-    def __init__(self, checks: RoleChecks, tags: RunTags, history: History, step: StepFn) -> None:
+    def __init__(
+        self,
+        checks: RoleChecks,
+        tags: RunTags,
+        history: History,
+        *,
+        step: StepFn,
+        fresh_if: FreshFn,
+        cut: Callable[[], bool],
+    ) -> None:
         self.checks, self.tags, self.history, self.step = checks, tags, history, step
+        self.fresh_if, self.cut = fresh_if, cut  # the analyzer's: its last cut, if any
         self.screens = RoleScreens(checks)
 
     def feed(self, points: list[Scalar]) -> list[Decision]:
@@ -152,7 +164,32 @@ class BatchFeed:
             for role in self.tags.by_tag.get(tag, ()):
                 mask = self.screens.events(role, run, k0, counts)
                 events[run.at[k0:][mask] - i] = True
+        flip = self._fresh_flip(runs, i) if self.cut() else None
+        if flip is not None:
+            events[flip - i] = True
         return events
+
+    def _fresh_flip(self, runs: dict[str, TagRun], i: int) -> int | None:
+        """The first step from ``i`` on whose acknowledgement or LR point changes which points
+        the LR-judging checks read (``RoleChecks.fresh_after``: the last cut took effect): it
+        goes through the point path, and the screens then read the new windows."""
+        now = self.checks.fresh_after()
+        lr_tag = self.tags.roles.get("lr")
+        ack = self.history.last(schema.LR_FACTOR)
+        lr = None if lr_tag is None else self.history.last(lr_tag)
+        points: list[tuple[int, Scalar]] = []
+        for tag in (schema.LR_FACTOR, lr_tag):
+            run = None if tag is None else runs.get(tag)
+            if run is not None:
+                k0 = int(np.searchsorted(run.at, i))
+                points += zip(run.at[k0:].tolist(), run.points[k0:], strict=True)
+        points.sort(key=operator.itemgetter(0))
+        for n, (at, p) in enumerate(points):
+            ack, lr = (p, lr) if p.tag == schema.LR_FACTOR else (ack, p)
+            last_of_step = n + 1 == len(points) or points[n + 1][0] != at
+            if last_of_step and self.fresh_if(ack, lr) != now:
+                return at
+        return None
 
     def _through_gates(self, runs: dict[str, TagRun], i: int, j: int) -> int:
         """Advance the explosion gates over steps ``i..j-1``; returns the first step (<= j)
