@@ -203,6 +203,7 @@ def test_batch_equals_point_by_point_on_random_streams(
     for feed in feeds(seed):
         assert_same(feed)
         monkeypatch.setattr(batch, "MIN_POINTS", 0)  # small reads through the batch path too
+        monkeypatch.setattr(batch, "DENSE", 2.0)  # and busy chunks
         assert_same(feed)
         monkeypatch.undo()
 
@@ -218,6 +219,7 @@ def test_every_chunk_boundary(chunk_points: int, monkeypatch: pytest.MonkeyPatch
     detector's window at every position."""
     monkeypatch.setattr(batch, "CHUNK_POINTS", chunk_points)
     monkeypatch.setattr(batch, "MIN_POINTS", 0)
+    monkeypatch.setattr(batch, "DENSE", 2.0)
     for i in range(8):
         assert not differs(i)
 
@@ -266,6 +268,7 @@ def _broken(cls: type, name: str) -> Callable[..., Any]:
 
 @pytest.mark.parametrize(("cls", "name"), list(twins()), ids=lambda x: getattr(x, "__name__", x))
 def test_a_broken_twin_is_caught(cls: type, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(batch, "DENSE", 2.0)  # no chunk handed whole to the point path
     monkeypatch.setattr(cls, name, _broken(cls, name))
     assert any(differs(i) for i in range(len(corpus())))
 
