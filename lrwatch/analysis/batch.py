@@ -193,23 +193,29 @@ class BatchFeed:
     def _fresh_flip(self, runs: dict[str, TagRun], i: int) -> int | None:
         """The first step from ``i`` on whose acknowledgement or LR point changes which points
         the LR-judging checks read (``RoleChecks.fresh_after``: the last cut took effect): it
-        goes through the point path, and the screens then read the new windows."""
+        goes through the point path, and the screens then read the new windows.
+
+        The verdict reads the last ack and the last LR point, whose steps all follow the cut's
+        (decided at an event before ``i``): so it can change only at an ack, at the first LR
+        point, or where the LR's value changes. Only those are asked."""
         now = self.checks.fresh_after()
         lr_tag = self.tags.roles.get("lr")
-        ack = self.history.last(schema.LR_FACTOR)
-        lr = None if lr_tag is None else self.history.last(lr_tag)
-        points: list[tuple[int, Scalar]] = []
-        for tag in (schema.LR_FACTOR, lr_tag):
-            run = None if tag is None else runs.get(tag)
+        ack_run = runs.get(schema.LR_FACTOR)
+        lr_run = None if lr_tag is None else runs.get(lr_tag)
+        ask: list[int] = []
+        for run, every in ((ack_run, True), (lr_run, False)):
             if run is not None:
                 k0 = int(np.searchsorted(run.at, i))
-                points += zip(run.at[k0:].tolist(), run.points[k0:], strict=True)
-        points.sort(key=operator.itemgetter(0))
-        for n, (at, p) in enumerate(points):
-            ack, lr = (p, lr) if p.tag == schema.LR_FACTOR else (ack, p)
-            last_of_step = n + 1 == len(points) or points[n + 1][0] != at
-            if last_of_step and self.fresh_if(ack, lr) != now:
-                return at
+                if k0 < run.at.size:
+                    moved = np.flatnonzero(np.diff(run.values[k0:]) != 0) + 1
+                    ask += run.at[k0:].tolist() if every else run.at[k0 + moved].tolist()
+                    ask.append(int(run.at[k0]))
+        for step in sorted(set(ask)):
+            ack, lr = _last_at(ack_run, step), _last_at(lr_run, step)
+            ack = ack or self.history.last(schema.LR_FACTOR)
+            lr = lr or (None if lr_tag is None else self.history.last(lr_tag))
+            if self.fresh_if(ack, lr) != now:
+                return step
         return None
 
     def _through_gates(self, runs: dict[str, TagRun], i: int, j: int) -> int:
@@ -280,6 +286,14 @@ def _chunk_end(points: list[Scalar], lo: int) -> int:
         return len(points)
     end = bisect.bisect_left(points, points[hi].step, lo, hi, key=_STEP)
     return end if end > lo else bisect.bisect_right(points, points[lo].step, lo, key=_STEP)
+
+
+def _last_at(run: TagRun | None, step: int) -> Scalar | None:
+    """``run``'s last point at chunk step ``step`` or before (None: none in the chunk)."""
+    if run is None:
+        return None
+    k = int(np.searchsorted(run.at, step, side="right"))
+    return run.points[k - 1] if k else None
 
 
 class _Columns:
