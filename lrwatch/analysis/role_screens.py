@@ -27,6 +27,8 @@ from lrwatch.schema import Kind, Scalar
 HISTORY_WINDOW = 512  # what History keeps per tag (its default), so the longest window read
 _OSCILLATION_STRIDE = 2  # as in role_checks
 _TREND_STRIDE = 4
+_START_POINTS = 10  # as in role_checks
+THINNED_FROM = 2048  # History's max_points: its thinned history is the series until then
 # Conditions that, while ongoing on a tag, make every point of it an event (the check runs to
 # see them continue or end); oscillation and the plateau trend only at their strided points.
 _ONGOING: dict[Role, tuple[Kind, ...]] = {
@@ -129,7 +131,7 @@ class RoleScreens:
         c, tag = self.config, run.tag
         n = run.values.size - k0
         if not self.checks.opening_known(tag):  # its first points still set the loss's scale
-            return np.ones(n, dtype=bool)
+            return self._until_opening(run, k0, counts)
         scale = self.checks.first_level(tag)
         out = c.divergence.could_fire_many(run.values[k0:], scale)
         number = counts + 1 + np.arange(n)  # each point's count, as check sees it
@@ -142,6 +144,21 @@ class RoleScreens:
             out[i] |= ongoing or c.oscillation.could_fire(*window, ratio_max=ratio_max)
         if self.checks.tags.metric(c.metric) == tag:  # the plateau trend: no batch twin
             out |= number % max(c.plateau_trend.window // _TREND_STRIDE, 1) == 0
+        return out
+
+    def _until_opening(self, run: TagRun, k0: int, counts: int) -> np.ndarray:
+        """Every point up to the one that completes the loss's opening (its first
+        ``role_checks._START_POINTS`` finite points: the check keeps them then, and the screens
+        are asked again). While the history still holds the whole series unthinned, that point
+        is known; otherwise all of them."""
+        n = run.values.size - k0
+        out = np.ones(n, dtype=bool)
+        if counts >= HISTORY_WINDOW:  # the history no longer holds all of its points
+            return out
+        finite = np.cumsum(np.isfinite(run.ext_values[: run.head + k0 + n]))
+        done = np.flatnonzero(finite >= _START_POINTS)
+        if done.size and int(done[0]) < THINNED_FROM:
+            out[max(int(done[0]) - run.head - k0 + 1, 0) :] = False
         return out
 
     def _ratio(self, run: TagRun, k0: int) -> np.ndarray:
