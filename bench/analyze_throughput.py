@@ -149,7 +149,8 @@ def command(root: Path, *args: str) -> tuple[float, float]:
 def print_cases(run_dir: Path, total: int) -> None:
     rows = {name: in_child(name, run_dir) for name in CASES}
     tb = total / rows["tb"]["cpu"]
-    print(f"{total:,} scalars, {run_dir.stat().st_size if run_dir.is_file() else 0}")
+    size = sum(f.stat().st_size for f in run_dir.iterdir())
+    print(f"{total:,} scalars, {size / 1e6:.0f} MB of event file; each case in its own process")
     for name, r in rows.items():
         rate = total / r["cpu"]
         found = f"{r.get('findings', '-')} findings, {r.get('decisions', '-')} decisions"
