@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lrwatch.analysis.analyzer import RunAnalyzer
+from lrwatch.errors import RunGone
 from lrwatch.events.reader import find_runs, read_run
 from lrwatch.schema import Scalar
 
@@ -56,8 +57,13 @@ def main() -> None:
     rng = random.Random(0)
     kinds: Counter[str] = Counter()
     bad, scalars_total, t0 = [], 0, time.process_time()
+    gone = 0
     for run in runs:
-        scalars = read_run(run)
+        try:
+            scalars = read_run(run)
+        except RunGone:  # another job's sweep removed it meanwhile
+            gone += 1
+            continue
         scalars_total += len(scalars)
         reads = [rng.choice([1, 7, 64, 500, 5000]) for _ in range(len(scalars))]
         for feed in (None, reads):
@@ -70,7 +76,7 @@ def main() -> None:
                 bad.append((str(run), "reads" if feed else "whole"))
     print(
         f"{len(runs)} runs, {scalars_total:,} scalars, each fed whole and in live reads: "
-        f"{len(bad)} differ ({time.process_time() - t0:.0f} CPU-s)"
+        f"{len(bad)} differ ({time.process_time() - t0:.0f} CPU-s; {gone} gone while reading)"
     )
     print("findings by kind (point path, fed whole):", dict(sorted(kinds.items())))
     for run, how in bad[:20]:
