@@ -118,6 +118,7 @@ class Kind(enum.StrEnum):
     RATIO_LOW = "ratio_low"
     OVERFIT = "overfit"
     DIVERGENCE = "divergence"
+    SLOW_PROGRESS = "slow_progress"
 
 
 class Severity(enum.StrEnum):

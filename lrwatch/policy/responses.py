@@ -25,6 +25,8 @@ overfit      stop once reported at ``overfit_patience`` checks     1
 ratio_low    advise raising the LR (advice only, not in warm-up    0
              or deep in a decaying tail,
              repeated at most every 10 cooldowns)
+slow_        the same advice, for a loss still falling in a        0
+progress     straight line since the start
 ===========  ====================================================  ====
 """
 
@@ -104,6 +106,8 @@ def plan_for(
         return Plan(f.kind, 1, "halving is the gentle factor for a stalled metric", factor=2)
     if f.kind is Kind.RATIO_LOW and not rising:
         return Plan(f.kind, 0, "updates far below ~1e-3 of the weights", advice=True)
+    if f.kind is Kind.SLOW_PROGRESS and not rising:
+        return Plan(f.kind, 0, "a loss still falling in a straight line since the start", advice=True)
     return None
 
 
