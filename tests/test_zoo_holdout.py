@@ -124,3 +124,19 @@ def test_holdout_task_runs_end_to_end(
         assert len(events) == 1
     else:
         assert events == [] and facts["plateau_factor"] == 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:.*does not have many workers.*")
+@pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
+@pytest.mark.parametrize("task", ["lit_digits", "hf_gpt2"])
+def test_plateau_factor_reaches_the_frameworks_optimizer(
+    task: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plateau factor of 0 applied through the step hooks must train exactly like an LR of 0
+    given to the framework (mult 0): the hooks sit on the optimizer that actually steps."""
+    lr_zero = holdout.train(task, 0.0, 0, "plateau", tmp_path / "a" / "run", steps=40)
+    monkeypatch.setattr(PlateauOnOptimizer, "factor", property(lambda self: 0.0))
+    cut_to_zero = holdout.train(task, 1.0, 0, "plateau", tmp_path / "b" / "run", steps=40)
+    assert cut_to_zero["curve"] == lr_zero["curve"]
+    assert cut_to_zero["final_val"] == lr_zero["final_val"]

@@ -112,9 +112,11 @@ class _ZooFacts(TrainerCallback):
 
 
 def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
-    """The torch optimizer inside Accelerate's wrapper: its step hooks are the ones that fire."""
-    while not isinstance(optimizer, torch.optim.Optimizer):
+    """The torch optimizer inside Accelerate's wrapper (itself an Optimizer subclass whose own
+    hook registry is never run): the inner optimizer's step hooks are the ones that fire."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
         optimizer = optimizer.optimizer
+    assert isinstance(optimizer, torch.optim.Optimizer)
     return optimizer
 
 

@@ -31,7 +31,7 @@ TASKS: dict[str, HoldoutTask] = {
     t.name: t
     for t in (
         HoldoutTask(
-            "lit_digits", 0.1, 400, "lit_task",
+            "lit_digits", 1.0, 400, "lit_task",
             "Lightning CNN + BatchNorm on digits, SGD Nesterov 0.9, warm-up 20 + cosine "
             "(configure_optimizers), gradient_clip_val 1.0",
         ),

@@ -27,21 +27,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from holdout import TASKS  # noqa: E402
 
 GRIDS = {  # half-decade grids around each optimizer's usual range
-    "lit_digits": (0.01, 0.03, 0.1, 0.3, 1.0),
+    "lit_digits": (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0),  # 1.0 first came out at the edge
     "hf_gpt2": (3e-4, 1e-3, 3e-3, 1e-2, 3e-2),
     "ae_signals": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
 }
 SEEDS = (0, 1)
 
 
-def final_val(task: str, lr: float, seed: int) -> float:
+def final_val(task: str, lr: float, seed: int) -> tuple[float, float]:
+    """The run's final validation loss (inf when non-finite) and the seconds its loop took."""
     t = TASKS[task]
     tmp = Path(tempfile.mkdtemp(prefix="zoo-tune-"))
     try:
         facts = importlib.import_module(t.module).train(lr, t.steps, seed, "none", tmp / "run")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # lrwatch's events: never read
-    return math.inf if facts["final_val"] is None else float(facts["final_val"])
+    final = math.inf if facts["final_val"] is None else float(facts["final_val"])
+    return final, float(facts["seconds"])
 
 
 def main() -> None:
@@ -50,9 +52,11 @@ def main() -> None:
     for task in ap.parse_args().tasks.split(","):
         means = {}
         for lr in GRIDS[task]:
-            finals = [final_val(task, lr, s) for s in SEEDS]
-            means[lr] = statistics.fmean(finals)
-            print(f"{task} lr {lr:g}: final val {[round(f, 4) for f in finals]}", flush=True)
+            runs = [final_val(task, lr, s) for s in SEEDS]
+            means[lr] = statistics.fmean(f for f, _ in runs)
+            finals = [round(f, 4) for f, _ in runs]
+            secs = [round(s, 1) for _, s in runs]
+            print(f"{task} lr {lr:g}: final val {finals}, seconds {secs}", flush=True)
         best = min(means, key=lambda lr: means[lr])
         mean = f"mean final {means[best]:.4f}"
         print(f"{task}: best lr {best:g} ({mean}); holdout.py has {TASKS[task].lr:g}")
