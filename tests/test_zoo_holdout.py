@@ -10,6 +10,7 @@ and each task runs end to end in ``apply`` mode (a real ``lrwatch serve --apply`
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -95,6 +96,22 @@ def test_holdout_is_its_own_split_and_not_in_the_default_sweep() -> None:
     assert all(score.split_of(t, s) == "holdout" for t in holdout.TASKS for s in (0, 1, 2))
     assert not set(run.TASK_NAMES) & set(holdout.TASKS)
     assert run.jobs_for(score.SPLIT_TASKS["holdout"], (1.0,), (0,), ("none",))
+
+
+def test_worker_runs_a_holdout_job_and_caches_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sweep's path: run_job dispatches a held-out task to holdout.train and caches its
+    facts (a ``plateau`` job: no lrwatch, so nothing of its verdicts is produced)."""
+    monkeypatch.setattr(worker, "OUT", tmp_path)
+    job = {"task": "ae_signals", "mult": 1.0, "seed": 0, "mode": "plateau"}
+    digests = worker.source_digests()
+    first = worker.run_job(job, digests)
+    assert first["task"] == "ae_signals" and first["steps_run"] == holdout.TASKS["ae_signals"].steps
+    assert list((tmp_path / "cache").glob("*.json")) == [
+        tmp_path / "cache" / f"{worker.job_key(job, digests, 'train')}.json"
+    ]
+    assert worker.run_job(job, digests) == json.loads(json.dumps(first))  # from the cache
 
 
 @pytest.mark.slow
