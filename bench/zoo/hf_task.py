@@ -76,10 +76,11 @@ class _ZooFacts(TrainerCallback):
         self.plateau: PlateauOnOptimizer | None = None
         self.training = False
         self._loss: torch.Tensor | None = None
+        self._handle: Any = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         self.training = True
-        kw["model"].register_forward_hook(self._on_forward)
+        self._handle = kw["model"].register_forward_hook(self._on_forward)
         if self.mode == "plateau":
             self.plateau = PlateauOnOptimizer(_unwrap(kw["optimizer"]))
         if self.mode == "apply" and self.lrw is not None:
@@ -109,6 +110,9 @@ class _ZooFacts(TrainerCallback):
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         self.training = False
+        self._handle.remove()
+        if self.plateau is not None:
+            self.plateau.remove()
 
 
 def _unwrap(optimizer: Any) -> torch.optim.Optimizer:

@@ -108,6 +108,10 @@ class _ZooFacts(pl.Callback):
         if mon is not None and mon.should_stop:  # lrwatch's callback has set should_stop
             self.facts.stopped = True
 
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.plateau is not None:
+            self.plateau.remove()
+
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn != "fit" or trainer.sanity_checking:
             return  # the final trainer.validate() after fit is not a curve point
