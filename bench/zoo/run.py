@@ -108,7 +108,7 @@ def main() -> None:
     ap.add_argument(
         "--rescore",
         action="store_true",
-        help="recompute the scoreboard from results.json, running nothing",
+        help="recompute the scoreboard from results.json (with --split: its file), running nothing",
     )
     args = ap.parse_args()
     stem = f"results_{args.split}" if args.split else "results"
