@@ -3,7 +3,7 @@
 Usage::
 
     .venv/bin/python bench/zoo/run.py            # the full sweep (cached runs are not redone)
-    .venv/bin/python bench/zoo/run.py --quick    # seeds 0 and 2, four multipliers: 144 runs
+    .venv/bin/python bench/zoo/run.py --quick    # seeds 0 and 2, four multipliers: 192 runs
     .venv/bin/python bench/zoo/run.py --jobs 1   # one worker (default 2: the machine's cores)
     .venv/bin/python bench/zoo/run.py --split holdout   # only the held-out framework tasks
 
