@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -124,11 +125,8 @@ class Uploader:
         retry_at = 0.0
         while True:
             now = time.monotonic()
-            due = (
-                retry_at
-                if retry_at > now
-                else min(last_look + CONTROL_SECS, last_put + self.put_secs)
-            )
+            look = last_look + CONTROL_SECS if self.control else math.inf
+            due = retry_at if retry_at > now else min(look, last_put + self.put_secs)
             if self._wake.wait(max(due - now, 0.0)):
                 self._wake.clear()
                 if self._urgent and not self._stop.is_set():  # let an alarm burst land at once
