@@ -7,7 +7,8 @@ local run directory; :class:`Uploader` runs on its own thread (``lrwatch-upload-
   at most every ``put_secs`` (the monitor's ``flush_secs``, 0.25 s at least), and within
   ``URGENT_SECS`` after a flush the hook asked for (an alarm-level step, an acknowledgement,
   the end of the run);
-- **the control file** comes down every ``CONTROL_SECS`` and replaces the spool's copy
+- **the control file** comes down every ``CONTROL_SECS`` (every ``ALERT_CONTROL_SECS`` for
+  ``ALERT_SECS`` after an urgent upload, when a decision is likely) and replaces the spool's copy
   atomically, so the hook's own controller reads it exactly as it reads a local one (same
   checks, same ``ControlFileError`` warnings);
 - **the applied-actions record** goes up when it changed; the bucket's copy comes down once
@@ -40,6 +41,8 @@ logger = logging.getLogger(__name__)
 MIN_PUT_SECS = 0.25  # regular uploads at most 4 a second, whatever flush_secs says
 URGENT_SECS = 0.05  # an alarm, ack or close flush goes up this soon (and no more often)
 CONTROL_SECS = 1.0  # one GET of the control object a second: the hook's reaction time floor
+# After an urgent upload (an alarm-level step) the answer is likely to come soon: look faster.
+ALERT_CONTROL_SECS, ALERT_SECS = 0.2, 5.0
 RETRY_SECS = 5.0  # after a failure; the spool keeps everything meanwhile
 REMOTE_APPLIED = ".lrwatch_applied.remote.json"  # the bucket's record, as found at start
 _STATE = ".lrwatch_upload.json"  # per local event file: [segment index, its start, bytes up]
@@ -122,10 +125,11 @@ class Uploader:
                 self._attempt("reading the control file", self._pull_control)
         self.pulled.set()
         last_put = last_look = time.monotonic()
-        retry_at = 0.0
+        retry_at = alert_until = 0.0
         while True:
             now = time.monotonic()
-            look = last_look + CONTROL_SECS if self.control else math.inf
+            every = ALERT_CONTROL_SECS if now < alert_until else CONTROL_SECS
+            look = last_look + every if self.control else math.inf
             due = retry_at if retry_at > now else min(look, last_put + self.put_secs)
             if self._wake.wait(max(due - now, 0.0)):
                 self._wake.clear()
@@ -139,10 +143,13 @@ class Uploader:
                 if stopping:
                     return
                 continue
-            if self.control and now - last_look >= CONTROL_SECS and not stopping:
+            every = ALERT_CONTROL_SECS if now < alert_until else CONTROL_SECS
+            if self.control and now - last_look >= every and not stopping:
                 self._attempt("reading the control file", self._pull_control)
                 last_look = now
             if self._urgent or stopping or now - last_put >= self.put_secs:
+                if self._urgent:
+                    alert_until = now + ALERT_SECS
                 self._urgent = False
                 ok = self._attempt("uploading", self._push)
                 last_put, retry_at = now, (0.0 if ok else now + RETRY_SECS)
