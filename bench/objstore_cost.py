@@ -161,10 +161,11 @@ def hook_cost(rounds: int, steps: int) -> None:
         )
     local = statistics.median(per["local"]) - bare
     s3 = statistics.median(per["s3"]) - bare
-    print(f"   s3 over local: {1000 * (s3 - local):+.3f} ms/step, {100 * (s3 - local) / bare:+.2f}% "
-          f"of a bare step ({s3 / local:.2f}x local's extra)" if local > 0 else "")  # fmt: skip
-    print(f"   once per run, on the upload thread: the first request (imports, client, credentials) "
-          f"{1000 * connect:.0f} ms of CPU")  # fmt: skip
+    extra = s3 - local
+    print(f"   s3 over local: {1000 * extra:+.3f} ms/step, {100 * extra / bare:+.2f}% of a bare "
+          f"step ({s3 / max(local, 1e-9):.2f}x local's extra)")  # fmt: skip
+    print(f"   once per run, on the upload thread: the first request (imports, client, "
+          f"credentials) {1000 * connect:.0f} ms of CPU")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------- 2. segments
@@ -199,8 +200,9 @@ def segment_cost(seconds: float, rate: int, sizes: list[str]) -> None:
         return time.process_time() - c0, writer.path.stat().st_size
 
     base_cpu, size = write(tmp / "local-only", None)
-    print(f"\n2. segments vs whole-file re-uploads: {rate} rows of 100 scalars/s for {seconds:g} s "
-          f"({size / 1e6:.1f} MB written, uploads at most every {upload.MIN_PUT_SECS} s)")  # fmt: skip
+    print(f"\n2. segments vs whole-file re-uploads: {rate} rows of 100 scalars/s for "
+          f"{seconds:g} s ({size / 1e6:.1f} MB written, uploads at most every "
+          f"{upload.MIN_PUT_SECS} s)")  # fmt: skip
     print(
         f"   baseline, local file only: {1000 * base_cpu / (size / 1e6):.1f} CPU ms per MB written"
     )
@@ -215,8 +217,9 @@ def segment_cost(seconds: float, rate: int, sizes: list[str]) -> None:
         cpu, size = write(spool, uploader)
         objects = len(list(store.Store(f"s3://{BUCKET}/seg/{label}").listing()))
         name = "whole file" if label == "whole" else f"{label} KiB"
+        above = 1000 * (cpu - base_cpu) / (size / 1e6)
         print(f"   {name:12} {sent['bytes'] / 1e6:9.1f} {sent['bytes'] / size:12.2f}x "
-              f"{sent['puts']:6d} {objects:8d}   {1000 * (cpu - base_cpu) / (size / 1e6):+10.1f}")  # fmt: skip
+              f"{sent['puts']:6d} {objects:8d}   {above:+10.1f}")  # fmt: skip
     store.Store.put = real_put  # type: ignore[method-assign]
     upload.SEGMENT_BYTES = 1 << 20
 
@@ -293,8 +296,9 @@ def latency(trials: int, poll: float, timeout: float) -> None:
     print(f"   local dir, inotify (baseline): flush -> decision     {summary(local)}")
     print(f"   s3 --poll {poll:g}: flush -> control object in bucket {summary([a for a, _ in s3])}")
     print(f"   s3 --poll {poll:g}: flush -> control file in spool    {summary([b for _, b in s3])}")
-    print(f"   (the hook's own uploads add up to max(flush_secs, {upload.MIN_PUT_SECS}) s before the "
-          f"flush measured here, {upload.URGENT_SECS} s for an alarm-level step)")  # fmt: skip
+    print(f"   (the hook's own uploads add up to max(flush_secs, {upload.MIN_PUT_SECS}) s "
+          f"before the flush measured here, {upload.URGENT_SECS} s for an alarm-level "
+          "step)")  # fmt: skip
 
 
 def summary(xs: list[float]) -> str:

@@ -144,18 +144,12 @@ class Monitor:
         keep = rollback is True or (
             rollback == "auto" and param_bytes(optimizer) <= AUTO_LIMIT_BYTES
         )
-        self._controller = (
-            Controller(
-                self.run_dir,
-                check_every=control_every,
-                min_lr=min_lr,
-                snapshots=Snapshots() if keep else None,
-                gate=self._uploader.pulled.is_set if self._uploader else None,
-                pulled_record=self.run_dir / REMOTE_APPLIED,
-            )
-            if control
-            else None
-        )
+        try:
+            self._controller = self._make_controller(control, control_every, min_lr, keep)
+        except BaseException:
+            if self._uploader is not None:  # a bad setting: nothing was written, stop its thread
+                self._uploader.close(timeout=0.0, warn=False)
+            raise
         self._skips = skip_counter(scaler)
         self._closure_step = False
         self._recorder: Recorder | None = None  # only the writing rank records
@@ -387,6 +381,21 @@ class Monitor:
         for scale in skipped:
             self._step += 1
             rec.add_skipped_row(self._step, scale, n_share)
+
+    def _make_controller(
+        self, control: bool, control_every: int, min_lr: float, keep: bool
+    ) -> Controller | None:
+        if not control:
+            return None
+        return Controller(
+            self.run_dir,
+            check_every=control_every,
+            min_lr=min_lr,
+            snapshots=Snapshots() if keep else None,
+            # a URL: the control file is the spool's copy, looked at once the bucket answered
+            gate=self._uploader.pulled.is_set if self._uploader else None,
+            pulled_record=self.run_dir / REMOTE_APPLIED,
+        )
 
     def _start_uploader(self, flush_secs: float, control: bool) -> Uploader | None:
         """The spool's upload thread (rank 0 only: the other ranks neither write nor read)."""

@@ -17,7 +17,8 @@ with an empty state directory takes each run's control file and audit log from t
 first time it sees the run, so it neither reissues action ids nor repeats decision lines.
 
 ``outputs="pull"`` is the read-only copy of ``lrwatch status`` and ``lrwatch analyze``
-(``<state-dir>/view/...``): everything comes down, nothing goes up.
+(``<state-dir>/view/...``): event files, control files, applied records and audit logs come
+down (nothing else: a checkpoint beside a run is not a run's business), nothing goes up.
 
 A failed listing, read or write is one warning per kind; the next pass tries again, and the
 mirror is never left with a partial copy of a record it cannot finish (the readers wait for
@@ -110,7 +111,7 @@ class Mirror:
                 )
                 if not ours:
                     self._first_sight(run, listing)
-            elif name == APPLIED_FILENAME or (self.outputs == "pull" and not ours):
+            elif name == APPLIED_FILENAME or (self.outputs == "pull" and name in _HISTORY):
                 self._pull_whole(key, size, tag)
         for path, parts in segments.items():
             if self._attempt(f"reading {path}", self._pull_events, self.local / path, parts):

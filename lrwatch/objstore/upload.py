@@ -22,6 +22,7 @@ process resumed on the same host uploads what an earlier one could not.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import logging
@@ -86,6 +87,7 @@ class Uploader:
             target=self._run, name=f"lrwatch-upload-{self.spool.name}", daemon=True
         )
         self._thread.start()
+        atexit.register(self.close)  # after the event writer's own (atexit runs in reverse)
 
     def notify(self, urgent: bool) -> None:
         """The event writer appended to the spool (``urgent``: a flush someone waits on)."""
@@ -93,13 +95,17 @@ class Uploader:
             self._urgent = True
             self._wake.set()
 
-    def close(self, timeout: float = 10.0) -> bool:
-        """Upload what is left (one last attempt) and stop; False if that did not finish."""
+    def close(self, timeout: float = 10.0, *, warn: bool = True) -> bool:
+        """Upload what is left (one last attempt) and stop; False (and, with ``warn``, one
+        warning saying where the rest is) if that did not finish within ``timeout``."""
+        atexit.unregister(self.close)
+        if not self._thread.is_alive():
+            return not self.pending
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout)
         done = not self._thread.is_alive() and not self.pending
-        if not done:
+        if not done and warn:
             logger.warning(
                 "lrwatch: not everything reached %s; it stays in %s, and a later watch() of the "
                 "same logdir on this host uploads it",
