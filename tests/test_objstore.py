@@ -253,6 +253,7 @@ def test_the_mirror_should_read_each_byte_once_and_rebuild_the_trainers_file(
     assert mirror.pull() == set()
 
 
+@pytest.mark.slow
 def test_serve_once_analyze_and_status_should_work_on_a_bucket(s3: S3Server) -> None:
     model = torch.nn.Linear(8, 1)
     opt = torch.optim.SGD(model.parameters(), lr=3.0)  # diverges: the daemon acts

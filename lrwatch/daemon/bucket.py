@@ -10,6 +10,7 @@ events that led to it; the trainer's uploader brings it down within its next con
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from lrwatch.objstore.mirror import Mirror
 from lrwatch.schema import Decision
 
 POLL_SECS = 1.0  # default --poll for URLs: one listing a second (~86k requests a day)
+MIN_PAUSE = 0.05  # between two passes, even when one took longer than --poll
 
 
 def sync_once(
@@ -42,9 +44,11 @@ def follow_mirrors(
     """Pull, process and push every ``poll`` seconds until ``wait`` raises (a stop signal)."""
     full = True
     while True:
+        start = time.monotonic()
         sync_once(daemon, mirrors, full=full)
         full = False
-        wait(poll)
+        # a listing every `poll` seconds, however long the pass took (at least a short pause)
+        wait(max(poll - (time.monotonic() - start), MIN_PAUSE))
 
 
 def push_everything(mirrors: Sequence[Mirror]) -> None:

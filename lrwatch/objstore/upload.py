@@ -82,7 +82,7 @@ class Uploader:
         self._urgent = False
         self._stop = threading.Event()
         self._warned: set[str] = set()
-        self._failing = False
+        self._failing: set[str] = set()  # what failed last time: say when it works again
         self._thread = threading.Thread(
             target=self._run, name=f"lrwatch-upload-{self.spool.name}", daemon=True
         )
@@ -175,11 +175,11 @@ class Uploader:
                     "%g s; training continues",
                     what, self.url, err, self.spool, RETRY_SECS,
                 )  # fmt: skip
-            self._failing = True
+            self._failing.add(what)
             return False
-        if self._failing and what == "uploading":
-            logger.warning("lrwatch: uploading to %s works again", self.url)
-            self._failing = False
+        if what in self._failing:
+            self._failing.discard(what)
+            logger.warning("lrwatch: %s %s works again", what, self.url)
         return True
 
     def _connect(self) -> None:
@@ -257,6 +257,7 @@ def _read_or_none(path: Path) -> bytes | None:
 
 def _replace(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so a reader sees the old file or the new one, never a mix."""
+    path.parent.mkdir(parents=True, exist_ok=True)  # the writer may not have made it yet
     tmp = path.with_name(f".{path.name}.{os.getpid()}.down")
     tmp.write_bytes(data)
     os.replace(tmp, path)
