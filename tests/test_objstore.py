@@ -289,3 +289,61 @@ def test_serve_once_analyze_and_status_should_work_on_a_bucket(s3: S3Server) -> 
     assert status.returncode == 0, status.stderr
     [row] = json.loads(status.stdout)
     assert row["last_step"] == 60 and row["last_decision"] is not None
+
+
+def test_the_training_thread_should_never_touch_the_network(
+    s3: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+    import threading
+
+    callers: list[str] = []  # the thread of every connection opened while lrwatch is in charge
+    lrwatch_in_charge = threading.Event()  # clear while the test itself talks to the server
+    real_connect = socket.socket.connect
+
+    def connect(self: socket.socket, address: Any) -> Any:
+        if lrwatch_in_charge.is_set() or threading.current_thread() is not threading.main_thread():
+            callers.append(threading.current_thread().name)
+        return real_connect(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    model, opt = linear()
+    lrwatch_in_charge.set()
+    mon = lrwatch.watch(model, opt, logdir=f"{s3.url}/quiet", flush_secs=0.05)
+    train(mon, model, opt, 100)
+    lrwatch_in_charge.clear()
+    put(s3, f"quiet/{schema.CONTROL_FILENAME}", b'{"version": 1, "actions": []}')
+    lrwatch_in_charge.set()
+    wait_for(lambda: (mon.run_dir / schema.CONTROL_FILENAME).exists())
+    train(mon, model, opt, 20)
+    mon.close()
+    lrwatch_in_charge.clear()
+    assert "tfevents" in "".join(objects(s3, "quiet/"))  # it did go over the network...
+    assert callers and threading.main_thread().name not in callers  # ...never from training
+
+
+def test_a_run_resumed_on_another_host_should_neither_reapply_nor_lose(
+    s3: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    doc = {"version": 1, "actions": [{"id": 1, "action": "lr_cut", "factor": 10}]}
+    put(s3, f"moved/{schema.CONTROL_FILENAME}", json.dumps(doc).encode())
+    model, opt = linear()
+    first = lrwatch.watch(model, opt, logdir=f"{s3.url}/moved", flush_secs=0.05)
+    wait_for(lambda: train(first, model, opt, 1) and first.state_dict()["controller"]["cuts"])
+    checkpoint = first.state_dict()
+    first.close()
+    for resume in (False, True):  # each time a host with an empty spool
+        monkeypatch.setenv("LRWATCH_SPOOL", str(tmp_path / f"host{int(resume)}"))
+        model, opt = linear()
+        mon = lrwatch.watch(model, opt, logdir=f"{s3.url}/moved", flush_secs=0.05)
+        if resume:
+            mon.load_state_dict(checkpoint)
+        assert mon._uploader is not None
+        wait_for(mon._uploader.pulled.is_set)
+        train(mon, model, opt, 20)
+        assert mon._controller is not None
+        # a new run inherits nothing the earlier one applied; a resumed one keeps its cut in
+        # force, and reapplies nothing (one ack of #1 again at its first step, no second cut)
+        assert mon._controller.lr_factor == (10 if resume else 1)
+        assert mon._controller.applied_ids == ([1] if resume else [])
+        mon.close()
