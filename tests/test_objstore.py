@@ -347,3 +347,27 @@ def test_a_run_resumed_on_another_host_should_neither_reapply_nor_lose(
         assert mon._controller.lr_factor == (10 if resume else 1)
         assert mon._controller.applied_ids == ([1] if resume else [])
         mon.close()
+
+
+@pytest.mark.slow
+def test_a_daemon_on_another_machine_should_adopt_the_buckets_history(
+    s3: S3Server, tmp_path: Path
+) -> None:
+    model = torch.nn.Linear(8, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=3.0)  # diverges: the daemon acts
+    mon = lrwatch.watch(model, opt, logdir=f"{s3.url}/runs/hot", flush_secs=0.05)
+    train(mon, model, opt, 60)
+    mon.close()
+    seen = []
+    for machine in ("a", "b"):  # b: another --state-dir, so no mirror and no daemon state
+        once = subprocess.run(
+            [sys.executable, "-m", "lrwatch", "serve", "--once", "--apply",
+             "--state-dir", str(tmp_path / machine), f"{s3.url}/runs"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert once.returncode == 0, once.stderr
+        found = objects(s3, "runs/hot/")
+        audit = found[f"runs/hot/{schema.AUDIT_FILENAME}"].splitlines()
+        seen.append((found[f"runs/hot/{schema.CONTROL_FILENAME}"], audit))
+    assert json.loads(seen[0][0])["actions"]
+    assert seen[1] == seen[0]  # no action id issued again, no decision line written twice
