@@ -47,7 +47,6 @@ def trainer(run_dir: Path, trigger: int, flush_secs: float, by_time: bool) -> No
     import lrwatch
     from lrwatch import schema
     from lrwatch.hook import alarm, controller
-
     if not by_time:  # as before issue 8: no look by elapsed time, no alarm flush
         controller.LOOK_SECS = math.inf
         alarm.Alarm.check = lambda self, loss, grad_norm: False  # type: ignore[method-assign]

@@ -100,20 +100,14 @@ def run(args: argparse.Namespace) -> None:
     if dist.get_rank() == 0:
         b, w = statistics.median(times["bare"]), statistics.median(times["lrwatch"])
         n = sum(p.numel() for p in bare.model.parameters())
-        print(
-            f"FSDP2 MLP 784-{args.width}-{args.width}-10, {n / 1e6:.2f}M params, "
-            f"{dist.get_world_size()} ranks (gloo, CPU), {args.rounds} rounds x {args.steps}"
-        )
+        print(f"FSDP2 MLP 784-{args.width}-{args.width}-10, {n / 1e6:.2f}M params, "
+              f"{dist.get_world_size()} ranks (gloo, CPU), {args.rounds} rounds x {args.steps}")
         print(f"bare step          {b * 1e3:8.2f} ms")
         print(f"lrwatch (defaults) {w * 1e3:8.2f} ms  {w / b - 1:+.1%}  (cadence {every})")
-        print(
-            f"all-reduce alone   {per_step * 1e3:8.3f} ms  {per_step / b:+.2%} of a bare step"
-            f"  ({n_tensors + 2} floats, every step)"
-        )
-        print(
-            f"  on logging steps {logging * 1e3:8.3f} ms  {logging / b:+.2%}"
-            f"  ({4 * n_tensors + 2} floats)"
-        )
+        print(f"all-reduce alone   {per_step * 1e3:8.3f} ms  {per_step / b:+.2%} of a bare step"
+              f"  ({n_tensors + 2} floats, every step)")
+        print(f"  on logging steps {logging * 1e3:8.3f} ms  {logging / b:+.2%}"
+              f"  ({4 * n_tensors + 2} floats)")
     dist.destroy_process_group()
 
 

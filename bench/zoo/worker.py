@@ -20,14 +20,8 @@ LRWATCH = HERE.parent.parent / "lrwatch"
 OUT = HERE.parent / "out" / "zoo"
 # the hook side: what a `none` training executes of lrwatch (everything else only reads its files)
 HOOK_FILES = (
-    "__init__.py",
-    "control.py",
-    "errors.py",
-    "schema.py",
-    "events/__init__.py",
-    "events/encode.py",
-    "events/sink.py",
-    "events/writer.py",
+    "__init__.py", "control.py", "errors.py", "schema.py",
+    "events/__init__.py", "events/encode.py", "events/sink.py", "events/writer.py",
 )  # fmt: skip  (plus every module of lrwatch/hook/, the package that runs in the trainer)
 
 
