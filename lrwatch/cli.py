@@ -527,7 +527,10 @@ def status(logdir: pathlib.Path, as_json: bool, stale_after: float) -> None:
 
 
 @main.command()
-@click.argument("run_dir", type=click.Path(path_type=pathlib.Path), callback=_run_dir)
+@click.argument(
+    "run_dir",
+    callback=lambda ctx, param, value: _run_dir(ctx, param, _downloaded(ctx, param, value)),
+)
 @click.option(
     "-o",
     "--output",
@@ -537,7 +540,10 @@ def status(logdir: pathlib.Path, as_json: bool, stale_after: float) -> None:
     help="Picture (.png, .svg, .pdf) or self-contained page (.html).",
 )
 def report(run_dir: pathlib.Path, output: pathlib.Path) -> None:
-    """Draw RUN_DIR: loss, LR, grad norm, update ratio, with every finding and decision marked."""
+    """Draw RUN_DIR: loss, LR, grad norm, update ratio, with every finding and decision marked.
+
+    RUN_DIR may be a URL (s3://bucket/runs/exp1), downloaded first as for analyze.
+    """
     from lrwatch.errors import ConfigError
     from lrwatch.views.report_page import PICTURE_SUFFIXES
 

@@ -8,6 +8,7 @@ The end-to-end run with real trainer and daemon processes is tests/test_objstore
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import logging
@@ -254,7 +255,9 @@ def test_the_mirror_should_read_each_byte_once_and_rebuild_the_trainers_file(
 
 
 @pytest.mark.slow
-def test_serve_once_analyze_and_status_should_work_on_a_bucket(s3: S3Server) -> None:
+def test_serve_once_analyze_status_and_report_should_work_on_a_bucket(
+    s3: S3Server, tmp_path: Path
+) -> None:
     model = torch.nn.Linear(8, 1)
     opt = torch.optim.SGD(model.parameters(), lr=3.0)  # diverges: the daemon acts
     mon = lrwatch.watch(model, opt, logdir=f"{s3.url}/runs/hot", flush_secs=0.05)
@@ -289,6 +292,14 @@ def test_serve_once_analyze_and_status_should_work_on_a_bucket(s3: S3Server) -> 
     assert status.returncode == 0, status.stderr
     [row] = json.loads(status.stdout)
     assert row["last_step"] == 60 and row["last_decision"] is not None
+    if importlib.util.find_spec("matplotlib") is not None:  # the [report] extra
+        picture = tmp_path / "hot.png"
+        drawn = subprocess.run(
+            [*cmd, "report", f"{s3.url}/runs/hot", "-o", str(picture)],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert drawn.returncode == 0, drawn.stderr
+        assert picture.stat().st_size > 0 and f"{len(doc['decisions'])} decisions" in drawn.stdout
 
 
 def test_the_training_thread_should_never_touch_the_network(
