@@ -17,6 +17,9 @@ measured in the same run:
    trainer's spool holds it (what the hook's controller reads), for ``serve --apply --poll P
    s3://...``; the baseline is ``serve --apply`` with inotify on a local directory (the same
    trial as ``bench/decision_latency.py``).
+4. **Idle**: the daemon's CPU per second while ``--runs`` quiet runs sit in the bucket
+   (``serve --poll P s3://...``: one listing a poll), against ``serve --poll P`` on the same
+   runs in a local directory.
 
 Usage::
 
@@ -301,6 +304,48 @@ def latency(trials: int, poll: float, timeout: float) -> None:
           "step)")  # fmt: skip
 
 
+# ------------------------------------------------------------------------------- 4. idle
+def idle(runs: int, seconds: float, poll: float, timeout: float) -> None:
+    """CPU per second of ``serve --poll`` on ``runs`` quiet runs: in a bucket, and on the same
+    runs in a local directory (the baseline)."""
+    from decision_latency import cpu_seconds, write_history
+
+    tmp = Path(os.environ["LRWATCH_SPOOL"]).parent
+    logdir = tmp / "idle-runs"
+    client = __import__("boto3").client("s3")
+    for i in range(runs):
+        write_history(logdir / f"run{i:04d}", HISTORY).close()
+        for f in (logdir / f"run{i:04d}").iterdir():
+            client.upload_file(str(f), BUCKET, f"idle/run{i:04d}/{f.name}")
+    url = f"s3://{BUCKET}/idle"
+    mirror = local_copy(Path(os.environ["LRWATCH_STATE_DIR"]) / "serve", url)
+    out = {}
+    for case, target, state in (("s3", url, mirror), ("local", str(logdir), logdir)):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lrwatch", "serve", "--poll", str(poll), target],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT,
+        )  # fmt: skip
+        try:
+            done = lambda state=state: all(  # noqa: E731
+                (state / f"run{i:04d}" / schema.DAEMON_SUBRUN / STATE_FILENAME).exists()
+                for i in range(runs)
+            )
+            wait_until(done, timeout, "every run read", every=0.2)
+            threading.Event().wait(2 * poll)  # the last pass over
+            c0, t0 = cpu_seconds(proc.pid), time.monotonic()
+            threading.Event().wait(seconds)
+            out[case] = 1000 * (cpu_seconds(proc.pid) - c0) / (time.monotonic() - t0)
+        finally:
+            stop_daemon(proc)  # type: ignore[arg-type]
+    print(f"\n4. idle: serve --poll {poll:g} on {runs} quiet runs, CPU over {seconds:g} s")
+    print(f"   local directory (baseline): {out['local']:7.2f} ms of CPU per second")
+    print(
+        f"   s3 bucket (one listing per poll): {out['s3']:7.2f} ms/s "
+        f"({out['s3'] / out['local']:.1f}x)"
+    )
+
+
 def summary(xs: list[float]) -> str:
     xs = sorted(xs)
     p90 = xs[min(len(xs) - 1, math.ceil(0.9 * len(xs)) - 1)]
@@ -318,7 +363,9 @@ def main() -> None:
     p.add_argument("--trials", type=int, help="latency trials (default 15, quick 6)")
     p.add_argument("--poll", type=float, default=1.0, help="serve --poll for the s3 daemon")
     p.add_argument("--timeout", type=float, default=60.0)
-    p.add_argument("--only", choices=["hook", "segments", "latency"], action="append")
+    p.add_argument("--runs", type=int, help="quiet runs for the idle part (default 100, quick 30)")
+    p.add_argument("--idle-seconds", type=float, help="idle window (default 30, quick 10)")
+    p.add_argument("--only", choices=["hook", "segments", "latency", "idle"], action="append")
     a = p.parse_args()
     only: Callable[[str], bool] = lambda part: not a.only or part in a.only  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="lrwatch-objstore-") as tmp:
@@ -332,6 +379,9 @@ def main() -> None:
                 segment_cost(a.seconds or (8.0 if a.quick else 20.0), a.rate, sizes)
             if only("latency"):
                 latency(a.trials or (6 if a.quick else 15), a.poll, a.timeout)
+            if only("idle"):
+                runs, secs = a.runs or (30 if a.quick else 100), a.idle_seconds
+                idle(runs, secs or (10.0 if a.quick else 30.0), a.poll, a.timeout * 5)
         finally:
             moto.terminate()
             moto.wait(timeout=30)
