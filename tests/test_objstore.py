@@ -29,7 +29,7 @@ import lrwatch  # noqa: E402
 from lrwatch import schema  # noqa: E402
 from lrwatch.events.reader import read_run  # noqa: E402
 from lrwatch.events.writer import EventWriter  # noqa: E402
-from lrwatch.objstore import upload  # noqa: E402
+from lrwatch.objstore import store, upload  # noqa: E402
 from lrwatch.objstore.location import is_url, local_copy  # noqa: E402
 from lrwatch.objstore.mirror import Mirror  # noqa: E402
 from lrwatch.objstore.segments import segment_name, split_segment, whole_records  # noqa: E402
@@ -196,6 +196,8 @@ def test_the_endpoint_going_away_mid_run_should_not_stop_training_and_lose_nothi
     s3: S3Server, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(upload, "RETRY_SECS", 0.2)
+    options = {"config_kwargs": {"retries": {"max_attempts": 1}}}  # fail fast while it is down
+    monkeypatch.setattr(store, "_S3_OPTIONS", options)
     model, opt = linear()
     with caplog.at_level(logging.WARNING, logger="lrwatch"):
         mon = lrwatch.watch(model, opt, logdir=f"{s3.url}/exp4", flush_secs=0.05)
@@ -203,11 +205,12 @@ def test_the_endpoint_going_away_mid_run_should_not_stop_training_and_lose_nothi
         wait_for(lambda: any("tfevents" in k for k in objects(s3, "exp4/")))
         s3.server.stop()  # the endpoint goes away: connections are refused
         logged = train(mon, model, opt, 200)
-        wait_for(lambda: "upload" in caplog.text and "failed" in caplog.text)
+        wait_for(lambda: f"uploading {s3.url}/exp4 failed" in caplog.text)
         s3.server.start()  # and comes back (moto keeps the bucket in this process)
         logged |= train(mon, model, opt, 20)
         mon.close()
-    assert "training continues" in caplog.text and "works again" in caplog.text
+    assert "training continues" in caplog.text
+    assert f"uploading {s3.url}/exp4 works again" in caplog.text
     found = objects(s3, "exp4/")
     [spool_file] = mon.run_dir.glob("*tfevents*")
     assert b"".join(v for k, v in sorted(found.items()) if "tfevents" in k) == (
