@@ -25,7 +25,7 @@ OUT = HERE.parent / "out" / "zoo"
 HOOK_FILES = (
     "__init__.py", "control.py", "errors.py", "schema.py",
     "events/__init__.py", "events/encode.py", "events/sink.py", "events/writer.py",
-)  # fmt: skip  (plus every module of lrwatch/hook/, the package that runs in the trainer)
+)  # fmt: skip  (plus every module of lrwatch/hook/ and lrwatch/objstore/)
 # ...and what a held-out Lightning or Hugging Face training executes besides
 INTEGRATION_FILES = ("lightning.py", "hf.py", "integrations/lightning.py", "integrations/hf.py")
 
@@ -48,6 +48,7 @@ def source_digests(lrwatch_dir: Path = LRWATCH) -> dict[str, str]:
     """
     zoo = [HERE / "tasks.py", HERE / "trainer.py"]
     hook = [lrwatch_dir / n for n in HOOK_FILES] + sorted(lrwatch_dir.glob("hook/*.py"))
+    hook += sorted(lrwatch_dir.glob("objstore/*.py"))  # the hook uploads through it
     integrations = [lrwatch_dir / n for n in INTEGRATION_FILES]
     return {
         "zoo": _digest(zoo),
