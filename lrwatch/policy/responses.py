@@ -16,8 +16,7 @@ explosion    cut by 10 (critical) or 5 (warning) + clip; with          3
              ``clip_first``, a first spike gets the clip alone;
              a lone spike under 5x (``info``) gets nothing
 oscillation  cut by 10, or 5 when ``evidence["mild"]``             2
-ratio_high   cut by 2, 5 or 10: the least that brings the median   2
-             ratio to 1e-2 (``RATIO_TARGET``); not in warm-up,
+ratio_high   cut by 5 (critical) or 2 (warning); not in warm-up,   2
              none when info (the loss clearly falls); *early*
              (10 points, loss not falling): cut by 10 + roll back
              to the window's start, escalating like a divergence
@@ -103,11 +102,8 @@ def plan_for(
         )
         return Plan(f.kind, 2, why, factor=10, rollback=True)
     if f.kind is Kind.RATIO_HIGH and not rising:  # early updates are large by design
-        factor = _ratio_factor(f)
-        why = (
-            f"{factor} to bring updates far above ~1e-3 of the weights (a median of "
-            f"{f.evidence.get('median', float('nan')):.2g}) to {RATIO_TARGET:g} or below"
-        )
+        factor = 5 if critical else 2
+        why = f"{factor} because updates far above ~1e-3 of the weights signal instability"
         return Plan(f.kind, 2, why, factor=factor)
     if f.kind is Kind.PLATEAU and not warmup:
         return Plan(f.kind, 1, "halving is the gentle factor for a stalled metric", factor=2)
@@ -116,21 +112,6 @@ def plan_for(
     if f.kind is Kind.SLOW_PROGRESS and not rising:
         return Plan(f.kind, 0, "a loss still falling in a straight line since the start", advice=True)
     return None
-
-
-RATIO_TARGET = 1e-2
-"""Where a ratio cut aims the update ratio: the top of what the zoo's tuned small networks show
-(1-2e-2; bench/zoo), a third of the ``ratio_high`` threshold. The ratio scales with the LR (for
-Adam directly), so the cut is the ratio's excess over this."""
-
-
-def _ratio_factor(f: Finding) -> int:
-    """The smallest of 2, 5, 10 that brings the window's median ratio to ``RATIO_TARGET``: a
-    ratio at 2x the threshold (an LR ~10x too high in the zoo) is cut by 10, not halved."""
-    median = f.evidence.get("median")
-    if not isinstance(median, int | float) or not median > 0:
-        return 5 if f.severity is Severity.CRITICAL else 2
-    return next((k for k in (2, 5) if median / k <= RATIO_TARGET), 10)
 
 
 def escalates(f: Finding) -> bool:
