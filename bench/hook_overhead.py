@@ -44,6 +44,13 @@ from torch import nn
 
 import lrwatch
 from lrwatch.hook.cadence import DENSE_STEPS
+from lrwatch.hook.snapshots import Snapshots
+
+# Warm-up steps before timing: past the dense start of "auto" and past the rollback copies'
+# first allocations (the first step's and two more, every 100 steps); from then on a copy reuses
+# the oldest one's memory (steady state: ~2 ms a copy every 100 steps on the MLP; the three
+# first copies allocate, ~10-20 ms each, once per run).
+WARMUP = max(DENSE_STEPS, Snapshots().every * (Snapshots().keep + 1)) + 3
 
 Step = Callable[[], None]
 
@@ -212,8 +219,8 @@ def signals_floor(model: nn.Module) -> Step:
 
 def run(model_name: str, cases: list[str], rounds: int, steps: int, logdir: Path) -> None:
     built = {c: Case(c, MODELS[model_name], logdir / model_name) for c in cases}
-    for case in built.values():  # warm up: allocator, and past the dense start of "auto"
-        for _ in range(DENSE_STEPS + 3):
+    for case in built.values():  # warm up: allocator, dense start of "auto", first copies
+        for _ in range(WARMUP):
             case.step()
         case.region = {False: [], True: []}
     times: dict[str, list[float]] = {c: [] for c in cases}

@@ -346,13 +346,13 @@ def print_scenarios(results: list[dict[str, Any]]) -> None:
 def print_scores(results: list[dict[str, Any]]) -> None:
     print("\n== per detector (scenario level; allowed side effects are not false positives)")
     print(
-        f"{'kind':<12} {'TP':>3} {'FP':>3} {'FN':>3} {'precision':>9} {'recall':>7}  delay (steps)"
+        f"{'kind':<13} {'TP':>3} {'FP':>3} {'FN':>3} {'precision':>9} {'recall':>7}  delay (steps)"
     )
     for kind, row in score(results).items():
         d = row["delays"]
         delay = f"median {statistics.median(d):.0f}, {d}" if d else "-"
         print(
-            f"{kind:<12} {row['tp']:>3} {row['fp']:>3} {row['fn']:>3} {pct(row['precision']):>9} "
+            f"{kind:<13} {row['tp']:>3} {row['fp']:>3} {row['fn']:>3} {pct(row['precision']):>9} "
             f"{pct(row['recall']):>7}  {delay}"
         )
     healthy = [r for r in results if not r["expect"]]

@@ -84,6 +84,32 @@ def _log_dir(ctx: click.Context, param: click.Parameter, value: pathlib.Path) ->
     return value
 
 
+def _log_dirs(
+    ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
+) -> tuple[pathlib.Path | str, ...]:
+    """Local log directories (checked as :func:`_log_dir`), or URLs (``s3://...``), not both."""
+    from lrwatch.objstore.location import is_url
+
+    urls = [v for v in values if is_url(v)]
+    if urls and len(urls) != len(values):
+        raise click.BadParameter("give either URLs (s3://...) or local directories, not both")
+    return tuple(urls) or tuple(_log_dir(ctx, param, pathlib.Path(v)) for v in values)
+
+
+def _downloaded(ctx: click.Context, param: click.Parameter, value: str) -> pathlib.Path:
+    """A URL's runs brought down into the local view copy; a local path as it is."""
+    from lrwatch.objstore.location import default_state_dir, is_url
+    from lrwatch.objstore.mirror import local_view
+
+    if not is_url(value):
+        return pathlib.Path(value)
+    try:
+        return local_view(value, default_state_dir())
+    except LrwatchError as err:
+        fail(err)
+    raise AssertionError("unreachable")  # fail() raised
+
+
 # -------------------------------------------------------------------------------- analyze (H6)
 def _setting(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, Any]:
     """``--set TABLE.KEY=VALUE`` (VALUE in TOML syntax, bare words as strings) -> nested dict."""
@@ -104,7 +130,10 @@ def _setting(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
 
 
 @main.command()
-@click.argument("run_dir", type=click.Path(path_type=pathlib.Path), callback=_run_dir)
+@click.argument(
+    "run_dir",
+    callback=lambda ctx, param, value: _run_dir(ctx, param, _downloaded(ctx, param, value)),
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON document instead of a table.")
 @click.option(
     "--config",
@@ -134,7 +163,11 @@ def analyze(
     min_lr: float | None,
     settings: dict[str, Any],
 ) -> None:
-    """Replay RUN_DIR's history through the detectors and the policy; print what they say."""
+    """Replay RUN_DIR's history through the detectors and the policy; print what they say.
+
+    RUN_DIR may be a URL (s3://bucket/runs/exp1): the run is downloaded first (new bytes only)
+    into $LRWATCH_STATE_DIR/view (default ~/.local/state/lrwatch/view).
+    """
     from lrwatch.analysis.analyzer import analyze_run
     from lrwatch.analysis.config import load_config, merge
     from lrwatch.errors import ConfigError
@@ -233,13 +266,7 @@ def apply(
 
 # ---------------------------------------------------------------------------------- serve (H8)
 @main.command()
-@click.argument(
-    "logdirs",
-    nargs=-1,
-    required=True,
-    type=click.Path(path_type=pathlib.Path),
-    callback=lambda ctx, param, values: tuple(_log_dir(ctx, param, v) for v in values),
-)
+@click.argument("logdirs", nargs=-1, required=True, callback=_log_dirs)
 @click.option(
     "--apply",
     "apply_",
@@ -255,6 +282,13 @@ def apply(
     "while are looked at less often, at least every 8 x SECONDS.",
 )
 @click.option("--once", is_flag=True, help="Process what is there now, then exit.")
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=pathlib.Path),
+    help="URLs only: where the mirror of the bucket, the daemon's state and the audit logs are "
+    "kept  [default: $LRWATCH_STATE_DIR, else $XDG_STATE_HOME/lrwatch, else "
+    "~/.local/state/lrwatch]",
+)
 @click.option(
     "--config",
     "config_file",
@@ -332,10 +366,11 @@ def apply(
     "acknowledgement, summary (human log lines stay on stderr).",
 )
 def serve(
-    logdirs: tuple[pathlib.Path, ...],
+    logdirs: tuple[pathlib.Path | str, ...],
     apply_: bool,
     poll: float | None,
     once: bool,
+    state_dir: pathlib.Path | None,
     config_file: pathlib.Path | None,
     metric: str | None,
     hooks: tuple[pathlib.Path, ...],
@@ -348,11 +383,16 @@ def serve(
     quiet: bool,
     as_json: bool,
 ) -> None:
-    """Watch the runs under LOGDIRS (and runs that appear later), and advise or act on them."""
+    """Watch the runs under LOGDIRS (and runs that appear later), and advise or act on them.
+
+    LOGDIRS may be URLs (s3://bucket/runs, gs://...; pip install 'lrwatch[s3]'): the daemon then
+    polls a local mirror of them (--poll, 1 s by default) and writes control files back.
+    """
     import functools
 
     from lrwatch.analysis.analyzer import RunAnalyzer
     from lrwatch.analysis.config import load_config
+    from lrwatch.daemon.bucket import push_everything, sync_once
     from lrwatch.daemon.notify import HookRunner, validate_hooks
     from lrwatch.daemon.rails import Rails
     from lrwatch.daemon.runs import Daemon
@@ -379,7 +419,11 @@ def serve(
     # it off the first decision's latency.
     import scipy.stats  # noqa: F401
 
-    banner = _banner(logdirs, apply_=apply_, poll=poll, rails=rails, hooks=len(hooks))
+    mirrors = _mirrors(logdirs, state_dir)
+    local = [m.local for m in mirrors] or [pathlib.Path(d) for d in logdirs]
+    banner = _banner(local, apply_=apply_, poll=poll, rails=rails, hooks=len(hooks))
+    if mirrors:
+        banner += f"\nmirroring {', '.join(m.url for m in mirrors)} (polling, no file events)"
     if as_json:
         mode = "apply" if apply_ else "recommend"
         doc = {"event": "start", "mode": mode, "logdirs": [str(d) for d in logdirs]}
@@ -389,7 +433,7 @@ def serve(
     every = 0.0 if quiet else summary_every
     tally = Tally(every=every, emit=functools.partial(click.echo) if as_json else None)
     daemon = Daemon(
-        logdirs,
+        local,
         mode="apply" if apply_ else "recommend",
         analyzer_factory=functools.partial(RunAnalyzer, config),
         rails=rails,
@@ -398,22 +442,36 @@ def serve(
     )
     try:
         if once:
-            taken = daemon.process()
+            taken = sync_once(daemon, mirrors, full=True) if mirrors else daemon.process()
             if not as_json:
                 click.echo(f"{len(daemon.runs)} runs, {sum(map(len, taken.values()))} decisions")
         else:
-            serve_forever(daemon, poll=poll)
+            serve_forever(daemon, poll=poll, mirrors=mirrors)
     except LrwatchError as err:
         fail(err)
     finally:
         if not quiet:  # what this session did, once more, on the way out
             tally.maybe_summarize(runs=len(daemon.runs), force=True)
         daemon.close()
+        push_everything(mirrors)
         runner.close()
 
 
+def _mirrors(logdirs: tuple[pathlib.Path | str, ...], state_dir: pathlib.Path | None) -> list[Any]:
+    """A :class:`~lrwatch.objstore.mirror.Mirror` per URL in ``logdirs`` (none for local ones)."""
+    from lrwatch.objstore.location import default_state_dir
+    from lrwatch.objstore.mirror import Mirror
+
+    urls = [d for d in logdirs if isinstance(d, str)]
+    try:
+        return [Mirror(url, state_dir or default_state_dir()) for url in urls]
+    except LrwatchError as err:
+        fail(err)
+    return []
+
+
 def _banner(
-    logdirs: tuple[pathlib.Path, ...], *, apply_: bool, poll: float | None, rails: Any, hooks: int
+    logdirs: list[pathlib.Path], *, apply_: bool, poll: float | None, rails: Any, hooks: int
 ) -> str:
     """What a person leaving ``serve`` open in a terminal needs to know it is doing its job."""
     from lrwatch.events.reader import find_runs
@@ -437,7 +495,10 @@ def _banner(
 
 # ------------------------------------------------------------------------- status, report (H12)
 @main.command()
-@click.argument("logdir", type=click.Path(path_type=pathlib.Path), callback=_log_dir)
+@click.argument(
+    "logdir",
+    callback=lambda ctx, param, value: _log_dir(ctx, param, _downloaded(ctx, param, value)),
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one object per run.")
 @click.option(
     "--stale-after",
@@ -448,7 +509,11 @@ def _banner(
     help="A run with no new event for this long, and not closed cleanly ('ended'), is 'stale'.",
 )
 def status(logdir: pathlib.Path, as_json: bool, stale_after: float) -> None:
-    """One line per run under LOGDIR: health, LR, cut, last finding and decision, last step."""
+    """One line per run under LOGDIR: health, LR, cut, last finding and decision, last step.
+
+    LOGDIR may be a URL (s3://bucket/runs): its runs are downloaded first (new bytes only) into
+    $LRWATCH_STATE_DIR/view (default ~/.local/state/lrwatch/view).
+    """
     from lrwatch.views.status import collect_status, format_status
 
     try:
@@ -462,7 +527,10 @@ def status(logdir: pathlib.Path, as_json: bool, stale_after: float) -> None:
 
 
 @main.command()
-@click.argument("run_dir", type=click.Path(path_type=pathlib.Path), callback=_run_dir)
+@click.argument(
+    "run_dir",
+    callback=lambda ctx, param, value: _run_dir(ctx, param, _downloaded(ctx, param, value)),
+)
 @click.option(
     "-o",
     "--output",
@@ -472,7 +540,10 @@ def status(logdir: pathlib.Path, as_json: bool, stale_after: float) -> None:
     help="Picture (.png, .svg, .pdf) or self-contained page (.html).",
 )
 def report(run_dir: pathlib.Path, output: pathlib.Path) -> None:
-    """Draw RUN_DIR: loss, LR, grad norm, update ratio, with every finding and decision marked."""
+    """Draw RUN_DIR: loss, LR, grad norm, update ratio, with every finding and decision marked.
+
+    RUN_DIR may be a URL (s3://bucket/runs/exp1), downloaded first as for analyze.
+    """
     from lrwatch.errors import ConfigError
     from lrwatch.views.report_page import PICTURE_SUFFIXES
 

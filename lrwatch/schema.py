@@ -81,6 +81,7 @@ DECISION_TEXT_TAG = "lrwatch_daemon/decisions"  # text summary with the reason
 
 CONTROL_FILENAME = "lrwatch_control.json"  # written by the daemon / `lrwatch apply`
 APPLIED_FILENAME = "lrwatch_applied.json"  # written by the hook: what it applied, for resumes
+AUDIT_FILENAME = "lrwatch_audit.jsonl"  # written by the daemon: decisions, acks, hook runs
 
 
 def lr_group_tag(index: int) -> str:
@@ -118,6 +119,7 @@ class Kind(enum.StrEnum):
     RATIO_LOW = "ratio_low"
     OVERFIT = "overfit"
     DIVERGENCE = "divergence"
+    SLOW_PROGRESS = "slow_progress"
 
 
 class Severity(enum.StrEnum):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from typing import Any
 
 import lrwatch
 
@@ -40,6 +41,20 @@ def test_the_cli_and_the_daemon_side_do_not_import_torch() -> None:
         " lrwatch.analysis.analyzer"
     )
     assert "torch" not in loaded
+
+
+def test_a_local_run_and_the_daemon_never_load_fsspec_or_a_storage_client(tmp_path: Any) -> None:
+    """Object storage is optional: only a URL logdir loads fsspec (lrwatch.objstore.store)."""
+    code = (
+        "import sys, torch, lrwatch, lrwatch.cli, lrwatch.daemon.serve, lrwatch.views.status; "
+        "m = torch.nn.Linear(2, 1); o = torch.optim.SGD(m.parameters(), lr=0.1); "
+        f"mon = lrwatch.watch(m, o, logdir={str(tmp_path)!r}); "
+        "m(torch.randn(3, 2)).sum().backward(); o.step(); mon.close(); "
+        "print([n for n in sys.modules if n.split('.')[0] in "
+        "('fsspec', 's3fs', 'gcsfs', 'botocore', 'aiobotocore', 'boto3')])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_integrations_load_on_first_attribute_access() -> None:

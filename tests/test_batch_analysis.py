@@ -48,6 +48,9 @@ def _loss(rng: np.random.Generator, n: int, shape: str | None) -> np.ndarray:
         loss = np.full(n, rng.uniform(0.1, 3))
     elif shape == "oscillate":
         loss = 1 + 0.2 * (-1.0) ** t + 0.05 * rng.random(n)
+    elif shape == "late_oscillate":  # falls, then bounces from step 350 on
+        loss = 1 + 2 * np.exp(-np.minimum(t, 350) / 50) + 0.2 * (t >= 350) * (-1.0) ** t
+        loss += 0.05 * rng.random(n)
     elif shape == "ties":
         loss = np.round(2 * np.exp(-t / 300) + rng.random(n) * 0.3, 1)
     else:
@@ -71,7 +74,7 @@ def random_run(
     ``shape`` and ``ratio`` force the loss's shape and the update ratio's level; ``plain``: none
     of the extras, whose steps the point path judges anyway."""
     rng = np.random.default_rng(seed)
-    n = int(rng.integers(30, 900))
+    n = int(rng.integers(30, 900)) if shape != "late_oscillate" else 900
     loss = _loss(rng, n, shape)
     every = int(rng.choice([1, 2, 5, 10]))
     ratio_level = ratio or float(rng.choice([1e-3, 6e-3, 2e-2, 8e-2, 1e-5]))
@@ -90,7 +93,8 @@ def random_run(
         if i >= late_grad:
             row.append((schema.GRAD_NORM, abs(loss[i]) * rng.uniform(0.5, 2)))
         if step % every == 0:
-            r = ratio_level * rng.uniform(0.5, 2) if rng.random() > 0.02 else np.nan
+            hole = rng.random() < 0.02 and not plain
+            r = np.nan if hole else ratio_level * rng.uniform(0.5, 2)
             row += [(schema.UPDATE_RATIO, r), (schema.WEIGHT_NORM, 30.0)]
         if val_every and step % val_every == 0:
             val = np.nanmean(loss[max(0, i - 20) : i + 1]) + val_drift * step
@@ -180,6 +184,7 @@ SEEDS = range(30)
 # Streams where one detector acts alone: an oscillation seen by its alternation with a healthy
 # update ratio, and blow-ups between logging steps.
 FORCED = [(seed, shape, 1e-3) for shape in ("oscillate", "diverge") for seed in range(4)]
+FORCED += [(seed, "late_oscillate", 1e-3) for seed in range(2)]  # between slow_progress checks
 
 
 @functools.cache
@@ -283,7 +288,7 @@ def test_a_detector_without_a_batch_twin_falls_back_to_point_by_point() -> None:
 
     @dataclasses.dataclass(frozen=True)
     class WithNewRule(AnalyzerConfig):
-        slow_progress: Any = None
+        future_rule: Any = None
 
     config = WithNewRule()
     assert not batch.supported(config)

@@ -20,6 +20,7 @@ from lrwatch.analysis.detectors.nonfinite import NonfiniteDetector
 from lrwatch.analysis.detectors.oscillation import OscillationDetector
 from lrwatch.analysis.detectors.overfit import OverfitDetector
 from lrwatch.analysis.detectors.ratio import RatioDetector, aggregate, weight_matrix_tags
+from lrwatch.analysis.detectors.slow_progress import SlowProgressDetector
 from lrwatch.analysis.detectors.schedule import ScheduleDetector
 from lrwatch.errors import ConfigError
 
@@ -561,6 +562,8 @@ BAD_CONFIGS: list[tuple[str, Callable[[], object]]] = [
     ("oscillation_min_points", lambda: OscillationDetector(min_points=5)),
     ("oscillation_ratio_order", lambda: OscillationDetector(ratio_mild=0.1)),
     ("ratio_low_above_high", lambda: RatioDetector(low=0.1)),
+    ("slow_progress_points", lambda: SlowProgressDetector(min_points=5)),
+    ("slow_progress_alpha", lambda: SlowProgressDetector(alpha=1.5)),
     ("overfit_mode", lambda: OverfitDetector(mode="auto")),  # type: ignore[arg-type]
     ("overfit_patience", lambda: OverfitDetector(patience=0)),
     ("amp_backoffs", lambda: AmpDetector(max_backoffs=1)),
@@ -594,6 +597,7 @@ def test_detectors_never_raise_and_evidence_is_strict_json(values: list[float]) 
             s, v, tag=schema.LOSS, ratio=r
         ),
         RatioDetector(min_points=3).check(s, v, tag=schema.UPDATE_RATIO),
+        SlowProgressDetector(min_points=12).check(s, v, tag=schema.LOSS),
         OverfitDetector(patience=1, min_train_points=3).check(s, v, tag="val", train=(s, v)),
         AmpDetector(window=10).check(scale=(s, v), skipped=(s, v), loss=(s, v)),
     ]
@@ -720,3 +724,42 @@ def test_oscillation_should_leave_a_loss_jittering_near_its_floor_alone() -> Non
     det, loss = OscillationDetector(), flat_noise()  # jitters around 1.0
     assert det.check(*series(loss), tag="l", ratio=_ratio(2e-2), scale=3.0) is not None
     assert det.check(*series(loss), tag="l", ratio=_ratio(2e-2), scale=25.0) is None
+
+
+# ------------------------------------------------------------------------------ slow progress
+def _noisy(curve: np.ndarray, sd: float, seed: int = 0) -> np.ndarray:
+    return curve + np.random.default_rng(seed).normal(0, sd, curve.size)
+
+
+def test_slow_progress_should_flag_a_loss_falling_straight_since_the_start() -> None:
+    steps = np.arange(1, 201)
+    f = SlowProgressDetector().check(steps, _noisy(2.3 - 0.004 * steps, 0.02), tag="loss")
+    assert f is not None and f.kind is schema.Kind.SLOW_PROGRESS and f.severity is schema.Severity.INFO
+    # the slopes are the line's, whatever the noise: against least squares on the thirds
+    first = np.polyfit(steps[:66], 2.3 - 0.004 * steps[:66], 1)[0]
+    assert f.evidence["first_slope"] == pytest.approx(first, rel=0.15)
+    assert f.evidence["slope_ratio"] == pytest.approx(1.0, abs=0.3)
+
+
+@pytest.mark.parametrize("tau", [10.0, 30.0, 60.0])
+def test_slow_progress_should_leave_a_curve_that_flattened_alone(tau: float) -> None:
+    steps = np.arange(1, 301)
+    loss = _noisy(0.1 + 2.2 * np.exp(-steps / tau), 0.02)
+    assert SlowProgressDetector().check(steps, loss, tag="loss") is None
+
+
+def test_slow_progress_should_need_the_start_of_the_run_and_the_end_of_its_warm_up() -> None:
+    steps = np.arange(5001, 5301)  # a resumed run: its file starts at step 5001
+    line = _noisy(2.3 - 0.004 * np.arange(300), 0.02)
+    assert SlowProgressDetector().check(steps, line, tag="loss") is None
+    steps = np.arange(1, 201)
+    line = _noisy(2.3 - 0.004 * steps, 0.02)
+    assert SlowProgressDetector().check(steps, line, tag="loss", peak_step=100) is None
+    assert SlowProgressDetector().check(steps, line, tag="loss", peak_step=50) is not None
+
+
+def test_slow_progress_should_ignore_noise_and_short_runs() -> None:
+    steps = np.arange(1, 301)
+    assert SlowProgressDetector().check(steps, _noisy(np.full(300, 1.0), 0.1), tag="l") is None
+    short = np.arange(1, 80)
+    assert SlowProgressDetector().check(short, 2.3 - 0.004 * short, tag="l") is None

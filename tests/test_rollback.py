@@ -105,3 +105,27 @@ def test_snapshots_keep_the_first_and_the_newest_two() -> None:
     assert [s.step for s in (snaps.first, *snaps.recent)] == [1, 30, 40]
     assert snaps.newest_at_or_before(29).step == 1
     assert snaps.newest_at_or_before(0) is None
+
+
+def test_reused_copies_hold_the_state_of_their_own_step() -> None:
+    """Copies recycle the oldest one's memory: each must still hold its own step's weights and
+    Adam moments (against deep copies taken independently at the same steps)."""
+    model, x, y = model_and_data()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    snaps = Snapshots(every=10, keep=2)
+    record: dict[int, tuple[dict, dict]] = {}
+    for step in range(1, 61):
+        if snaps.due(step):
+            snaps.take(step, opt)
+            record[step] = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()))
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    for at, want_step in ((55, 50), (45, 1)):  # the second rollback goes past the dropped 60
+        assert snaps.restore(at, opt) == want_step
+        assert_state(model, record[want_step][0])
+        want = record[want_step][1]["state"]
+        got = opt.state_dict()["state"]
+        for i, moments in want.items():
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                torch.testing.assert_close(got[i][key], moments[key])

@@ -57,3 +57,16 @@ def test_scenario_healthy_run_gets_no_warning(tmp_path: Path) -> None:
     loud = [(f.kind.value, f.step) for f in analyzer.findings if f.severity is not Severity.INFO]
     assert loud == []
     assert analyzer.decisions == []
+
+
+@pytest.mark.slow
+def test_scenario_lr_ten_times_too_low_gets_raise_advice_within_300_steps(tmp_path: Path) -> None:
+    """Adam at 1e-4 on the healthy run's task: its update ratio (~1e-3) looks healthy by the
+    1e-3 rule; its loss still falls in a straight line from the start, which the healthy run's
+    (1e-3, above: no decision at all) does not."""
+    recipe = Recipe("digits", (128,), "adam", 1e-4, 300)
+    train(recipe, tmp_path / "slow", log_every=5)
+    analyzer, _ = replay(tmp_path / "slow")
+    advice = [d.step for d in analyzer.decisions if d.action is schema.ActionKind.RAISE_LR_ADVICE]
+    assert advice and advice[0] <= 300
+    assert all(f.severity is Severity.INFO for f in analyzer.findings)

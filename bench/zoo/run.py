@@ -3,11 +3,16 @@
 Usage::
 
     .venv/bin/python bench/zoo/run.py            # the full sweep (cached runs are not redone)
-    .venv/bin/python bench/zoo/run.py --quick    # seeds 0 and 2, four multipliers: 144 runs
+    .venv/bin/python bench/zoo/run.py --quick    # seeds 0 and 2, four multipliers: 192 runs
     .venv/bin/python bench/zoo/run.py --jobs 1   # one worker (default 2: the machine's cores)
+    .venv/bin/python bench/zoo/run.py --split holdout   # only the held-out framework tasks
 
 Writes ``bench/zoo/results.json`` (every run's facts and the scoreboard) and
-``bench/zoo/results.md`` (the README tables). Runs are cached in ``bench/out/zoo/``.
+``bench/zoo/results.md`` (the README tables); with ``--split S``, ``results_S.json`` and
+``results_S.md``, so a sweep of one split leaves the others' results alone. The ``holdout``
+tasks run only when asked for (``--split holdout`` or ``--tasks``): they are scored once, at the
+end, and a default sweep must not print their table to whoever is tuning. Runs are cached in
+``bench/out/zoo/``.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ sys.path.insert(0, str(HERE))
 from score import (  # noqa: E402
     FRESH_TASKS,
     HELD_OUT_TASKS,
+    HOLDOUT_TASKS,
+    SPLIT_TASKS,
     SPLITS,
     TUNING_SEEDS,
     TUNING_TASKS,
@@ -41,7 +48,7 @@ QUICK_MULTS = (0.03, 1.0, 10.0, 100.0)
 SEEDS = (0, 1, 2)
 QUICK_SEEDS = (0, 2)
 MODES = ("none", "apply", "plateau")
-TASK_NAMES = TUNING_TASKS + HELD_OUT_TASKS + FRESH_TASKS
+TASK_NAMES = TUNING_TASKS + HELD_OUT_TASKS + FRESH_TASKS  # the default sweep: no holdout
 
 
 def jobs_for(
@@ -88,6 +95,11 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--tasks", default=",".join(TASK_NAMES))
     ap.add_argument(
+        "--split",
+        choices=SPLITS,
+        help="sweep only this split's tasks, show its table, write results_SPLIT.{json,md}",
+    )
+    ap.add_argument(
         "--show",
         choices=(*SPLITS, "all"),
         default="all",
@@ -96,14 +108,16 @@ def main() -> None:
     ap.add_argument(
         "--rescore",
         action="store_true",
-        help="recompute the scoreboard from results.json, running nothing",
+        help="recompute the scoreboard from results.json (with --split: its file), running nothing",
     )
     args = ap.parse_args()
+    stem = f"results_{args.split}" if args.split else "results"
+    show = args.split or args.show
     if args.rescore:
-        doc = json.loads((HERE / "results.json").read_text())
-        write(doc["runs"], doc["scope"], args.show)
+        doc = json.loads((HERE / f"{stem}.json").read_text())
+        write(doc["runs"], doc["scope"], show, stem)
         return
-    tasks = tuple(args.tasks.split(","))
+    tasks = SPLIT_TASKS[args.split] if args.split else tuple(args.tasks.split(","))
     mults, seeds = (QUICK_MULTS, QUICK_SEEDS) if args.quick else (MULTS, SEEDS)
     start = time.monotonic()
     results = sweep(jobs_for(tasks, mults, seeds), args.jobs)
@@ -114,22 +128,25 @@ def main() -> None:
         "seeds": seeds,
         "tuning": {"tasks": TUNING_TASKS, "seeds": TUNING_SEEDS},
         "fresh": FRESH_TASKS,
+        "holdout": HOLDOUT_TASKS,
         "minutes": round((time.monotonic() - start) / 60, 1),
     }
-    write(results, scope, args.show)
+    write(results, scope, show, stem)
     print(f"{len(results)} runs in {scope['minutes']} min")
 
 
-def write(results: list[dict[str, Any]], scope: dict[str, Any], show: str) -> None:
-    """Score ``results``; write results.json and results.md; print the tables asked for."""
+def write(
+    results: list[dict[str, Any]], scope: dict[str, Any], show: str, stem: str = "results"
+) -> None:
+    """Score ``results``; write ``stem``.json and ``stem``.md; print the tables asked for."""
     board = scoreboard(results)
     key = lambda r: (r["task"], r["mult"], r["seed"], r["mode"])  # noqa: E731
     doc = {"scope": scope, "scoreboard": board, "runs": sorted(results, key=key)}
-    (HERE / "results.json").write_text(json.dumps(doc, indent=1))
+    (HERE / f"{stem}.json").write_text(json.dumps(doc, indent=1))
     tables = "\n\n".join(
         f"**{split}** split\n\n{markdown(board, split)}" for split in SPLITS if board[split]
     )
-    (HERE / "results.md").write_text(tables + "\n")
+    (HERE / f"{stem}.md").write_text(tables + "\n")
     shown = [s for s in SPLITS if board[s]] if show == "all" else [show]
     print("\n\n".join(f"**{s}**\n{markdown(board, s)}" for s in shown))
 

@@ -15,6 +15,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from holdout import TASKS as HOLDOUT
+from holdout import source_files
+
 HERE = Path(__file__).resolve().parent
 LRWATCH = HERE.parent.parent / "lrwatch"
 OUT = HERE.parent / "out" / "zoo"
@@ -22,7 +25,9 @@ OUT = HERE.parent / "out" / "zoo"
 HOOK_FILES = (
     "__init__.py", "control.py", "errors.py", "schema.py",
     "events/__init__.py", "events/encode.py", "events/sink.py", "events/writer.py",
-)  # fmt: skip  (plus every module of lrwatch/hook/, the package that runs in the trainer)
+)  # fmt: skip  (plus every module of lrwatch/hook/ and lrwatch/objstore/)
+# ...and what a held-out Lightning or Hugging Face training executes besides
+INTEGRATION_FILES = ("lightning.py", "hf.py", "integrations/lightning.py", "integrations/hf.py")
 
 
 def _digest(paths: list[Path]) -> str:
@@ -35,13 +40,22 @@ def _digest(paths: list[Path]) -> str:
 
 
 def source_digests(lrwatch_dir: Path = LRWATCH) -> dict[str, str]:
-    """Hashes of the zoo's code, of the hook's files and of all of lrwatch."""
+    """Hashes of the zoo's code, of the hook's files and of all of lrwatch.
+
+    The held-out tasks have their own two (``zoo_holdout``, ``hook_holdout``): their modules
+    and lrwatch's framework integrations, which their ``none`` trainings execute, key only
+    their runs, so adding or editing them leaves every other cached run valid.
+    """
+    zoo = [HERE / "tasks.py", HERE / "trainer.py"]
+    hook = [lrwatch_dir / n for n in HOOK_FILES] + sorted(lrwatch_dir.glob("hook/*.py"))
+    hook += sorted(lrwatch_dir.glob("objstore/*.py"))  # the hook uploads through it
+    integrations = [lrwatch_dir / n for n in INTEGRATION_FILES]
     return {
-        "zoo": _digest([HERE / "tasks.py", HERE / "trainer.py"]),
-        "hook": _digest(
-            [lrwatch_dir / n for n in HOOK_FILES] + sorted(lrwatch_dir.glob("hook/*.py"))
-        ),
+        "zoo": _digest(zoo),
+        "hook": _digest(hook),
         "lrwatch": _digest(list(lrwatch_dir.rglob("*.py"))),
+        "zoo_holdout": _digest(zoo + source_files()),
+        "hook_holdout": _digest(hook + integrations),
     }
 
 
@@ -66,6 +80,8 @@ def job_key(job: dict[str, Any], digests: dict[str, str], part: str) -> str:
         ("train", "plateau"): ("zoo",),
         ("replay", "none"): ("zoo", "hook", "lrwatch"),
     }[(part, job["mode"])]
+    if job["task"] in HOLDOUT:
+        needs = tuple(f"{n}_holdout" if n in ("zoo", "hook") else n for n in needs)
     blob = json.dumps([job, part, [digests[n] for n in needs]], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
@@ -124,8 +140,10 @@ def run_job(job: dict[str, Any], digests: dict[str, str]) -> dict[str, Any]:
     if done.exists():
         result = json.loads(done.read_text())
     else:
-        from trainer import train
+        from holdout import train as train_holdout
+        from trainer import train as train_plain
 
+        train = train_holdout if job["task"] in HOLDOUT else train_plain
         shutil.rmtree(home, ignore_errors=True)
         result = train(job["task"], job["mult"], job["seed"], job["mode"], home / "run")
         if job["mode"] == "apply":

@@ -61,6 +61,7 @@ KNOWN_SETTINGS = frozenset(
         "plateau_trend",
         "oscillation",
         "ratio",
+        "slow_progress",
         "overfit",
         "amp",
         "schedule",

@@ -38,6 +38,7 @@ from lrwatch.analysis.detectors.overfit import OverfitDetector
 from lrwatch.analysis.detectors.plateau import PlateauTracker, PlateauTrend
 from lrwatch.analysis.detectors.ratio import RatioDetector
 from lrwatch.analysis.detectors.schedule import ScheduleDetector
+from lrwatch.analysis.detectors.slow_progress import SlowProgressDetector
 from lrwatch.errors import ConfigError
 from lrwatch.policy.policy import Policy
 
@@ -51,6 +52,7 @@ TABLES: Mapping[str, Callable[..., Any]] = MappingProxyType(
         "plateau_trend": PlateauTrend,
         "oscillation": OscillationDetector,
         "ratio": RatioDetector,
+        "slow_progress": SlowProgressDetector,
         "overfit": OverfitDetector,
         "amp": AmpDetector,
         "schedule": ScheduleDetector,
@@ -80,6 +82,7 @@ class AnalyzerConfig:
     plateau_trend: PlateauTrend = field(default_factory=PlateauTrend)
     oscillation: OscillationDetector = field(default_factory=OscillationDetector)
     ratio: RatioDetector = field(default_factory=RatioDetector)
+    slow_progress: SlowProgressDetector = field(default_factory=SlowProgressDetector)
     overfit: OverfitDetector = field(default_factory=OverfitDetector)
     amp: AmpDetector = field(default_factory=AmpDetector)
     schedule: ScheduleDetector = field(default_factory=ScheduleDetector)

@@ -75,6 +75,8 @@ class RoleChecks:
             out.append(self._explosion(tag, point.value, loss=role == "loss"))
         if role == "loss":
             out.append(self._divergence(tag, point.value))
+        if role == "loss" and _on_ladder(n, self.config.slow_progress.min_points):
+            out.append(self._slow_progress(tag))
         if role == "loss" and n % max(c.oscillation.jitter_window // _OSCILLATION_STRIDE, 1) == 0:
             ratio = self._window_of("update_ratio", c.oscillation.window)
             f = c.oscillation.check(
@@ -164,6 +166,19 @@ class RoleChecks:
             good = self._last_good(tag, below=_GOOD_LEVEL * scale, before=f.evidence["first_step"])
             f = dataclasses.replace(f, evidence={**f.evidence, "last_good": good})
         return self._note(Kind.DIVERGENCE, tag, f)
+
+    def _slow_progress(self, tag: str) -> Finding | None:
+        """The loss's whole-run shape, with the step at which the LR peaked (a warm-up's end)."""
+        peak = None
+        lr_tag = self.tags.roles.get("lr")
+        if lr_tag is not None:
+            lr_steps, lr = self.history.downsampled(lr_tag)
+            ok = np.isfinite(lr)
+            if ok.any():
+                peak = int(lr_steps[np.argmax(np.where(ok, lr, -np.inf) >= 0.99 * lr[ok].max())])
+        steps, values = self.history.downsampled(tag)
+        f = self.config.slow_progress.check(steps, values, tag=tag, peak_step=peak)
+        return self._note(Kind.SLOW_PROGRESS, tag, f)
 
     def _last_good(self, tag: str, *, below: float, before: int) -> int:
         """The last step before ``before`` whose loss was finite and at most ``below``: where a
@@ -258,3 +273,13 @@ class RoleChecks:
             keep = steps > after
             steps, values = steps[keep], values[keep]
         return steps, values
+
+
+def _on_ladder(n: int, start: int) -> bool:
+    """Whether the ``n``-th point is one at which a whole-run check runs: every 10 points from
+    ``start`` up to 200, then at most every 10% of the points seen (its cost grows with the run,
+    its verdict changes slowly)."""
+    if n < start:
+        return False
+    every = 10 if n < 200 else 10 * 2 ** int(math.log2(n / 100))
+    return n % every == 0

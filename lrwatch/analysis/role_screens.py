@@ -21,6 +21,7 @@ import numpy as np
 
 from lrwatch.analysis.history import History
 from lrwatch.analysis.role_checks import RoleChecks
+from lrwatch.analysis.role_checks import _on_ladder as on_ladder
 from lrwatch.analysis.roles import Role
 from lrwatch.schema import Kind, Scalar
 
@@ -144,6 +145,8 @@ class RoleScreens:
             out[i] |= ongoing or c.oscillation.could_fire(*window, ratio_max=ratio_max)
         if self.checks.tags.metric(c.metric) == tag:  # the plateau trend: no batch twin
             out |= number % max(c.plateau_trend.window // _TREND_STRIDE, 1) == 0
+        for i in np.flatnonzero(number % 10 == 0):  # slow progress, on its ladder: no twin
+            out[i] |= on_ladder(int(number[i]), c.slow_progress.min_points)
         return out
 
     def _until_opening(self, run: TagRun, k0: int, counts: int) -> np.ndarray:

@@ -37,7 +37,7 @@ from lrwatch.schema import ActionKind, Decision, Finding, Severity
 
 logger = logging.getLogger(__name__)
 
-AUDIT_FILENAME = "lrwatch_audit.jsonl"
+AUDIT_FILENAME = schema.AUDIT_FILENAME
 RECORD_VERSION = 1  # of the audit lines and of the JSON that hook executables receive
 
 Mode = Literal["recommend", "apply"]

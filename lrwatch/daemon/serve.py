@@ -13,6 +13,7 @@ Between wake-ups the loop waits without using CPU. SIGINT/SIGTERM end it with on
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -20,11 +21,15 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lrwatch import schema
+from lrwatch.daemon.bucket import POLL_SECS, follow_mirrors
 from lrwatch.daemon.pacing import Coalescer, QuietSchedule, rescan_interval
 from lrwatch.daemon.runs import Daemon
+
+if TYPE_CHECKING:
+    from lrwatch.objstore.mirror import Mirror
 
 logger = logging.getLogger(__name__)
 
@@ -104,12 +109,20 @@ class Waker:
             raise Shutdown
 
 
-def watch(daemon: Daemon, *, waker: Waker, poll: float | None = None) -> None:
+def watch(
+    daemon: Daemon, *, waker: Waker, poll: float | None = None, mirrors: Sequence[Mirror] = ()
+) -> None:
     """Process the daemon's runs on every wake-up until ``waker.stop()``; raises Shutdown then.
 
     With ``poll`` (seconds) there is no file watching at all, only timed looks, which is what
     works on network filesystems; without it, watchdog's inotify observer supplies the hints.
+    With ``mirrors`` (object storage) the daemon's logdirs are their local copies, and a timed
+    loop keeps them in step (:mod:`.bucket`).
     """
+    if mirrors:
+        wait = functools.partial(waker.wait, pacer=None)
+        follow_mirrors(daemon, mirrors, wait=wait, poll=poll or POLL_SECS)
+        return
     if poll is None:
         observer = _observer(daemon.logdirs, waker)
         if observer is not None:
@@ -230,7 +243,9 @@ def _observer(logdirs: Sequence[Path], waker: Waker) -> Any:
     return observer
 
 
-def serve_forever(daemon: Daemon, *, poll: float | None = None) -> None:
+def serve_forever(
+    daemon: Daemon, *, poll: float | None = None, mirrors: Sequence[Mirror] = ()
+) -> None:
     """:func:`watch` with SIGINT/SIGTERM as a clean stop; a second signal stops at once."""
     waker = Waker()
 
@@ -242,7 +257,7 @@ def serve_forever(daemon: Daemon, *, poll: float | None = None) -> None:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        watch(daemon, waker=waker, poll=poll)
+        watch(daemon, waker=waker, poll=poll, mirrors=mirrors)
     except Shutdown:
         logger.info("stopped")
     finally:

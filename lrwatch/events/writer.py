@@ -32,7 +32,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeGuard
 
@@ -67,6 +67,9 @@ class EventWriter:
         filename_suffix: appended to the event file's name, as in ``SummaryWriter``.
         max_queue: submitted calls that may wait for the thread; beyond it new calls are
             dropped with one warning, so a stuck disk never grows memory or blocks training.
+        on_write: called on the writer thread after each append, with True when a
+            :meth:`flush` waits on it (an object-store logdir's uploader, which must hear of
+            an alarm flush at once); it must not block, and what it raises is ignored.
 
     Example::
 
@@ -84,6 +87,7 @@ class EventWriter:
         *,
         filename_suffix: str = "",
         max_queue: int = 4096,
+        on_write: Callable[[bool], None] | None = None,
     ) -> None:
         if not isinstance(filename_suffix, str) or "/" in filename_suffix:
             raise ValueError(f"filename_suffix must be a str without '/', not {filename_suffix!r}")
@@ -92,6 +96,7 @@ class EventWriter:
         self._sink = EventSink(Path(logdir), _event_file_name, filename_suffix)
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._max_queue = max_queue
+        self._on_write = on_write
         self._submitted = itertools.count(1)  # next() is atomic: callers may be several threads
         self._n_submitted = 0
         self._n_drained = 0  # written only by the thread
@@ -268,10 +273,18 @@ class EventWriter:
                     chunks.append(self._encode(item))
                     self._n_drained += 1
             ok = self._sink.write(b"".join(chunks)) if chunks else self._sink.ok
+            if self._on_write is not None and (chunks or markers):
+                self._tell(urgent=bool(markers))
         finally:  # even if this thread is dying, no flush() may wait for a marker in vain
             for m in markers:
                 m.ok = ok
                 m.done.set()
+
+    def _tell(self, *, urgent: bool) -> None:
+        try:
+            self._on_write(urgent)  # type: ignore[misc]
+        except Exception as exc:  # noqa: BLE001  a listener's failure must not stop the writing
+            self._warn_once("listener", "lrwatch's event writer listener failed (%r)", exc)
 
     def _encode(self, item: tuple[Any, ...]) -> bytes:
         steps, tags, values, wall_times, shape = item

@@ -54,6 +54,9 @@ class Controller:
         run_dir: directory holding the control file; None disables reading (state only).
         check_every: steps between two looks at the control file (each look is one ``lstat``).
         min_lr: a cut never takes a group's LR below this (nor raises one already below it).
+        gate: an object-store logdir: the control file is not looked at before ``gate()`` is
+            true (the uploader's first look at the bucket is over), and then ``pulled_record``
+            (the bucket's applied record, as found) counts as the run directory's record too.
 
     Example::
 
@@ -70,6 +73,8 @@ class Controller:
         check_every: int = 10,
         min_lr: float = 0.0,
         snapshots: Snapshots | None = None,
+        gate: Callable[[], bool] | None = None,
+        pulled_record: Path | None = None,
     ) -> None:
         if not isinstance(check_every, int) or check_every < 1:
             raise ConfigError(f"check_every must be an integer >= 1, got {check_every!r}")
@@ -80,6 +85,7 @@ class Controller:
         self.min_lr = float(min_lr)
         self.preclip_norm: torch.Tensor | None = None
         self.snapshots = snapshots  # in-memory copies for a rollback; None: rollbacks refused
+        self._gate, self._pulled_record = gate, pulled_record
         self._applied = Applied()
         self._signature: tuple[int, int, int] | None = None  # control file (ino, mtime, size)
         self._stash: list[Any] | None = None  # scheduler's lr per group while lrwatch's is set
@@ -306,6 +312,11 @@ class Controller:
         """One lstat; parse only if the file changed; apply what is new. Never raises."""
         if self.run_dir is None:
             return []
+        if self._gate is not None:
+            if not self._gate():
+                return []
+            self._gate = None
+            self._merge_pulled_record()
         if self._resumed is None:
             self._start_new_run()
         if self._unsaved:  # a full disk refused the last save: try again at every check
@@ -371,6 +382,26 @@ class Controller:
             run_id, len(self._applied.ids), self._applied.last_id,
         )  # fmt: skip
         self._save_applied()
+
+    def _merge_pulled_record(self) -> None:
+        """The bucket's applied record joins the local one (a run resumed on another host).
+
+        It is the run directory's record if it knows more; and if a checkpoint of the same run
+        was loaded before the bucket answered, the newer of the two wins, as in
+        :meth:`load_state_dict` (the actions it adds come into force a few steps late).
+        """
+        if self._pulled_record is None:
+            return
+        pulled = self._load_applied(self._pulled_record)
+        if pulled is None:
+            return
+        if self._previous is None or pulled.last_id > self._previous.last_id:
+            self._previous = pulled
+        if self._resumed and pulled.run_id == self._applied.run_id:
+            if pulled.last_id > self._applied.last_id:
+                self._applied = pulled
+                self._reack = list(pulled.ids)
+                self._save_applied()
 
     def take_reacks(self) -> list[int]:
         """Ids to acknowledge again at this step (after a resume); each is returned once."""

@@ -44,6 +44,8 @@ from lrwatch.hook.measure import all_params
 from lrwatch.hook.recorder import Recorder
 from lrwatch.hook.snapshots import AUTO_LIMIT_BYTES, Snapshots, param_bytes
 from lrwatch.hook.steps import StepMeasure
+from lrwatch.objstore.location import is_url, spool_dir
+from lrwatch.objstore.upload import REMOTE_APPLIED, Uploader
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +72,10 @@ class Monitor:
     """Observes every optimizer step of a run and writes lrwatch's tags into its event files.
 
     Args:
-        logdir: run directory (default ``runs/<date>_<host>``).
+        logdir: run directory (default ``runs/<date>_<host>``), or a URL such as
+            ``s3://bucket/runs/exp1`` (``pip install 'lrwatch[s3]'``): then the run is written
+            to a local spool directory (``mon.run_dir``) and uploaded by a background thread,
+            and the control file comes down the same way (:mod:`lrwatch.objstore`).
         writer: an existing ``SummaryWriter``: lrwatch writes its own event file into its
             ``log_dir``, which TensorBoard shows as the same run.
         criterion: loss module whose grad-enabled forwards are the step's loss (mean over
@@ -127,7 +132,11 @@ class Monitor:
             raise ConfigError(f"rollback must be True, False or 'auto', not {rollback!r}")
         self.model, self.optimizer = model, optimizer
         self.per_layer, self.raise_on_stop = per_layer, raise_on_stop
-        self.run_dir = _run_dir(logdir, writer)
+        target = _logdir(logdir, writer)
+        #: the run's URL when it is in object storage (then ``run_dir`` is the local spool)
+        self.url: str | None = target if is_url(target) else None
+        self.run_dir = spool_dir(target) if is_url(target) else Path(target)
+        self._uploader = self._start_uploader(flush_secs, control) if self.url else None
         self._step = 0
         self._closed = False
         self._warned: set[str] = set()
@@ -135,16 +144,12 @@ class Monitor:
         keep = rollback is True or (
             rollback == "auto" and param_bytes(optimizer) <= AUTO_LIMIT_BYTES
         )
-        self._controller = (
-            Controller(
-                self.run_dir,
-                check_every=control_every,
-                min_lr=min_lr,
-                snapshots=Snapshots() if keep else None,
-            )
-            if control
-            else None
-        )
+        try:
+            self._controller = self._make_controller(control, control_every, min_lr, keep)
+        except BaseException:
+            if self._uploader is not None:  # a bad setting: nothing was written, stop its thread
+                self._uploader.close(timeout=0.0, warn=False)
+            raise
         self._skips = skip_counter(scaler)
         self._closure_step = False
         self._recorder: Recorder | None = None  # only the writing rank records
@@ -219,6 +224,8 @@ class Monitor:
         for handle in self._handles:
             handle.remove()
         self._guard("close", self._finish, None)
+        if self._uploader is not None:  # after the last rows reached the spool
+            self._guard("uploading the rest", self._uploader.close, None)
 
     def __enter__(self) -> Monitor:
         return self
@@ -375,9 +382,37 @@ class Monitor:
             self._step += 1
             rec.add_skipped_row(self._step, scale, n_share)
 
-    def _open_writer(self) -> EventWriter | None:
+    def _make_controller(
+        self, control: bool, control_every: int, min_lr: float, keep: bool
+    ) -> Controller | None:
+        if not control:
+            return None
+        return Controller(
+            self.run_dir,
+            check_every=control_every,
+            min_lr=min_lr,
+            snapshots=Snapshots() if keep else None,
+            # a URL: the control file is the spool's copy, looked at once the bucket answered
+            gate=self._uploader.pulled.is_set if self._uploader else None,
+            pulled_record=self.run_dir / REMOTE_APPLIED,
+        )
+
+    def _start_uploader(self, flush_secs: float, control: bool) -> Uploader | None:
+        """The spool's upload thread (rank 0 only: the other ranks neither write nor read)."""
+        if ranks.rank() != 0 or self.url is None:
+            return None
         try:
-            return EventWriter(self.run_dir, filename_suffix=schema.HOOK_FILE_SUFFIX)
+            return Uploader(self.run_dir, self.url, put_secs=flush_secs, control=control)
+        except Exception as exc:  # a bad spool must not stop the training
+            logger.warning("lrwatch cannot upload to %s (%r): training continues", self.url, exc)
+            return None
+
+    def _open_writer(self) -> EventWriter | None:
+        notify = self._uploader.notify if self._uploader is not None else None
+        try:
+            return EventWriter(
+                self.run_dir, filename_suffix=schema.HOOK_FILE_SUFFIX, on_write=notify
+            )
         except Exception as exc:  # an unwritable logdir must not stop the training
             logger.warning(
                 "lrwatch cannot write to %s (%r): training continues unlogged", self.run_dir, exc
@@ -427,7 +462,8 @@ def _validate(log_every: Any, budget: float, nonfinite: str, flush_secs: float) 
         raise ConfigError(f"flush_secs must be > 0, not {flush_secs!r}")
 
 
-def _run_dir(logdir: str | os.PathLike[str] | None, writer: Any) -> Path:
+def _logdir(logdir: str | os.PathLike[str] | None, writer: Any) -> str:
+    """The run directory or URL (``s3://...``), as given or as the ``SummaryWriter`` has it."""
     if writer is not None:
-        return Path(writer.get_logdir() if hasattr(writer, "get_logdir") else writer.log_dir)
-    return Path(logdir) if logdir is not None else default_logdir()
+        logdir = writer.get_logdir() if hasattr(writer, "get_logdir") else writer.log_dir
+    return os.fspath(logdir) if logdir is not None else os.fspath(default_logdir())

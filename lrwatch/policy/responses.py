@@ -25,6 +25,8 @@ overfit      stop once reported at ``overfit_patience`` checks     1
 ratio_low    advise raising the LR (advice only, not in warm-up    0
              or deep in a decaying tail,
              repeated at most every 10 cooldowns)
+slow_        the same advice, for a loss still falling in a        0
+progress     straight line since the start
 ===========  ====================================================  ====
 """
 
@@ -59,8 +61,11 @@ def plan_for(
     """The table of the module docstring, one finding at a time (overfit excepted: see below).
 
     ``clip_only``: answer a spike (not a sustained climb) with clipping alone (``clip_first``).
-    ``rising``: the LR is warming up (default: ``warmup``). Raise-the-LR advice waits only for
-    a warm-up: a decay that starts from an LR too low is still too low.
+    ``warmup``: the schedule is moving the LR itself (a warm-up, a recent cut, a decay);
+    ``rising``: the LR is warming up (default: ``warmup``). Raise-the-LR advice and the cuts for
+    a high update ratio wait only for a warm-up: a decay that starts from an LR too low is still
+    too low, and one that starts from an LR far too high is still unstable (a decay close to
+    its tail is the caller's ``defer``).
     """
     rising = warmup if rising is None else rising
     critical = f.severity is Severity.CRITICAL
@@ -90,13 +95,13 @@ def plan_for(
         )
     if f.kind is Kind.RATIO_HIGH and f.severity is Severity.INFO:
         return None  # a high ratio while the loss clearly falls: an aggressive LR that works
-    if f.kind is Kind.RATIO_HIGH and f.evidence.get("early") and not warmup:
+    if f.kind is Kind.RATIO_HIGH and f.evidence.get("early") and not rising:
         why = (
             "10 because updates of 9% of the weights per step from the start, with a loss that "
             "does not fall, mean an LR an order of magnitude too high"
         )
         return Plan(f.kind, 2, why, factor=10, rollback=True)
-    if f.kind is Kind.RATIO_HIGH and not warmup:  # early updates are large by design
+    if f.kind is Kind.RATIO_HIGH and not rising:  # early updates are large by design
         factor = 5 if critical else 2
         why = f"{factor} because updates far above ~1e-3 of the weights signal instability"
         return Plan(f.kind, 2, why, factor=factor)
@@ -104,6 +109,8 @@ def plan_for(
         return Plan(f.kind, 1, "halving is the gentle factor for a stalled metric", factor=2)
     if f.kind is Kind.RATIO_LOW and not rising:
         return Plan(f.kind, 0, "updates far below ~1e-3 of the weights", advice=True)
+    if f.kind is Kind.SLOW_PROGRESS and not rising:
+        return Plan(f.kind, 0, "a loss still falling in a straight line since the start", advice=True)
     return None
 
 

@@ -31,6 +31,9 @@ ratio          ``RatioDetector``, ``weight_matrix_     median update/weight rati
                tags``, ``aggregate``                  window of 50 points > 1e-2 (ratio_high;
                                                       info while the loss clearly falls) or
                                                       < 1e-4 (ratio_low)
+slow_progress  ``SlowProgressDetector``               the loss's last third of the run still
+                                                      falls >= 0.5x as fast as its first third
+                                                      (both Kendall p < 0.01; info)
 overfit        ``OverfitDetector``                    validation worse than its best by 1% for 3
                                                       evaluations while training loss falls
 amp            ``AmpDetector``                        non-finite loss, scale < 1, >= 20% skipped
