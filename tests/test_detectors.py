@@ -20,8 +20,8 @@ from lrwatch.analysis.detectors.nonfinite import NonfiniteDetector
 from lrwatch.analysis.detectors.oscillation import OscillationDetector
 from lrwatch.analysis.detectors.overfit import OverfitDetector
 from lrwatch.analysis.detectors.ratio import RatioDetector, aggregate, weight_matrix_tags
-from lrwatch.analysis.detectors.slow_progress import SlowProgressDetector
 from lrwatch.analysis.detectors.schedule import ScheduleDetector
+from lrwatch.analysis.detectors.slow_progress import SlowProgressDetector
 from lrwatch.errors import ConfigError
 
 W = schema.Severity.WARNING
@@ -734,7 +734,8 @@ def _noisy(curve: np.ndarray, sd: float, seed: int = 0) -> np.ndarray:
 def test_slow_progress_should_flag_a_loss_falling_straight_since_the_start() -> None:
     steps = np.arange(1, 201)
     f = SlowProgressDetector().check(steps, _noisy(2.3 - 0.004 * steps, 0.02), tag="loss")
-    assert f is not None and f.kind is schema.Kind.SLOW_PROGRESS and f.severity is schema.Severity.INFO
+    assert f is not None and f.kind is schema.Kind.SLOW_PROGRESS
+    assert f.severity is schema.Severity.INFO
     # the slopes are the line's, whatever the noise: against least squares on the thirds
     first = np.polyfit(steps[:66], 2.3 - 0.004 * steps[:66], 1)[0]
     assert f.evidence["first_slope"] == pytest.approx(first, rel=0.15)

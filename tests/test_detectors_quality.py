@@ -12,7 +12,7 @@ from scipy import stats
 from lrwatch import schema
 from lrwatch.analysis.analyzer import RunAnalyzer
 from lrwatch.analysis.config import load_config
-from lrwatch.analysis.detectors._window import kendall
+from lrwatch.analysis.detectors._window import kendall, theil_sen
 from lrwatch.analysis.detectors.explosion import ExplosionDetector
 from lrwatch.analysis.detectors.oscillation import OscillationDetector
 from lrwatch.analysis.detectors.ratio import RatioDetector
@@ -41,6 +41,23 @@ def test_kendall_matches_scipy_kendalltau(seed: int, alternative: str) -> None:
         assert got is not None
         assert got[0] == pytest.approx(float(ref.statistic), abs=1e-12)
         assert got[1] == pytest.approx(float(ref.pvalue), rel=1e-9, abs=1e-15)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_theil_sen_matches_scipy_theilslopes(seed: int) -> None:
+    """scipy.stats.theilslopes is the oracle for the slope: ties in x, outliers, 2-60 points."""
+    rng = np.random.default_rng(seed)
+    for n in (2, 3, 20, 39, 60):
+        x = np.sort(rng.uniform(0, 100, n)) if seed % 2 else np.arange(n, dtype=np.float64)
+        if seed == 4:
+            x = np.round(x / 10)  # ties in x: those pairs have no slope
+        y = -0.03 * x + rng.standard_normal(n) * (0.1 if seed < 2 else 3.0)
+        y[rng.integers(0, n)] += 50.0  # an outlier the median ignores
+        if np.unique(x).size < 2:
+            assert theil_sen(x, y) is None
+            continue
+        got = theil_sen(x, y)
+        assert got == pytest.approx(float(stats.theilslopes(y, x).slope), rel=1e-12)
 
 
 def test_kendall_degenerate_windows_give_no_verdict() -> None:

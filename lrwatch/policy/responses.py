@@ -110,7 +110,8 @@ def plan_for(
     if f.kind is Kind.RATIO_LOW and not rising:
         return Plan(f.kind, 0, "updates far below ~1e-3 of the weights", advice=True)
     if f.kind is Kind.SLOW_PROGRESS and not rising:
-        return Plan(f.kind, 0, "a loss still falling in a straight line since the start", advice=True)
+        why = "a loss still falling in a straight line since the start"
+        return Plan(f.kind, 0, why, advice=True)
     return None
 
 

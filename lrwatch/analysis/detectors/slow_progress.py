@@ -33,7 +33,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from lrwatch import schema
-from lrwatch.analysis.detectors._window import Steps, Values, as_window, fmt, kendall, quiet_numpy
+from lrwatch.analysis.detectors._window import (
+    Steps,
+    Values,
+    as_window,
+    fmt,
+    kendall,
+    quiet_numpy,
+    theil_sen,
+)
 from lrwatch.errors import ConfigError
 from lrwatch.schema import Finding
 
@@ -98,18 +106,23 @@ class SlowProgressDetector:
         if peak_step is not None and last < self.warmup_factor * peak_step:
             return None
         n = v.size // 3
-        first, final = self._third(s[:n], v[:n]), self._third(s[-n:], v[-n:])
-        if first is None or final is None:
+        first, final = self._binned(s[:n], v[:n]), self._binned(s[-n:], v[-n:])
+        slopes = theil_sen(*first), theil_sen(*final)
+        if slopes[0] is None or slopes[1] is None or not slopes[0] < 0 or not slopes[1] < 0:
             return None
-        ratio = final[0] / first[0]
-        if ratio < self.min_ratio:
+        ratio = slopes[1] / slopes[0]
+        if ratio < self.min_ratio:  # the cheap test first: most runs end here
             return None
+        falls = [kendall(*third, alternative="less") for third in (first, final)]
+        if any(f is None or f[1] >= self.alpha for f in falls):
+            return None
+        p_first, p_last = (f[1] for f in falls if f is not None)
         evidence = {
             "slope_ratio": ratio,
-            "first_slope": first[0],
-            "last_slope": final[0],
-            "first_p_value": first[1],
-            "last_p_value": final[1],
+            "first_slope": slopes[0],
+            "last_slope": slopes[1],
+            "first_p_value": p_first,
+            "last_p_value": p_last,
             "first_steps": [int(s[0]), int(s[n - 1])],
             "last_steps": [int(s[-n]), last],
             "points": int(v.size),
@@ -119,20 +132,18 @@ class SlowProgressDetector:
             f"{last} is {fmt(ratio)}x the slope over steps {int(s[0])}-{int(s[n - 1])} "
             "(a run at a good LR flattens after its first fall)"
         )
-        return Finding(schema.Kind.SLOW_PROGRESS, last, tag, schema.Severity.INFO, evidence, message)
+        kind, info = schema.Kind.SLOW_PROGRESS, schema.Severity.INFO
+        return Finding(kind, last, tag, info, evidence, message)
 
-    def _third(self, s: np.ndarray, v: np.ndarray) -> tuple[float, float] | None:
-        """(Theil-Sen slope, one-sided Kendall p for a fall) of one third when it falls
-        clearly, else None; over bin medians when the third has more than ``bins`` points."""
-        x, y = s.astype(np.float64), v
-        if y.size > self.bins:
-            parts = np.array_split(np.arange(y.size), self.bins)
-            x = np.array([np.median(x[p]) for p in parts])
-            y = np.array([np.median(y[p]) for p in parts])
-        fall = kendall(x, y, alternative="less")
-        if fall is None or fall[1] >= self.alpha:
-            return None
-        from scipy.stats import theilslopes  # the robust slope; scipy is the daemon's own
-
-        slope = float(theilslopes(y, x).slope)
-        return (slope, fall[1]) if slope < 0 else None
+    def _binned(self, s: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A third as (steps, losses), or as ``bins`` bin medians when it has more points
+        (equal bins over its newest ``bins * k`` points: one vectorised median)."""
+        x = s.astype(np.float64)
+        k = v.size // self.bins
+        if k < 2:
+            return x, v
+        keep = slice(v.size - k * self.bins, None)
+        return (
+            np.median(x[keep].reshape(self.bins, k), axis=1),
+            np.median(v[keep].reshape(self.bins, k), axis=1),
+        )
