@@ -252,9 +252,12 @@ def run(model_name: str, cases: list[str], rounds: int, steps: int, logdir: Path
             f"{hook[c] / max(hook['floor'], 1e-9):8.2f}x | {built[c].extra / 2**20:8.2f}  {cadence}"
         )
     floor_pct = hook["signals"] / mean["bare"]
-    verdict = "<= 1%" if hook["defaults"] <= 0.01 * mean["bare"] else (
-        f"{hook['defaults'] / max(hook['signals'], 1e-9):.2f}x the per-step signals' floor"
-    )
+    if hook["defaults"] <= 0.01 * mean["bare"]:
+        verdict = "<= 1%"
+    elif hook["signals"] <= 0:  # the floor measured at or below the bare step: noise
+        verdict = "the floor is within this run's noise: no ratio"
+    else:
+        verdict = f"{hook['defaults'] / hook['signals']:.2f}x the per-step signals' floor"
     print(f"defaults: {hook['defaults'] / mean['bare']:+.2%} of a step ({verdict}); "
           f"per-step signals' floor {floor_pct:+.2%}")
     for c in ("defaults", "every_step"):
