@@ -41,6 +41,7 @@ def test_enum_values_are_the_json_words() -> None:
         "ratio_low",
         "overfit",
         "divergence",
+        "slow_progress",
     ]
     assert {a.value for a in ActionKind} >= {"lr_cut", "clip", "stop", "raise_lr_advice"}
 
