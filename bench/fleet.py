@@ -141,6 +141,11 @@ def drive(fleet: Fleet, seconds: float, step_secs: float, diverging: list[int]) 
     while True:
         now = time.monotonic()
         if now - start >= seconds:
+            # A diverging run whose next step fell after the window (a late divergence time,
+            # or a writer loop slowed by a loaded machine) diverges now: every one is counted.
+            for i in diverging:
+                if i not in written:
+                    written[i] = fleet.write(i, [NAN_ROW, NAN_ROW])
             return written
         while heap and heap[0][0] <= now:
             _, i = heapq.heappop(heap)
