@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from waiting import wait_for
 
 from lrwatch.daemon.notify import HookResult, HookRunner, run_hook, validate_hooks
 from lrwatch.errors import ConfigError
@@ -23,14 +22,6 @@ def make_hook(tmp_path: Path, name: str, body: str) -> Path:
     path.write_text(f"#!{sys.executable}\nimport os, sys, time, subprocess\n{body}\n")
     path.chmod(0o755)
     return path
-
-
-def wait_for(condition: Callable[[], bool], *, timeout: float = 20.0) -> None:
-    """Wait on a condition with a bound (not a sleep for synchronisation)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
 
 
 def is_gone(pid: int) -> bool:
@@ -100,7 +91,7 @@ def test_a_hanging_hook_should_time_out_and_its_whole_process_group_be_killed(
         result = run_hook(hook, b"{}", timeout=1.0, kill_after=1.0)
     assert result.timed_out and result.returncode == -15  # SIGTERM was enough
     hook_pid, child_pid = map(int, pids.read_text().split())
-    wait_for(lambda: is_gone(hook_pid) and is_gone(child_pid))
+    wait_for(lambda: is_gone(hook_pid) and is_gone(child_pid), timeout=20.0, every=0.01)
 
 
 def test_a_hook_ignoring_sigterm_should_be_killed(tmp_path: Path) -> None:
@@ -125,7 +116,7 @@ def test_children_left_behind_by_a_finished_hook_should_be_killed(tmp_path: Path
     )
     assert run_hook(hook, b"{}", timeout=30).ok
     child_pid = int(pid_file.read_text())
-    wait_for(lambda: is_gone(child_pid))
+    wait_for(lambda: is_gone(child_pid), timeout=20.0, every=0.01)
 
 
 def test_notify_should_return_at_once_while_a_hook_hangs_and_others_still_run(
@@ -156,7 +147,7 @@ def test_a_full_queue_should_drop_the_notification_with_a_warning(
     )
     with HookRunner([blocked], timeout=60, max_workers=1, max_pending=1) as runner:
         [running] = runner.notify(RECORD)
-        wait_for(running.running)
+        wait_for(running.running, timeout=20.0, every=0.01)
         [queued] = runner.notify(RECORD)
         with caplog.at_level(logging.WARNING, logger="lrwatch.daemon.notify"):
             [dropped] = runner.notify(RECORD)

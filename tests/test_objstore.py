@@ -16,12 +16,12 @@ import random
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from waiting import wait_for
 
 pytest.importorskip("s3fs", reason="needs the [s3] extra")
 
@@ -35,14 +35,6 @@ from lrwatch.objstore.mirror import Mirror  # noqa: E402
 from lrwatch.objstore.segments import segment_name, split_segment, whole_records  # noqa: E402
 
 S3Server = Any  # tests/conftest.py
-
-
-def wait_for(condition: Callable[[], bool], *, timeout: float = 30.0) -> None:
-    """Wait on a condition with a bound (not a sleep for synchronisation)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
 
 
 def objects(s3: S3Server, prefix: str = "") -> dict[str, bytes]:
@@ -69,6 +61,17 @@ def train(mon: lrwatch.Monitor, model: torch.nn.Module, opt: Any, steps: int) ->
         opt.zero_grad()
         logged[mon.step] = loss.item()
     return logged
+
+
+def write_diverging_run(s3: S3Server) -> lrwatch.Monitor:
+    """60 steps of a run whose LR is far too high (the daemon acts on it) into runs/hot; its
+    closed monitor (``run_dir`` is the local spool)."""
+    model = torch.nn.Linear(8, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=3.0)
+    mon = lrwatch.watch(model, opt, logdir=f"{s3.url}/runs/hot", flush_secs=0.05)
+    train(mon, model, opt, 60)
+    mon.close()
+    return mon
 
 
 def linear() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -261,11 +264,7 @@ def test_the_mirror_should_read_each_byte_once_and_rebuild_the_trainers_file(
 def test_serve_once_analyze_status_and_report_should_work_on_a_bucket(
     s3: S3Server, tmp_path: Path
 ) -> None:
-    model = torch.nn.Linear(8, 1)
-    opt = torch.optim.SGD(model.parameters(), lr=3.0)  # diverges: the daemon acts
-    mon = lrwatch.watch(model, opt, logdir=f"{s3.url}/runs/hot", flush_secs=0.05)
-    train(mon, model, opt, 60)
-    mon.close()
+    mon = write_diverging_run(s3)
     cmd = [sys.executable, "-m", "lrwatch"]
     once = subprocess.run(
         [*cmd, "serve", "--once", "--apply", f"{s3.url}/runs"],
@@ -367,11 +366,7 @@ def test_a_run_resumed_on_another_host_should_neither_reapply_nor_lose(
 def test_a_daemon_on_another_machine_should_adopt_the_buckets_history(
     s3: S3Server, tmp_path: Path
 ) -> None:
-    model = torch.nn.Linear(8, 1)
-    opt = torch.optim.SGD(model.parameters(), lr=3.0)  # diverges: the daemon acts
-    mon = lrwatch.watch(model, opt, logdir=f"{s3.url}/runs/hot", flush_secs=0.05)
-    train(mon, model, opt, 60)
-    mon.close()
+    write_diverging_run(s3)
     seen = []
     for machine in ("a", "b"):  # b: another --state-dir, so no mirror and no daemon state
         once = subprocess.run(

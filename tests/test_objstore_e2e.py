@@ -7,12 +7,11 @@ import json
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from waiting import wait_for
 
 pytest.importorskip("s3fs", reason="needs the [s3] extra")
 
@@ -21,14 +20,6 @@ from lrwatch.daemon.outputs import read_audit  # noqa: E402
 from lrwatch.objstore.location import local_copy  # noqa: E402
 
 TRAINER = Path(__file__).with_name("objstore_trainer.py")
-
-
-def wait_for(condition: Callable[[], bool], *, timeout: float = 60.0) -> None:
-    """Wait on a condition with a bound (not a sleep for synchronisation)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
 
 
 def download(s3: Any, prefix: str, into: Path) -> dict[str, bytes]:
@@ -66,7 +57,11 @@ def test_a_decision_should_reach_a_trainer_through_the_bucket(s3: Any, tmp_path:
         assert trainer.returncode == 0, trainer.stderr
         done = json.loads(trainer.stdout.splitlines()[-1])
         assert done["applied_at"] is not None, trainer.stderr  # the decision reached the loop
-        wait_for(lambda: any(r["event"] == "acknowledged" for r in read_audit(mirror_run)))
+        wait_for(
+            lambda: any(r["event"] == "acknowledged" for r in read_audit(mirror_run)),
+            timeout=60.0,
+            every=0.05,
+        )
         daemon.send_signal(signal.SIGTERM)
         _, err = daemon.communicate(timeout=60)
     finally:

@@ -16,13 +16,13 @@ import signal
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from waiting import wait_for
 from watchdog.events import (
     DirCreatedEvent,
     FileClosedEvent,
@@ -95,14 +95,6 @@ def control_ids(run_dir: Path) -> list[tuple[int, str, int | None]]:
     if not path.exists():
         return []
     return [(a.id, a.action.value, a.factor) for a in read_control(path).actions]
-
-
-def wait_for(condition: Callable[[], bool], *, timeout: float = 30.0) -> None:
-    """Wait on a condition with a bound (not a sleep for synchronisation)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
 
 
 RAILS = Rails(cooldown=0, budget=10, window=1000)

@@ -75,7 +75,7 @@ class RoleChecks:
             out.append(self._explosion(tag, point.value, loss=role == "loss"))
         if role == "loss":
             out.append(self._divergence(tag, point.value))
-        if role == "loss" and _on_ladder(n, self.config.slow_progress.min_points):
+        if role == "loss" and on_ladder(n, self.config.slow_progress.min_points):
             out.append(self._slow_progress(tag))
         if role == "loss" and n % max(c.oscillation.jitter_window // _OSCILLATION_STRIDE, 1) == 0:
             ratio = self._window_of("update_ratio", c.oscillation.window)
@@ -275,7 +275,7 @@ class RoleChecks:
         return steps, values
 
 
-def _on_ladder(n: int, start: int) -> bool:
+def on_ladder(n: int, start: int) -> bool:
     """Whether the ``n``-th point is one at which a whole-run check runs: every 10 points from
     ``start`` up to 200, then at most every 10% of the points seen (its cost grows with the run,
     its verdict changes slowly)."""

@@ -20,8 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lrwatch.analysis.history import History
-from lrwatch.analysis.role_checks import RoleChecks
-from lrwatch.analysis.role_checks import _on_ladder as on_ladder
+from lrwatch.analysis.role_checks import RoleChecks, on_ladder
 from lrwatch.analysis.roles import Role
 from lrwatch.schema import Kind, Scalar
 
