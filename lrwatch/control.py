@@ -46,6 +46,8 @@ _FIELD_OF = {
     ActionKind.UNDO: "target",
     ActionKind.ROLLBACK: "to_step",
 }
+# A stop may name a step whose kept weights the hook restores before stopping (a best copy).
+_MAY_HAVE = {ActionKind.STOP: "to_step"}
 _OPTIONAL = ("factor", "max_norm", "target", "to_step")
 MAX_STEP = 1 << 53  # a step count a float64 TensorBoard step still holds exactly
 _KINDS = {kind.value: kind for kind in CONTROL_ACTIONS}
@@ -156,7 +158,7 @@ def _parse_action(entry: Any, earlier: list[Action]) -> Action:
         raise ControlFileError(f"unknown action {_show(word)}; one of {', '.join(_KINDS)}")
     fields = {name: entry.get(name) for name in _OPTIONAL}
     for name, value in fields.items():
-        if name != _FIELD_OF.get(kind) and value is not None:
+        if name not in (_FIELD_OF.get(kind), _MAY_HAVE.get(kind)) and value is not None:
             raise ControlFileError(f"{name} does not belong to a {kind.value} action")
     _check_field(kind, fields, earlier)
     reason, source = entry.get("reason", ""), entry.get("source", "human")
@@ -181,9 +183,8 @@ def _check_field(kind: ActionKind, fields: dict[str, Any], earlier: list[Action]
         if norm is None or norm <= 0:
             raise ControlFileError("max_norm must be a finite number > 0")
         fields["max_norm"] = norm
-    if kind is ActionKind.ROLLBACK and (
-        not _is_int(fields["to_step"]) or not 0 <= fields["to_step"] <= MAX_STEP
-    ):
+    needed = kind is ActionKind.ROLLBACK or fields["to_step"] is not None
+    if needed and (not _is_int(fields["to_step"]) or not 0 <= fields["to_step"] <= MAX_STEP):
         raise ControlFileError(
             f"to_step must be a step in 0..2**53, got {_show(fields['to_step'])}"
         )

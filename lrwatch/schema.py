@@ -47,6 +47,24 @@ LR_FACTOR = "lrwatch_control/lr_factor"  # cumulative divisor applied by lrwatch
 CONTROL_ACK = "lrwatch_control/ack"  # id of a control action, at the step it was applied
 STOP = "lrwatch_control/stop"  # 1.0 at the step a stop action was applied
 CLOSED = "lrwatch_control/closed"  # written last by Monitor.close(): all of the run is in
+# The validation loss at a step whose weights the hook now keeps in memory (a new best): a stop
+# action may name this step to have them restored. Only a hook that writes it understands that.
+KEPT_BEST = "lrwatch_control/kept_best"
+
+# Validation-loss names, in order of preference: the analyzer's default monitored metric, and
+# what the hook keeps the best weights of (lower is better for every one of them).
+VAL_LOSS_TAGS = (
+    "val/loss",
+    "val_loss",
+    "eval/loss",
+    "eval_loss",
+    "validation/loss",
+    "validation_loss",
+    "valid/loss",
+    "Loss/val",
+    "loss/val",
+    "Loss/validation",
+)
 
 LR_GROUP_FMT = "lrwatch/lr/group{}"  # param groups 1..n-1; group 0 is LR
 PER_TENSOR_PREFIXES = {
@@ -190,7 +208,8 @@ class Finding:
 class Decision:
     """What the policy decided at one step, and why.
 
-    ``factor`` is set for lr_cut, ``max_norm`` for clip, ``to_step`` for rollback.
+    ``factor`` is set for lr_cut, ``max_norm`` for clip, ``to_step`` for rollback (and for a
+    stop that restores the weights the hook kept at that step).
     """
 
     step: int

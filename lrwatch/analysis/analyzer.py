@@ -30,6 +30,7 @@ from lrwatch.analysis.cut_tracking import HELD_WHEN_UNAPPLIED, LastCut
 from lrwatch.analysis.detectors.schedule import steps_to_next_cut
 from lrwatch.analysis.explosion_gate import ExplosionGate
 from lrwatch.analysis.history import History
+from lrwatch.analysis.kept_best import KeptBest
 from lrwatch.analysis.role_checks import RoleChecks
 from lrwatch.analysis.run_tags import RunTags
 from lrwatch.errors import LrwatchError
@@ -87,6 +88,7 @@ class RunAnalyzer:
         self.why_quiet: dict[tuple[str, str, int], str] = {}
         self._held: list[Scalar] = []  # read, but their step may still be incomplete
         self._rows_upto = -1  # the newest step of a per-step lrwatch/lr row
+        self._kept = KeptBest()  # the hook's best-weights copies, for a stop to restore
 
     # ---------------------------------------------------------------- public surface
     @property
@@ -129,6 +131,8 @@ class RunAnalyzer:
         batch = [*self._held, *scalars]
         ready, self._held = self._complete(batch, hooked=hooked) if live else (batch, [])
         tags = set(map(_TAG, ready))
+        if schema.KEPT_BEST in tags:
+            self._kept.note(ready)
         self._tags.tags |= tags
         keep = {t for t in tags if self._tags.is_useful(t, metric=self.config.metric)}
         mine = [s for s in ready if s.tag in keep]
@@ -201,6 +205,7 @@ class RunAnalyzer:
         )
         for f, why in self.policy.unanswered:
             self.why_quiet[(f.kind.value, f.tag, f.step)] = why
+        out = [self._kept.on_stop(d, self.metric) for d in out]
         for d in out:
             if d.action is schema.ActionKind.LR_CUT and d.factor is not None:
                 known_lr = lr if lr is not None and math.isfinite(lr) else None
@@ -302,6 +307,7 @@ class RunAnalyzer:
             "cut": None if self._cut is None else self._cut.state(),
             "held": [[p.tag, p.step, p.wall_time, json_number(p.value)] for p in self._held],
             "rows_upto": self._rows_upto,
+            "kept_best": self._kept.state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -323,6 +329,7 @@ class RunAnalyzer:
             Scalar(str(t), int(s), float(w), float(v)) for t, s, w, v in state.get("held", [])
         ]
         self._rows_upto = int(state.get("rows_upto", -1))
+        self._kept.load_state(state.get("kept_best"))
 
 
 def _tag_hint(wanted: str, tags: Iterable[str]) -> str:

@@ -39,18 +39,7 @@ ALIASES: Mapping[Role, tuple[str, ...]] = {
         "loss",
     ),
     # validation loss: the default monitored metric when a run logs one
-    "metric": (
-        "val/loss",
-        "val_loss",
-        "eval/loss",
-        "eval_loss",
-        "validation/loss",
-        "validation_loss",
-        "valid/loss",
-        "Loss/val",
-        "loss/val",
-        "Loss/validation",
-    ),
+    "metric": schema.VAL_LOSS_TAGS,
     # Before clipping first: a clipped norm is pinned at max_norm and hides the explosion.
     "grad_norm": (
         schema.GRAD_NORM_PRECLIP,

@@ -235,7 +235,7 @@ def console_line(record: dict[str, Any]) -> str:
     if "max_norm" in record:
         what += f" max_norm={record['max_norm']:.4g}"
     if "to_step" in record:
-        what += f" to step {record['to_step']}"
+        what += f" {'on the weights of' if what == 'stop' else 'to'} step {record['to_step']}"
     if record["applied"]:
         status = f"applied as action #{record['action_id']}"
     else:

@@ -151,6 +151,11 @@ class Controller:
                 self._guarded(
                     "rolling back", functools.partial(self._roll_back, optimizer, action, step)
                 )
+            elif action.action is ActionKind.STOP and action.to_step is not None:
+                self._guarded(
+                    "restoring the best weights",
+                    functools.partial(self._restore_best, optimizer, action.to_step, step),
+                )
         if self.snapshots is not None and not rolled and self.snapshots.due(step):
             self._guarded("copying the weights", lambda: self._take(optimizer, step))
         self._guarded("setting the lr", lambda: self._set_lr(optimizer))
@@ -183,6 +188,22 @@ class Controller:
             got,
             to,
             step,
+        )
+
+    def _restore_best(self, optimizer: torch.optim.Optimizer, to: int, step: int) -> None:
+        """A stop naming the best copy's step: put those weights back; this step applies no
+        update. Any other copy (or none) leaves the weights as they are, with one warning."""
+        if self.snapshots is None or not self.snapshots.restore_best(to, optimizer):
+            self._warn_once(
+                f"the stop named the weights kept at step {to}; this run no longer holds them, "
+                "so it stops with its current weights"
+            )
+            return
+        logger.warning(
+            "lrwatch: stopping at step %d with the weights of step %d (the best validation "
+            "loss logged); this step applies no update",
+            step,
+            to,
         )
 
     def _guarded(self, what: str, work: Callable[[], _T]) -> _T | None:
@@ -473,5 +494,6 @@ def _describe(action: Action) -> str:
         ActionKind.CLIP: f" max_norm={action.max_norm}",
         ActionKind.UNDO: f" of {action.target}",
         ActionKind.ROLLBACK: f" to step {action.to_step}",
+        ActionKind.STOP: "" if action.to_step is None else f" on step {action.to_step}'s weights",
     }.get(action.action, "")
     return f"action {action.id} ({action.action.value}{detail})"

@@ -37,6 +37,7 @@ from lrwatch.errors import ConfigError
 from lrwatch.events.writer import EventWriter
 from lrwatch.hook import ranks
 from lrwatch.hook.amp import skip_counter
+from lrwatch.hook.best import BestCopy
 from lrwatch.hook.cadence import Cadence
 from lrwatch.hook.capture import share
 from lrwatch.hook.controller import Controller
@@ -93,8 +94,10 @@ class Monitor:
         raise_on_stop: raise :class:`StopTraining` from ``optimizer.step()`` after a stop.
         rollback: keep in-memory copies of the weights and optimizer state (the first step's
             and the newest two of every 100 steps, on the parameters' device) so that a
-            ``rollback`` action can undo a blow-up. ``"auto"``: only for parameters up to 32 MB
-            (three copies of parameters and optimizer state then hold ~300 MB at most).
+            ``rollback`` action can undo a blow-up, and a copy at the lowest validation loss
+            passed to ``log`` (one process, not DDP/FSDP) that a stop restores, as Keras's
+            ``restore_best_weights``. ``"auto"``: only for parameters up to 32 MB (four copies
+            of parameters and optimizer state then hold ~400 MB at most).
 
     Example::
 
@@ -163,6 +166,9 @@ class Monitor:
                 skips=self._skips,
                 flush_secs=flush_secs,
             )
+        snapshots = self._controller.snapshots if self._controller else None
+        if self._recorder is not None and snapshots is not None:
+            self._recorder.best = BestCopy(snapshots)
         # Sharded (DTensor) parameters: every rank measures, and the norms are one all-reduce.
         params = all_params(optimizer)
         world = ranks.world() if ranks.sharded(params) else 0

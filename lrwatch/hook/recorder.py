@@ -17,8 +17,10 @@ from typing import Any
 
 import torch
 
+from lrwatch import schema
 from lrwatch.events.writer import EventWriter
 from lrwatch.hook.alarm import Alarm
+from lrwatch.hook.best import BestCopy
 from lrwatch.hook.capture import LossCapture, write_named
 from lrwatch.hook.measure import StepGrads
 from lrwatch.hook.rows import HostColumns, Row, RowBuffer, write_acks
@@ -51,6 +53,7 @@ class Recorder:
         self._last_submit = time.monotonic()
         self._alarm = Alarm()
         self._alarmed = False  # the previous step was alarming: flush once this one is in
+        self.best: BestCopy | None = None  # set when the run keeps copies for a stop to restore
 
     def before_step(
         self,
@@ -112,4 +115,8 @@ class Recorder:
         if loss is not None:
             self.loss.log(loss, step, current=current, rows=self.rows, writer=self.writer)
         if scalars:
-            write_named(self.writer, self.loss.step_of(step, current), scalars)
+            at = self.loss.step_of(step, current)
+            write_named(self.writer, at, scalars)
+            kept = self.best.offer(scalars, at, self.optimizer) if self.best else None
+            if kept is not None:  # tells the daemon a stop may name this step
+                self.writer.add_scalars(at, [schema.KEPT_BEST], [kept])

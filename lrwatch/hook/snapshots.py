@@ -17,10 +17,16 @@ are not replayed, as in PaLM's restarts). Copies stay on the parameters' device 
 under FSDP2, every rank its own), so a restore is one ``copy_`` per tensor and needs no
 collective.
 
+A stop may also restore a *best* copy: the weights at the lowest validation loss the run passed
+to ``mon.log`` (:class:`lrwatch.hook.best.BestCopy` takes it), as Keras's ``EarlyStopping(
+restore_best_weights=True)`` does. It is kept apart from the periodic copies: it holds the
+weights after a step's update (the ones validated), and a rollback never lands on it.
+
 Cost: one copy of the parameters and optimizer state every ``every`` steps (a memory pass, cheap
-beside a training step), and ``keep + 1`` copies held. ``rollback="auto"`` keeps copies only
-when the parameters take at most ``AUTO_LIMIT_BYTES``; pass ``rollback=True`` to keep them for
-a larger model, if the device has room for ``keep + 1`` copies of parameters and optimizer state.
+beside a training step) and at each new best validation loss, ``keep + 2`` copies held with the
+best one. ``rollback="auto"`` keeps copies only when the parameters take at most
+``AUTO_LIMIT_BYTES``; pass ``rollback=True`` to keep them for a larger model, if the device has
+room for ``keep + 2`` copies of parameters and optimizer state.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from typing import Any
 
 import torch
 
-AUTO_LIMIT_BYTES = 32 << 20  # "auto": parameters up to 32 MB (8M fp32 values), ~300 MB held
+AUTO_LIMIT_BYTES = 32 << 20  # "auto": parameters up to 32 MB (8M fp32 values), ~400 MB held
 
 
 @dataclass
@@ -54,6 +60,7 @@ class Snapshots:
         self.every, self.keep = every, keep
         self.first: Snapshot | None = None
         self.recent: deque[Snapshot] = deque(maxlen=keep)
+        self.best: Snapshot | None = None  # the weights at the best validation loss logged
 
     def due(self, step: int) -> bool:
         return self.first is None or step % self.every == 0
@@ -79,6 +86,26 @@ class Snapshots:
         else:
             self.recent.append(snap)  # drops ``old`` from the deque when it was not reused
 
+    @torch.no_grad()
+    def take_best(self, step: int, optimizer: torch.optim.Optimizer) -> None:
+        """Copy the weights and optimizer state as they are now, as the best copy of ``step``
+        (refilled in place when the shapes allow: a run improves many times)."""
+        params = _params(optimizer)
+        states = [optimizer.state.get(p, {}) for p in params]
+        old = self.best
+        snap = _refill(old, step, params, states) if old is not None else None
+        self.best = snap or Snapshot(
+            step, [p.detach().clone() for p in params], [_clone_state(s) for s in states]
+        )
+
+    @torch.no_grad()
+    def restore_best(self, step: int, optimizer: torch.optim.Optimizer) -> bool:
+        """Put back the best copy if it is the one of ``step`` (a stop names the copy it saw in
+        the event file; a newer best since then is not the one it judged). True if restored."""
+        if self.best is None or self.best.step != step:
+            return False
+        return _put_back(self.best, optimizer)
+
     def newest_at_or_before(self, step: int) -> Snapshot | None:
         found = [s for s in (self.first, *self.recent) if s is not None and s.step <= step]
         return max(found, key=lambda s: s.step, default=None)
@@ -89,19 +116,30 @@ class Snapshots:
         step about to run changes nothing. The restored copy's step, or None if none is old
         enough (nothing is changed then)."""
         snap = self.newest_at_or_before(to_step)
-        params = _params(optimizer)
-        if snap is None or len(snap.params) != len(params):
+        if snap is None or not _put_back(snap, optimizer):
             return None
-        for p, saved, state in zip(params, snap.params, snap.state, strict=True):
-            p.copy_(saved)
-            p.grad = None
-            if state:
-                optimizer.state[p] = _clone_state(state)
-            else:
-                optimizer.state.pop(p, None)
         # Later copies hold the weights that went wrong: a second rollback must go further back.
         self.recent = deque((s for s in self.recent if s.step <= snap.step), maxlen=self.keep)
         return snap.step
+
+
+def _put_back(snap: Snapshot, optimizer: torch.optim.Optimizer) -> bool:
+    """Copy ``snap`` into the parameters and optimizer state and drop this step's gradients (the
+    optimizer skips a parameter without one); False, changing nothing, if the parameters no
+    longer match it."""
+    params = _params(optimizer)
+    if len(snap.params) != len(params) or any(
+        a.shape != b.shape for a, b in zip(snap.params, params, strict=True)
+    ):
+        return False
+    for p, saved, state in zip(params, snap.params, snap.state, strict=True):
+        p.copy_(saved)
+        p.grad = None
+        if state:
+            optimizer.state[p] = _clone_state(state)
+        else:
+            optimizer.state.pop(p, None)
+    return True
 
 
 def _refill(
