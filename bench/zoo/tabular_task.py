@@ -26,7 +26,9 @@ NUMERIC = 4
 EMBED = 8
 
 
-def clicks(n: int, rng: np.random.Generator, truth: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+def clicks(
+    n: int, rng: np.random.Generator, truth: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` rows (category ids as floats, then numeric features) and their drawn labels."""
     ids = np.stack([rng.integers(0, k, n) for k in FIELDS], axis=1)
     num = rng.standard_normal((n, NUMERIC))
