@@ -26,6 +26,7 @@ from collections import defaultdict
 from typing import Any
 
 from holdout import TASKS as HOLDOUT
+from holdout2 import TASKS as HOLDOUT2
 
 TUNING_TASKS = ("mlp_digits", "cnn_digits", "reg_diabetes", "gru_chars")
 HELD_OUT_TASKS = ("mlp_cancer", "tfm_chars")
@@ -35,13 +36,17 @@ FRESH_TASKS = ("mlp_synth", "lstm_chars")
 # Added at the very end, in the frameworks users train with (holdout.py): nobody tunes on them,
 # nobody reads their findings; scored once, by ``run.py --split holdout``.
 HOLDOUT_TASKS = tuple(HOLDOUT)
+# Added once lrwatch's findings on every split above had been read while tuning: new shapes in
+# plain PyTorch (holdout2.py), base LRs from runs without lrwatch; scored once, by the lead.
+HOLDOUT2_TASKS = tuple(HOLDOUT2)
 TUNING_SEEDS = (0, 1)
-SPLITS = ("tune", "report", "fresh", "holdout")
+SPLITS = ("tune", "report", "fresh", "holdout", "holdout2")
 SPLIT_TASKS = {
     "tune": TUNING_TASKS,
     "report": TUNING_TASKS + HELD_OUT_TASKS,
     "fresh": FRESH_TASKS,
     "holdout": HOLDOUT_TASKS,
+    "holdout2": HOLDOUT2_TASKS,
 }
 METHODS = ("lrwatch", "constant", "plateau")
 MODE_OF = {"lrwatch": "apply", "constant": "none", "plateau": "plateau"}
@@ -49,11 +54,14 @@ MODE_OF = {"lrwatch": "apply", "constant": "none", "plateau": "plateau"}
 
 def split_of(task: str, seed: int) -> str:
     """``tune`` for the tuning tasks at seeds 0-1, ``fresh`` for the tasks added after tuning,
-    ``holdout`` for the framework tasks added at the end, everything else ``report``."""
+    ``holdout`` for the framework tasks added at the end, ``holdout2`` for the plain-PyTorch
+    tasks added after that, everything else ``report``."""
     if task in FRESH_TASKS:
         return "fresh"
     if task in HOLDOUT_TASKS:
         return "holdout"
+    if task in HOLDOUT2_TASKS:
+        return "holdout2"
     return "tune" if task in TUNING_TASKS and seed in TUNING_SEEDS else "report"
 
 

@@ -4,6 +4,8 @@ A job is (task, multiplier, seed, mode). Its result is cached under a key that h
 own code, the job and the lrwatch source the result depends on: the hook's files for a ``none``
 training (its replay is keyed by all of lrwatch, so a detector change replays it again without
 retraining), all of lrwatch for ``apply``, nothing of lrwatch for the ``plateau`` baseline.
+A held-out split's tasks are keyed by their own digests instead of ``zoo`` and ``hook``, so
+adding a split, or a task to one, leaves every other cached run valid.
 """
 
 from __future__ import annotations
@@ -13,21 +15,33 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
-from holdout import TASKS as HOLDOUT
-from holdout import source_files
+import holdout
+import holdout2
 
 HERE = Path(__file__).resolve().parent
 LRWATCH = HERE.parent.parent / "lrwatch"
 OUT = HERE.parent / "out" / "zoo"
 # the hook side: what a `none` training executes of lrwatch (everything else only reads its files)
 HOOK_FILES = (
-    "__init__.py", "control.py", "errors.py", "schema.py",
-    "events/__init__.py", "events/encode.py", "events/sink.py", "events/writer.py",
+    "__init__.py",
+    "control.py",
+    "errors.py",
+    "schema.py",
+    "events/__init__.py",
+    "events/encode.py",
+    "events/sink.py",
+    "events/writer.py",
 )  # fmt: skip  (plus every module of lrwatch/hook/ and lrwatch/objstore/)
 # ...and what a held-out Lightning or Hugging Face training executes besides
 INTEGRATION_FILES = ("lightning.py", "hf.py", "integrations/lightning.py", "integrations/hf.py")
+# the held-out splits: each registry module has TASKS, source_files() and train(); and the lrwatch
+# files its `none` trainings execute besides the hook's (holdout2 is plain PyTorch: none)
+HELD_OUT: dict[str, ModuleType] = {"holdout": holdout, "holdout2": holdout2}
+HELD_OUT_LRWATCH_FILES = {"holdout": INTEGRATION_FILES, "holdout2": ()}
+HELD_OUT_SPLIT = {task: split for split, mod in HELD_OUT.items() for task in mod.TASKS}
 
 
 def _digest(paths: list[Path]) -> str:
@@ -42,21 +56,23 @@ def _digest(paths: list[Path]) -> str:
 def source_digests(lrwatch_dir: Path = LRWATCH) -> dict[str, str]:
     """Hashes of the zoo's code, of the hook's files and of all of lrwatch.
 
-    The held-out tasks have their own two (``zoo_holdout``, ``hook_holdout``): their modules
-    and lrwatch's framework integrations, which their ``none`` trainings execute, key only
-    their runs, so adding or editing them leaves every other cached run valid.
+    Each held-out split S has its own two (``zoo_S``, ``hook_S``): its modules and the
+    lrwatch files its ``none`` trainings execute (for ``holdout``, the framework integrations)
+    key only its runs, so adding or editing them leaves every other cached run valid.
     """
     zoo = [HERE / "tasks.py", HERE / "trainer.py"]
     hook = [lrwatch_dir / n for n in HOOK_FILES] + sorted(lrwatch_dir.glob("hook/*.py"))
     hook += sorted(lrwatch_dir.glob("objstore/*.py"))  # the hook uploads through it
-    integrations = [lrwatch_dir / n for n in INTEGRATION_FILES]
-    return {
+    out = {
         "zoo": _digest(zoo),
         "hook": _digest(hook),
         "lrwatch": _digest(list(lrwatch_dir.rglob("*.py"))),
-        "zoo_holdout": _digest(zoo + source_files()),
-        "hook_holdout": _digest(hook + integrations),
     }
+    for split, mod in HELD_OUT.items():
+        out[f"zoo_{split}"] = _digest(zoo + mod.source_files())
+        extra = [lrwatch_dir / n for n in HELD_OUT_LRWATCH_FILES[split]]
+        out[f"hook_{split}"] = _digest(hook + extra)
+    return out
 
 
 def snapshot() -> Path:
@@ -80,8 +96,9 @@ def job_key(job: dict[str, Any], digests: dict[str, str], part: str) -> str:
         ("train", "plateau"): ("zoo",),
         ("replay", "none"): ("zoo", "hook", "lrwatch"),
     }[(part, job["mode"])]
-    if job["task"] in HOLDOUT:
-        needs = tuple(f"{n}_holdout" if n in ("zoo", "hook") else n for n in needs)
+    split = HELD_OUT_SPLIT.get(job["task"])
+    if split is not None:
+        needs = tuple(f"{n}_{split}" if n in ("zoo", "hook") else n for n in needs)
     blob = json.dumps([job, part, [digests[n] for n in needs]], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
@@ -140,10 +157,10 @@ def run_job(job: dict[str, Any], digests: dict[str, str]) -> dict[str, Any]:
     if done.exists():
         result = json.loads(done.read_text())
     else:
-        from holdout import train as train_holdout
         from trainer import train as train_plain
 
-        train = train_holdout if job["task"] in HOLDOUT else train_plain
+        split = HELD_OUT_SPLIT.get(job["task"])
+        train = HELD_OUT[split].train if split is not None else train_plain
         shutil.rmtree(home, ignore_errors=True)
         result = train(job["task"], job["mult"], job["seed"], job["mode"], home / "run")
         if job["mode"] == "apply":
