@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from lrwatch.hook.stats import local
+
 AUTO_LIMIT_BYTES = 32 << 20  # "auto": parameters up to 32 MB (8M fp32 values), ~300 MB held
 
 
@@ -127,7 +129,10 @@ def _refill(
                 v.device,
             ):
                 return None
-    torch._foreach_copy_(old.params, [p.detach() for p in params])
+    # Local tensors: DTensor has no sharding rule for _foreach_copy_ (torch 2.13 raises
+    # NotImplementedError), so under FSDP2 every copy after the third failed and a rollback
+    # restored an older copy than asked. A shard's local tensor is its memory: no collective.
+    torch._foreach_copy_([local(s) for s in old.params], [local(p.detach()) for p in params])
     for saved, state in zip(old.state, states, strict=True):
         for k, v in state.items():
             if isinstance(v, torch.Tensor):
