@@ -64,3 +64,22 @@ def test_rollback_cut_clip_and_stop_act_alike_on_every_rank(tmp_path: Path, layo
     assert set(got[schema.GRAD_NORM]) == set(range(1, STOP_AT + 1))  # measuring went on
     assert sorted(got[schema.CONTROL_ACK]) == [CUT_AT, *ROLLBACKS, CLIP_AT, STOP_AT]
     assert {s for s, v in got[schema.STOP].items() if v == 1.0} == {STOP_AT}
+
+
+@pytest.mark.slow
+def test_a_copy_missing_on_one_rank_rolls_back_no_rank(tmp_path: Path) -> None:
+    """Rank 1 fails to copy step 30 (its device full, say); rank 0 has the copy.
+
+    Asked for step 30, rank 0 would restore its shards of step 30 and rank 1 its shards of
+    step 20: a model no rank ever trained. Every rank must restore the same step or none.
+    """
+    logdir = tmp_path / "run"
+    args = ["--logdir", str(logdir), "--layout", "fsdp", "--fail-take", "1:30"]
+    torchrun("rollback_worker.py", *args, timeout=120)
+    for r in results(tmp_path):
+        for name, values in r["after"][35].items():  # a plain step: every value moved
+            for old in (30, 20):
+                assert (values["param"] != r["before"][old][name]["param"]).all(), (name, old)
+        assert sum("no rank rolls back" in msg for _, msg in r["said"]) == 1
+        assert_same(r["after"][40], r["before"][20])  # asked for 25: every rank holds 20
+        assert r["lr"] == [0.01] * (CUT_AT - 1) + [0.005] * (STOP_AT - CUT_AT + 1)
