@@ -85,14 +85,20 @@ class Snapshots:
         found = [s for s in (self.first, *self.recent) if s is not None and s.step <= step]
         return max(found, key=lambda s: s.step, default=None)
 
+    def restorable(self, to_step: int, optimizer: torch.optim.Optimizer) -> Snapshot | None:
+        """The copy :meth:`restore` would put back: the newest at or before ``to_step`` that
+        holds as many tensors as the optimizer steps."""
+        snap = self.newest_at_or_before(to_step)
+        return snap if snap is not None and len(snap.params) == len(_params(optimizer)) else None
+
     @torch.no_grad()
     def restore(self, to_step: int, optimizer: torch.optim.Optimizer) -> int | None:
         """Put back the newest copy at or before ``to_step``; drop this step's gradients so the
         step about to run changes nothing. The restored copy's step, or None if none is old
         enough (nothing is changed then)."""
-        snap = self.newest_at_or_before(to_step)
+        snap = self.restorable(to_step, optimizer)
         params = _params(optimizer)
-        if snap is None or len(snap.params) != len(params):
+        if snap is None:
             return None
         for p, saved, state in zip(params, snap.params, snap.state, strict=True):
             p.copy_(saved)
