@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from fsdp_worker import batch, build, shard
+from fsdp_worker import batch, build, inject_failure, shard
 from torch import nn
 
 import lrwatch
@@ -104,6 +104,7 @@ def main() -> None:
     parser.add_argument("--logdir", type=Path, required=True)
     parser.add_argument("--layout", choices=["fsdp", "ddp"], default="fsdp")
     parser.add_argument("--fail-take", default="", help="RANK:STEP, see inject_take_failure")
+    parser.add_argument("--fail", default="", help="METHOD:RANK:STEP, see inject_failure")
     args = parser.parse_args()
     faulthandler.dump_traceback_later(90, exit=True)
     dist.init_process_group("gloo")
@@ -112,6 +113,8 @@ def main() -> None:
     current = [0]
     if args.fail_take:
         inject_take_failure(args.fail_take, current)
+    if args.fail:
+        inject_failure(args.fail, current)
     # lrwatch's own copies, at a shorter cadence (the monitor builds them with Snapshots()).
     monitor.Snapshots = functools.partial(Snapshots, every=EVERY)  # type: ignore[misc]
     said = Said()

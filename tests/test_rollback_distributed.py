@@ -83,3 +83,25 @@ def test_a_copy_missing_on_one_rank_rolls_back_no_rank(tmp_path: Path) -> None:
         assert sum("no rank rolls back" in msg for _, msg in r["said"]) == 1
         assert_same(r["after"][40], r["before"][20])  # asked for 25: every rank holds 20
         assert r["lr"] == [0.01] * (CUT_AT - 1) + [0.005] * (STOP_AT - CUT_AT + 1)
+
+
+@pytest.mark.slow
+def test_a_measuring_failure_on_the_rollback_step_neither_hangs_nor_stops_the_job(
+    tmp_path: Path,
+) -> None:
+    """Rank 1's measuring fails on the (logging) step that reads the rollback.
+
+    The step's all-reduce must still match on every rank: the gradients' norms were taken
+    before the rollback dropped the gradients, so the failed rank's zeros must count them too.
+    Every rank then stops measuring, and the rollback and the training go on.
+    """
+    logdir = tmp_path / "run"
+    args = ["--logdir", str(logdir), "--layout", "fsdp", "--fail", "start:1:35"]
+    torchrun("rollback_worker.py", *args, timeout=120)
+    for r in results(tmp_path):
+        assert r["last_step"] == STOP_AT
+        assert_same(r["after"][35], r["before"][30])
+        assert_same(r["after"][40], r["before"][20])
+    got = scalars(logdir)
+    assert set(got[schema.GRAD_NORM]) == set(range(1, 35))  # the failed step's sum dropped
+    assert set(got[schema.LOSS]) == set(range(1, STOP_AT + 1))
