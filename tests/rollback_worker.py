@@ -34,7 +34,7 @@ from torch import nn
 import lrwatch
 from lrwatch.control import append_action
 from lrwatch.hook import monitor
-from lrwatch.hook.snapshots import Snapshots
+from lrwatch.hook.snapshots import Snapshots, param_bytes
 from lrwatch.schema import ActionKind
 
 STEPS = 60
@@ -152,6 +152,7 @@ def main() -> None:
             if mon.should_stop:
                 break
     result = {"before": before, "after": after, **seen, "last_step": step, "said": said.lines}
+    result["param_bytes"] = param_bytes(opt)  # what rollback="auto" decides by
     torch.save(result, args.logdir.parent / f"rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from fsdp_worker import build
 from test_sharded import scalars, torchrun
 
 from lrwatch import schema
@@ -55,6 +56,8 @@ def test_rollback_cut_clip_and_stop_act_alike_on_every_rank(tmp_path: Path, layo
         assert [norms[s - 1] for s in ROLLBACKS] == [0.0, 0.0]
         unclipped = [n for s, n in enumerate(norms, 1) if s < CLIP_AT and s not in ROLLBACKS]
         assert min(unclipped) > CLIP >= max(norms[CLIP_AT - 1 :]) / (1 + 1e-5)
+    whole = sum(p.numel() * p.element_size() for p in build().parameters())
+    assert r0["param_bytes"] == r1["param_bytes"] == whole  # "auto": the same choice everywhere
     for key in ("lr", "mon_step"):
         assert r0[key] == r1[key], key
     assert r0["grad_norm"] == pytest.approx(r1["grad_norm"], rel=1e-6)
