@@ -14,8 +14,9 @@ What is copied: every parameter the optimizer steps and the optimizer's per-para
 LR scheduler (the schedule goes on: cuts and rollbacks change the weights and the LR divisor,
 not the schedule's clock), the GradScaler, the data loader (the batches that blew the run up
 are not replayed, as in PaLM's restarts). Copies stay on the parameters' device (local shards
-under FSDP2, every rank its own), so a restore is one ``copy_`` per tensor and needs no
-collective.
+under FSDP2, every rank its own), so a copy or a restore is one ``copy_`` per tensor and needs
+no collective; the controller's check that every rank would restore a copy of the same step is
+one, on the step that reads a rollback only (:mod:`lrwatch.hook.controller`).
 
 Cost: one copy of the parameters and optimizer state every ``every`` steps (a memory pass, cheap
 beside a training step), and ``keep + 1`` copies held. ``rollback="auto"`` keeps copies only
