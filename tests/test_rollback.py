@@ -131,6 +131,24 @@ def test_reused_copies_hold_the_state_of_their_own_step() -> None:
                 torch.testing.assert_close(got[i][key], moments[key])
 
 
+def test_a_restore_writes_into_the_optimizers_own_state_tensors() -> None:
+    """No allocation in a restore: it cannot run out of memory on one rank only, after the
+    other ranks restored (the values are checked by the test above)."""
+    model, x, y = model_and_data()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    snaps = Snapshots(every=2, keep=2)
+    for step in range(1, 6):
+        if snaps.due(step):
+            snaps.take(step, opt)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    held = [t for st in opt.state.values() for t in st.values()]
+    assert snaps.restore(4, opt) == 4
+    after = [t for st in opt.state.values() for t in st.values()]
+    assert len(after) == len(held) and all(a is b for a, b in zip(after, held, strict=True))
+
+
 def test_reused_copies_of_dtensor_shards_hold_the_state_of_their_own_step(tmp_path: Path) -> None:
     """FSDP2's parameters are DTensors, for which torch has no ``_foreach_copy_`` rule: the
     reused copies must still be refilled (one-rank gloo group; tests/test_rollback_distributed.py

@@ -104,10 +104,7 @@ class Snapshots:
         for p, saved, state in zip(params, snap.params, snap.state, strict=True):
             p.copy_(saved)
             p.grad = None
-            if state:
-                optimizer.state[p] = _clone_state(state)
-            else:
-                optimizer.state.pop(p, None)
+            _put_state(optimizer, p, state)
         # Later copies hold the weights that went wrong: a second rollback must go further back.
         self.recent = deque((s for s in self.recent if s.step <= snap.step), maxlen=self.keep)
         return snap.step
@@ -123,19 +120,8 @@ def _refill(
         for a, b in zip(old.params, params, strict=True)
     ):
         return None
-    for saved, state in zip(old.state, states, strict=True):
-        if saved.keys() != state.keys():
-            return None
-        for k, v in state.items():
-            s = saved[k]
-            if isinstance(v, torch.Tensor) != isinstance(s, torch.Tensor):
-                return None
-            if isinstance(v, torch.Tensor) and (s.shape, s.dtype, s.device) != (
-                v.shape,
-                v.dtype,
-                v.device,
-            ):
-                return None
+    if not all(_same_layout(a, b) for a, b in zip(old.state, states, strict=True)):
+        return None
     # Local tensors: DTensor has no sharding rule for _foreach_copy_ (torch 2.13 raises
     # NotImplementedError), so under FSDP2 every copy after the third failed and a rollback
     # restored an older copy than asked. A shard's local tensor is its memory: no collective.
@@ -148,6 +134,43 @@ def _refill(
                 saved[k] = v
     old.step = step
     return old
+
+
+def _same_layout(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two optimizer states have the same keys, and tensors of one shape, dtype, device."""
+    if a.keys() != b.keys():
+        return False
+    for k, v in a.items():
+        w = b[k]
+        if isinstance(v, torch.Tensor) != isinstance(w, torch.Tensor):
+            return False
+        if isinstance(v, torch.Tensor) and (v.shape, v.dtype, v.device) != (
+            w.shape,
+            w.dtype,
+            w.device,
+        ):
+            return False
+    return True
+
+
+def _put_state(optimizer: torch.optim.Optimizer, p: torch.Tensor, saved: dict[str, Any]) -> None:
+    """``saved`` as ``p``'s optimizer state, copied into the state's own tensors when they fit.
+
+    Copying in place allocates nothing, so a restore cannot run out of memory on one rank after
+    the others restored (their models would then hold different steps); a state that does not
+    fit (none yet, resized) is cloned.
+    """
+    current = optimizer.state.get(p)
+    if not saved:
+        optimizer.state.pop(p, None)
+    elif current is not None and _same_layout(current, saved):
+        for k, v in saved.items():
+            if isinstance(v, torch.Tensor):
+                current[k].copy_(v)
+            else:
+                current[k] = v
+    else:
+        optimizer.state[p] = _clone_state(saved)
 
 
 def _params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
