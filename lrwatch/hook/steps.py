@@ -89,10 +89,12 @@ class StepMeasure:
         if closure or self.off:
             self.measure.backward = None
         else:
-            # Counted first, from the parameters alone: a rollback later in this pre-hook drops
-            # the gradients whose norms are taken here, and a rank whose measuring fails after
-            # it must still pack as many values as the others (else gloo aborts the job).
-            self.n_grads = self.measure.count_grads()
+            # Sharded, counted first, from the parameters alone: a rollback later in this
+            # pre-hook drops the gradients whose norms are taken here, and a rank whose
+            # measuring fails after it must still pack as many values as the others (else
+            # gloo aborts the job). Unsharded, nothing waits on a failed rank's packet.
+            if self.measure.world:
+                self.n_grads = self.measure.count_grads()
             self.grads = self.measure.step_grads()
 
     def begin(self, step: int, *, cadence: Cadence, closure: bool) -> None:
