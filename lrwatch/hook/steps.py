@@ -89,13 +89,16 @@ class StepMeasure:
         if closure or self.off:
             self.measure.backward = None
         else:
-            # Sharded, counted first, from the parameters alone: a rollback later in this
-            # pre-hook drops the gradients whose norms are taken here, and a rank whose
-            # measuring fails after it must still pack as many values as the others (else
-            # gloo aborts the job). Unsharded, nothing waits on a failed rank's packet.
-            if self.measure.world:
-                self.n_grads = self.measure.count_grads()
-            self.grads = self.measure.step_grads()
+            try:
+                self.grads = self.measure.step_grads()
+            finally:
+                # Sharded, counted now: a rollback later in this pre-hook drops the gradients
+                # whose norms are taken here, and a rank whose measuring fails after it must
+                # still pack as many values as the others (else gloo aborts the job). From the
+                # norms when there are (no loop over the parameters), else the parameters.
+                if self.measure.world:
+                    got = self.grads
+                    self.n_grads = got.norms.numel() if got else self.measure.count_grads()
 
     def begin(self, step: int, *, cadence: Cadence, closure: bool) -> None:
         """In the pre-hook: start a logging step (weights' norms and snapshot)."""
