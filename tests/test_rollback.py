@@ -129,3 +129,51 @@ def test_reused_copies_hold_the_state_of_their_own_step() -> None:
         for i, moments in want.items():
             for key in ("exp_avg", "exp_avg_sq", "step"):
                 torch.testing.assert_close(got[i][key], moments[key])
+
+
+def test_a_restore_writes_into_the_optimizers_own_state_tensors() -> None:
+    """No allocation in a restore: it cannot run out of memory on one rank only, after the
+    other ranks restored (the values are checked by the test above)."""
+    model, x, y = model_and_data()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    snaps = Snapshots(every=2, keep=2)
+    for step in range(1, 6):
+        if snaps.due(step):
+            snaps.take(step, opt)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    held = [t for st in opt.state.values() for t in st.values()]
+    assert snaps.restore(4, opt) == 4
+    after = [t for st in opt.state.values() for t in st.values()]
+    assert len(after) == len(held) and all(a is b for a, b in zip(after, held, strict=True))
+
+
+def test_reused_copies_of_dtensor_shards_hold_the_state_of_their_own_step(tmp_path: Path) -> None:
+    """FSDP2's parameters are DTensors, for which torch has no ``_foreach_copy_`` rule: the
+    reused copies must still be refilled (one-rank gloo group; tests/test_rollback_distributed.py
+    runs two ranks under torchrun)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        param = nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)]))
+        opt = torch.optim.Adam([param], lr=0.1)
+        snaps = Snapshots(every=10, keep=2)
+        record = {}
+        for step in range(1, 41):
+            if snaps.due(step):
+                snaps.take(step, opt)
+                record[step] = param.full_tensor().clone()
+            param.grad = distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)])
+            opt.step()
+        assert [s.step for s in (snaps.first, *snaps.recent)] == [1, 30, 40]
+        assert snaps.restore(35, opt) == 30
+        torch.testing.assert_close(param.full_tensor(), record[30], rtol=0, atol=0)
+    finally:
+        dist.destroy_process_group()

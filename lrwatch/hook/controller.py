@@ -172,6 +172,8 @@ class Controller:
     def _roll_back(self, optimizer: torch.optim.Optimizer, action: Action, step: int) -> None:
         """Restore the newest in-memory copy at or before the action's ``to_step``."""
         to = action.to_step if action.to_step is not None else step
+        if not self._same_copy_on_every_rank(optimizer, to):
+            return
         if self.snapshots is None:
             self._warn_once(
                 "a rollback was asked but this run keeps no copies of its weights "
@@ -205,6 +207,35 @@ class Controller:
             step,
             to,
         )
+
+    def _same_copy_on_every_rank(self, optimizer: torch.optim.Optimizer, to: int) -> bool:
+        """Whether every rank would restore a copy of the same step (or every rank none).
+
+        Each rank keeps its own copies (its shards under FSDP2), and a copy can fail on one
+        rank alone (its device out of memory): that rank's newest copy at or before ``to`` is
+        then older, or missing. Restoring anyway leaves a model no rank ever trained (FSDP2:
+        shards of two different steps; DDP: replicas that differ from then on). So under DDP
+        or sharding the ranks compare, and if any differs no rank rolls back. This is one
+        collective on the step that reads a rollback (rare: the daemon allows a few a run),
+        joined by every rank: the action reached all of them through rank 0's broadcast.
+        """
+        mine: int | None = None
+        try:
+            snap = self.snapshots.restorable(to, optimizer) if self.snapshots else None
+            mine = snap.step if snap is not None else None
+        except Exception as err:  # noqa: BLE001 - this rank still joins the comparison
+            self._warn_once(f"rollback to step {to}: finding the copy failed: {err!r}")
+            mine = -1
+        if not ranks.distributed():
+            return True
+        steps = ranks.gathered(mine)
+        if len(set(steps)) == 1:
+            return True
+        self._warn_once(
+            f"rollback to step {to}: the ranks' newest copies at or before it are of different "
+            f"steps ({', '.join(map(str, steps))} by rank): no rank rolls back"
+        )
+        return False
 
     def _guarded(self, what: str, work: Callable[[], _T]) -> _T | None:
         """``work()``, or one warning and None if it raised."""

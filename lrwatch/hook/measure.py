@@ -242,16 +242,23 @@ class Measurer:
             grads.total.copy_(g2.sum().sqrt().reshape(1))  # the row holds this very tensor
         return [x.sqrt() for x in summed]
 
-    def failed_packet(self, *, logging: bool, closure: bool) -> Tensor | None:
+    def count_grads(self) -> int:
+        """How many of the optimizer's parameters have a gradient now."""
+        return sum(p.grad is not None for p in all_params(self.optimizer))
+
+    def failed_packet(
+        self, *, logging: bool, closure: bool, n_grads: int | None = None
+    ) -> Tensor | None:
         """What a rank whose measuring failed contributes: zeros, and 1 in the failure slot.
 
         Its length is the one :meth:`pack` gives on the other ranks, counted from the
         parameters alone (which have gradients, which may move), so the collective matches
-        without any of the work that failed. None where the healthy ranks issue no
-        all-reduce either (no gradients and not a logging step).
+        without any of the work that failed. ``n_grads``: the gradients the step's norms were
+        taken of, when that was before now (a rollback drops them in between). None where the
+        healthy ranks issue no all-reduce either (no gradients and not a logging step).
         """
         params = all_params(self.optimizer)
-        n_grads = sum(p.grad is not None for p in params)
+        n_grads = self.count_grads() if n_grads is None else n_grads
         moving = sum(p.grad is not None or (closure and p.requires_grad) for p in params)
         if not logging and not n_grads:
             return None

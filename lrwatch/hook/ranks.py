@@ -47,6 +47,17 @@ def from_rank0(value: Any) -> Any:
     return payload[0]
 
 
+def gathered(value: Any) -> list[Any]:
+    """Every rank's ``value``, in rank order, on every rank (a collective: every rank must call
+    it)."""
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * dist.get_world_size()
+    _guard_exit()
+    dist.all_gather_object(out, value)
+    return out
+
+
 @functools.cache
 def _guard_exit() -> None:
     """Register the exit grace once per process (cached: later calls do nothing)."""

@@ -14,8 +14,9 @@ What is copied: every parameter the optimizer steps and the optimizer's per-para
 LR scheduler (the schedule goes on: cuts and rollbacks change the weights and the LR divisor,
 not the schedule's clock), the GradScaler, the data loader (the batches that blew the run up
 are not replayed, as in PaLM's restarts). Copies stay on the parameters' device (local shards
-under FSDP2, every rank its own), so a restore is one ``copy_`` per tensor and needs no
-collective.
+under FSDP2, every rank its own), so a copy or a restore is one ``copy_`` per tensor and needs
+no collective; the controller's check that every rank would restore a copy of the same step is
+one, on the step that reads a rollback only (:mod:`lrwatch.hook.controller`).
 
 A stop may also restore a *best* copy: the weights at the lowest validation loss the run passed
 to ``mon.log`` (:class:`lrwatch.hook.best.BestCopy` takes it), as Keras's ``EarlyStopping(
@@ -36,6 +37,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from lrwatch.hook.stats import local
 
 AUTO_LIMIT_BYTES = 32 << 20  # "auto": parameters up to 32 MB (8M fp32 values), ~400 MB held
 
@@ -110,12 +113,18 @@ class Snapshots:
         found = [s for s in (self.first, *self.recent) if s is not None and s.step <= step]
         return max(found, key=lambda s: s.step, default=None)
 
+    def restorable(self, to_step: int, optimizer: torch.optim.Optimizer) -> Snapshot | None:
+        """The copy :meth:`restore` would put back: the newest at or before ``to_step`` that
+        holds as many tensors as the optimizer steps."""
+        snap = self.newest_at_or_before(to_step)
+        return snap if snap is not None and len(snap.params) == len(_params(optimizer)) else None
+
     @torch.no_grad()
     def restore(self, to_step: int, optimizer: torch.optim.Optimizer) -> int | None:
         """Put back the newest copy at or before ``to_step``; drop this step's gradients so the
         step about to run changes nothing. The restored copy's step, or None if none is old
         enough (nothing is changed then)."""
-        snap = self.newest_at_or_before(to_step)
+        snap = self.restorable(to_step, optimizer)
         if snap is None or not _put_back(snap, optimizer):
             return None
         # Later copies hold the weights that went wrong: a second rollback must go further back.
@@ -135,10 +144,7 @@ def _put_back(snap: Snapshot, optimizer: torch.optim.Optimizer) -> bool:
     for p, saved, state in zip(params, snap.params, snap.state, strict=True):
         p.copy_(saved)
         p.grad = None
-        if state:
-            optimizer.state[p] = _clone_state(state)
-        else:
-            optimizer.state.pop(p, None)
+        _put_state(optimizer, p, state)
     return True
 
 
@@ -152,20 +158,12 @@ def _refill(
         for a, b in zip(old.params, params, strict=True)
     ):
         return None
-    for saved, state in zip(old.state, states, strict=True):
-        if saved.keys() != state.keys():
-            return None
-        for k, v in state.items():
-            s = saved[k]
-            if isinstance(v, torch.Tensor) != isinstance(s, torch.Tensor):
-                return None
-            if isinstance(v, torch.Tensor) and (s.shape, s.dtype, s.device) != (
-                v.shape,
-                v.dtype,
-                v.device,
-            ):
-                return None
-    torch._foreach_copy_(old.params, [p.detach() for p in params])
+    if not all(_same_layout(a, b) for a, b in zip(old.state, states, strict=True)):
+        return None
+    # Local tensors: DTensor has no sharding rule for _foreach_copy_ (torch 2.13 raises
+    # NotImplementedError), so under FSDP2 every copy after the third failed and a rollback
+    # restored an older copy than asked. A shard's local tensor is its memory: no collective.
+    torch._foreach_copy_([local(s) for s in old.params], [local(p.detach()) for p in params])
     for saved, state in zip(old.state, states, strict=True):
         for k, v in state.items():
             if isinstance(v, torch.Tensor):
@@ -174,6 +172,43 @@ def _refill(
                 saved[k] = v
     old.step = step
     return old
+
+
+def _same_layout(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two optimizer states have the same keys, and tensors of one shape, dtype, device."""
+    if a.keys() != b.keys():
+        return False
+    for k, v in a.items():
+        w = b[k]
+        if isinstance(v, torch.Tensor) != isinstance(w, torch.Tensor):
+            return False
+        if isinstance(v, torch.Tensor) and (v.shape, v.dtype, v.device) != (
+            w.shape,
+            w.dtype,
+            w.device,
+        ):
+            return False
+    return True
+
+
+def _put_state(optimizer: torch.optim.Optimizer, p: torch.Tensor, saved: dict[str, Any]) -> None:
+    """``saved`` as ``p``'s optimizer state, copied into the state's own tensors when they fit.
+
+    Copying in place allocates nothing, so a restore cannot run out of memory on one rank after
+    the others restored (their models would then hold different steps); a state that does not
+    fit (none yet, resized) is cloned.
+    """
+    current = optimizer.state.get(p)
+    if not saved:
+        optimizer.state.pop(p, None)
+    elif current is not None and _same_layout(current, saved):
+        for k, v in saved.items():
+            if isinstance(v, torch.Tensor):
+                current[k].copy_(v)
+            else:
+                current[k] = v
+    else:
+        optimizer.state[p] = _clone_state(saved)
 
 
 def _params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:

@@ -46,6 +46,7 @@ class StepMeasure:
         self.measure = Measurer(model, optimizer, world=world, scaler=scaler)
         self.pending: Pending | None = None  # a logging step between pre and post hook
         self.grads: StepGrads | None = None  # this step's gradient norms
+        self.n_grads: int | None = None  # how many gradients they were taken of (no closure)
         # Seconds of this step's all-reduce outside a logging step. Every step pays it whatever
         # the cadence, so "auto" leaves it out of the per-step cost it budgets against: counted,
         # a gloo all-reduce alone can exceed 1% of a step and push the cadence to its maximum.
@@ -84,11 +85,20 @@ class StepMeasure:
 
         With a closure the step's gradients come inside ``step()``: taken by :meth:`end`.
         """
-        self.grads = None
+        self.grads, self.n_grads = None, None
         if closure or self.off:
             self.measure.backward = None
         else:
-            self.grads = self.measure.step_grads()
+            try:
+                self.grads = self.measure.step_grads()
+            finally:
+                # Sharded, counted now: a rollback later in this pre-hook drops the gradients
+                # whose norms are taken here, and a rank whose measuring fails after it must
+                # still pack as many values as the others (else gloo aborts the job). From the
+                # norms when there are (no loop over the parameters), else the parameters.
+                if self.measure.world:
+                    got = self.grads
+                    self.n_grads = got.norms.numel() if got else self.measure.count_grads()
 
     def begin(self, step: int, *, cadence: Cadence, closure: bool) -> None:
         """In the pre-hook: start a logging step (weights' norms and snapshot)."""
@@ -169,7 +179,9 @@ class StepMeasure:
                 except Exception as exc:  # kept: the all-reduce below must still run
                     self.error = exc
             if packed is None:
-                packed = self.measure.failed_packet(logging=self.logging, closure=closure)
+                packed = self.measure.failed_packet(
+                    logging=self.logging, closure=closure, n_grads=self.n_grads
+                )
             if packed is not None:
                 ranks.all_sum(packed)
                 self._failures = (step, ranks.LateRead(packed[-1:]))
