@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from lrwatch import __version__
+from lrwatch import __version__, schema
 from lrwatch.errors import LrwatchError
 
 logger = logging.getLogger(__name__)
@@ -225,6 +225,11 @@ def _max_norm(ctx: click.Context, param: click.Parameter, value: float | None) -
     metavar="STEP",
     help="Restore the hook's newest in-memory copy of the weights at or before STEP.",
 )
+@click.option(
+    "--best",
+    is_flag=True,
+    help="With --stop: end on the weights the hook kept at the run's lowest validation loss.",
+)
 @click.option("--reason", default="", help="Why, for the audit trail.")
 def apply(
     run_dir: pathlib.Path,
@@ -233,6 +238,7 @@ def apply(
     stop: bool,
     undo: int | None,
     rollback: int | None,
+    best: bool,
     reason: str,
 ) -> None:
     """Append one action to RUN_DIR's control file; the running job applies it at a step."""
@@ -250,10 +256,13 @@ def apply(
     kinds = [kind for kind, given in chosen.items() if given]
     if len(kinds) != 1:
         raise click.UsageError("give exactly one of --lr-cut, --clip, --stop, --undo, --rollback")
+    if best and not stop:
+        raise click.UsageError("--best goes with --stop")
     try:
+        to_step = _kept_best_step(run_dir) if best else rollback
         action = append_action(
             run_dir, action=kinds[0], factor=lr_cut, max_norm=clip, target=undo,
-            to_step=rollback, reason=reason, source="human",
+            to_step=to_step, reason=reason, source="human",
         )  # fmt: skip
     except ConfigError as err:
         raise click.UsageError(str(err)) from err
@@ -262,6 +271,19 @@ def apply(
     except OSError as err:  # a full disk or a read-only run: one line, the file left as it was
         raise click.ClickException(f"{run_dir}: control file not written: {err}") from err
     click.echo(json.dumps(action.to_json()))
+
+
+def _kept_best_step(run_dir: pathlib.Path) -> int:
+    """The newest step the hook marked as holding a best-weights copy (``--stop --best``)."""
+    from lrwatch.events.reader import read_run
+
+    marked = [s.step for s in read_run(run_dir) if s.tag == schema.KEPT_BEST]
+    if not marked:
+        raise click.UsageError(
+            f"{run_dir} marks no best-weights copy ({schema.KEPT_BEST}): the hook keeps one "
+            "when a validation loss is passed to mon.log, in one process, with rollback copies on"
+        )
+    return max(marked)
 
 
 # ---------------------------------------------------------------------------------- serve (H8)

@@ -177,3 +177,23 @@ def test_the_analyzer_names_the_hooks_best_copy_in_an_overfitting_stop(tmp_path:
     assert stops, [d.reason for d in result.decisions]
     want = [s for s in running_minima(vals) if s <= stops[0].step][-1]
     assert stops[0].to_step == want
+
+
+def test_apply_stop_best_names_the_newest_marked_step(tmp_path: Path) -> None:
+    """``lrwatch apply --stop --best``: the human's way to the same stop."""
+    from click.testing import CliRunner
+
+    from lrwatch.cli import main
+    from lrwatch.control import read_control
+
+    _, _, vals, _ = overfitting_run(tmp_path / "marked", 120)
+    res = CliRunner().invoke(main, ["apply", str(tmp_path / "marked"), "--stop", "--best"])
+    assert res.exit_code == 0, res.output
+    (action,) = read_control(tmp_path / "marked" / schema.CONTROL_FILENAME).actions
+    assert action.action is ActionKind.STOP and action.to_step == running_minima(vals)[-1]
+
+    overfitting_run(tmp_path / "unmarked", 20, rollback=False)
+    res = CliRunner().invoke(main, ["apply", str(tmp_path / "unmarked"), "--stop", "--best"])
+    assert res.exit_code == 2 and "marks no best-weights copy" in res.output
+    res = CliRunner().invoke(main, ["apply", str(tmp_path / "marked"), "--lr-cut", "2", "--best"])
+    assert res.exit_code == 2 and "--best goes with --stop" in res.output

@@ -352,7 +352,10 @@ def _tag_hint(wanted: str, tags: Iterable[str]) -> str:
     import difflib
 
     per_layer = tuple(f"{prefix}/" for prefix in schema.PER_TENSOR_PREFIXES.values())
-    names = sorted(set(tags), key=lambda t: (t.startswith(per_layer), t.count("/"), t))
+    book = schema.PREFIX + "_control/"  # bookkeeping, never a metric: listed last
+    names = sorted(
+        set(tags), key=lambda t: (t.startswith(book), t.startswith(per_layer), t.count("/"), t)
+    )
     close = difflib.get_close_matches(wanted, names, n=3, cutoff=0.5)
     listed = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
     guess = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
