@@ -23,6 +23,7 @@ from typing import Any
 
 from lrwatch import schema
 from lrwatch.analysis import roles
+from lrwatch.analysis.advice_guard import RAISE_LR_KINDS, raise_lr_overruled
 from lrwatch.analysis.batch import BatchFeed
 from lrwatch.analysis.batch import supported as batch_supported
 from lrwatch.analysis.config import AnalyzerConfig
@@ -35,7 +36,7 @@ from lrwatch.analysis.role_checks import RoleChecks
 from lrwatch.analysis.run_tags import RunTags
 from lrwatch.errors import LrwatchError
 from lrwatch.policy.responses import plan_for
-from lrwatch.schema import Analysis, Decision, Finding, Kind, Scalar, json_number
+from lrwatch.schema import Analysis, Decision, Finding, Scalar, json_number
 
 __all__ = ["NoUsableTags", "RunAnalyzer", "analyze_run"]
 
@@ -44,7 +45,6 @@ logger = logging.getLogger(__name__)
 _TAG, _STEP = operator.itemgetter(0), operator.itemgetter(1)  # Scalar's tag and step
 _SOON_FRACTION = 0.1  # a schedule cut this fraction of its period away is "about to happen"
 _TAIL = 0.5  # a decaying LR at or below this fraction of its peak is in its tail
-_RAISE_LR_KINDS = (Kind.SLOW_PROGRESS, Kind.RATIO_LOW)  # the findings answered by raise-LR advice
 
 
 class NoUsableTags(LrwatchError):
@@ -186,8 +186,14 @@ class RunAnalyzer:
         return self._decide(step, found)
 
     def _decide(self, step: int, found: list[Finding]) -> list[Decision]:
-        if self._validation_stale():
-            found = [f for f in found if f.kind not in _RAISE_LR_KINDS]
+        if any(f.kind in RAISE_LR_KINDS for f in found) and raise_lr_overruled(
+            self.history,
+            self._tags,
+            metric=self.metric,
+            patience=self.plateau.patience,
+            ratio=self.config.ratio,
+        ):
+            found = [f for f in found if f.kind not in RAISE_LR_KINDS]
         point = self._last_lr()
         lr = None if point is None else point.value
         if self._cut_unapplied():
@@ -214,18 +220,6 @@ class RunAnalyzer:
                 known_lr = lr if lr is not None and math.isfinite(lr) else None
                 self._cut = LastCut(step, known_lr, d.factor)
         return out
-
-    def _validation_stale(self) -> bool:
-        """Whether the validation loss has gone the plateau's patience (5) checks without a new
-        best. A higher LR is then no advice: a training loss still falling fast while
-        validation stalls is a run fitting its training set (reg_diabetes at 10x was advised
-        to raise its LR two checks before it was stopped for overfitting)."""
-        tag = self.metric
-        if tag is None or tag == self._tags.roles.get("loss"):
-            return False
-        best = self.history.best(tag, "min")
-        steps, _ = self.history.window(tag, self.plateau.patience + 1)
-        return best is not None and int((steps > best[0]).sum()) >= self.plateau.patience
 
     def _cut_answers(self, f: Finding) -> bool:
         """Whether an unapplied cut answers ``f`` already: it asks for no deeper cut than that
