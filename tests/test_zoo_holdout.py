@@ -22,6 +22,7 @@ ZOO = Path(__file__).resolve().parent.parent / "bench" / "zoo"
 sys.path.insert(0, str(ZOO))
 
 import holdout  # noqa: E402
+import holdout2  # noqa: E402
 import worker  # noqa: E402
 from framework_run import Facts, PlateauOnOptimizer  # noqa: E402
 from trainer import NAN_PATIENCE  # noqa: E402
@@ -117,24 +118,28 @@ def test_worker_runs_a_holdout_job_and_caches_it(
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:.*does not have many workers.*")
 @pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
-@pytest.mark.parametrize("task", list(holdout.TASKS))
+@pytest.mark.parametrize("task", [*holdout.TASKS, *holdout2.TASKS])
 @pytest.mark.parametrize("mode", ["apply", "plateau"])
 def test_holdout_task_runs_end_to_end(
     task: str, mode: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """40 steps (two validations): the daemon read the run (its state file, which the trainer
-    waits for), the facts came back, and nothing was written outside the run's directory."""
+    """40 steps (two validations), for the tasks of both held-out splits: the daemon read the
+    run (its state file, which the trainer waits for), the facts came back, and nothing was
+    written outside the run's directory but the daemon's log beside it in apply mode."""
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
     run_dir = tmp_path / "home" / "run"
-    facts = holdout.train(task, 1.0, 0, mode, run_dir, steps=40)
+    split = holdout if task in holdout.TASKS else holdout2
+    facts = split.train(task, 1.0, 0, mode, run_dir, steps=40)
     assert facts["task"] == task and facts["mode"] == mode
     assert facts["stopped"] or facts["steps_run"] == 40
     assert facts["first_nan_step"] == -1
     assert [s for s, _ in facts["curve"]] == [20, 40][: len(facts["curve"])]
     assert facts["final_val"] is not None and math.isfinite(facts["final_val"])
     assert list(cwd.iterdir()) == []
+    beside = {p.name for p in (tmp_path / "home").iterdir()}
+    assert beside == ({"run", "serve.log"} if mode == "apply" else {"run"})
     events = list(run_dir.glob("events.out.tfevents.*"))
     if mode == "apply":
         assert (run_dir / schema.DAEMON_SUBRUN / "state.json").exists()

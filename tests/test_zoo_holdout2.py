@@ -5,15 +5,13 @@ lrwatch on these tasks, as the split is scored once, by the lead. What is checke
 split kept every other run's cache key (the digests of the other splits are still what they were
 defined as before it existed, and editing this split's modules changes only its own keys), the
 default sweep leaves it out, the ViT cuts its patches and the schedule warms up and decays as
-documented (against torch's ``unfold`` and a hand computation), and each task runs end to end in
-``apply`` mode (a real ``lrwatch serve --apply``) and in ``plateau`` mode at a tiny step count,
-writing nothing outside its run directory (but the daemon's log beside it, as in every apply run).
+documented (against torch's ``unfold`` and a hand computation). Each task's end-to-end run in
+``apply`` and ``plateau`` mode is tested with the first split's (tests/test_zoo_holdout.py).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -27,15 +25,14 @@ import holdout  # noqa: E402
 import holdout2  # noqa: E402
 import worker  # noqa: E402
 
-from lrwatch import schema  # noqa: E402
 
-
-def test_other_splits_keep_the_digests_they_had_before_holdout2() -> None:
-    """The ``holdout`` split's digests, computed here by their definition before this split was
-    added (its five modules; the hook plus the framework integrations): cached runs stay valid."""
+def test_the_held_out_splits_digests_are_made_of_their_own_modules() -> None:
+    """The ``holdout`` split's digests, computed here from their definition (its modules; the
+    hook plus the framework integrations), and the plain splits' from tasks.py and trainer.py
+    alone: a holdout2 module is in neither, so editing one retrains nothing of theirs."""
     digests = worker.source_digests()
     zoo = [ZOO / "tasks.py", ZOO / "trainer.py"]
-    modules = ("holdout", "framework_run", "lit_task", "hf_task", "ae_task")
+    modules = ("holdout", "framework_run", "plain_run", "lit_task", "hf_task", "ae_task")
     assert digests["zoo_holdout"] == worker._digest(zoo + [ZOO / f"{m}.py" for m in modules])
     lw = worker.LRWATCH
     hook = [lw / n for n in worker.HOOK_FILES] + sorted(lw.glob("hook/*.py"))
@@ -114,32 +111,3 @@ def test_worker_runs_a_holdout2_job_and_caches_it(
         tmp_path / "cache" / f"{worker.job_key(job, digests, 'train')}.json"
     ]
     assert worker.run_job(job, digests) == json.loads(json.dumps(first))  # from the cache
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("task", list(holdout2.TASKS))
-@pytest.mark.parametrize("mode", ["apply", "plateau"])
-def test_holdout2_task_runs_end_to_end(
-    task: str, mode: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """40 steps (two validations): the daemon read the run (its state file, which the trainer
-    waits for), the facts came back, and nothing was written outside the run's directory."""
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
-    monkeypatch.chdir(cwd)
-    run_dir = tmp_path / "home" / "run"
-    facts = holdout2.train(task, 1.0, 0, mode, run_dir, steps=40)
-    assert facts["task"] == task and facts["mode"] == mode
-    assert facts["stopped"] or facts["steps_run"] == 40
-    assert facts["first_nan_step"] == -1
-    assert [s for s, _ in facts["curve"]] == [20, 40][: len(facts["curve"])]
-    assert facts["final_val"] is not None and math.isfinite(facts["final_val"])
-    assert list(cwd.iterdir()) == []
-    beside = {p.name for p in (tmp_path / "home").iterdir()}  # the daemon's log, in apply mode
-    assert beside == ({"run", "serve.log"} if mode == "apply" else {"run"})
-    events = list(run_dir.glob("events.out.tfevents.*"))
-    if mode == "apply":
-        assert (run_dir / schema.DAEMON_SUBRUN / "state.json").exists()
-        assert len(events) == 1
-    else:
-        assert events == [] and facts["plateau_factor"] == 1.0

@@ -2,9 +2,8 @@
 
 A 1-D convolutional denoising autoencoder on generated signals (sums of three sinusoids plus
 Gaussian noise; the target is the clean signal), RMSprop, StepLR(120, 0.5), no clipping. It runs
-through trainer.py's own plain loop (``_loop``) with the same modes; only the set-up that
-trainer.py's ``train`` does for a task of tasks.py is repeated here, because neither file may
-change without retraining every cached zoo run (their syntax trees key the cache).
+through trainer.py's own plain loop with the same modes, set up by plain_run.py like the
+``holdout2`` tasks.
 """
 
 from __future__ import annotations
@@ -14,12 +13,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from framework_run import apply_daemon, watch_kwargs
+from plain_run import run_setup
 from tasks import Setup, _sampler, step_lr
 from torch import nn
-from trainer import STEP_SLEEP, _loop, _Plateau, _wait_for_daemon
-
-import lrwatch
 
 LENGTH = 64
 NOISE = 0.3
@@ -67,23 +63,4 @@ def ae_signals(seed: int) -> Setup:
 
 def train(lr: float, steps: int, seed: int, mode: str, run_dir: Path) -> dict[str, Any]:
     """One run of ``ae_signals`` in ``mode``: trainer.py's ``train`` for a task outside tasks.py."""
-    torch.set_num_threads(1)
-    torch.manual_seed(seed)
-    s = ae_signals(seed)
-    opt = s.optimizer(list(s.model.parameters()), lr)
-    sched = s.schedule(opt, lr, steps)
-    with apply_daemon(mode, run_dir):
-        mon = None
-        if mode != "plateau":
-            mon = lrwatch.watch(
-                s.model, opt, logdir=str(run_dir), criterion=s.loss_fn, **watch_kwargs(mode)
-            )
-        try:
-            if mode == "apply" and mon is not None:
-                _wait_for_daemon(mon, run_dir)
-            plateau = _Plateau() if mode == "plateau" else None
-            sleep = STEP_SLEEP if mode == "apply" else 0.0
-            return _loop(steps, s, opt, sched, mon, plateau, sleep=sleep)
-        finally:
-            if mon is not None:
-                mon.close()
+    return run_setup(ae_signals, lr, steps, seed, mode, run_dir)

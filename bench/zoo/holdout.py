@@ -11,6 +11,7 @@ Each task's module is imported only when it runs: Lightning and transformers tak
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,15 +52,24 @@ TASKS: dict[str, HoldoutTask] = {
 def source_files() -> list[Path]:
     """The zoo's files a held-out run executes besides tasks.py and trainer.py (cache key)."""
     return [
-        HERE / f"{m}.py" for m in ("holdout", "framework_run", "lit_task", "hf_task", "ae_task")
+        HERE / f"{m}.py"
+        for m in ("holdout", "framework_run", "plain_run", "lit_task", "hf_task", "ae_task")
     ]
 
 
 def train(
-    task: str, mult: float, seed: int, mode: str, run_dir: Path, *, steps: int | None = None
+    task: str,
+    mult: float,
+    seed: int,
+    mode: str,
+    run_dir: Path,
+    *,
+    steps: int | None = None,
+    tasks: Mapping[str, HoldoutTask] = TASKS,
 ) -> dict[str, Any]:
-    """trainer.py's ``train`` for a held-out task; ``steps`` overrides its length (tests only)."""
-    t = TASKS[task]
+    """trainer.py's ``train`` for a held-out task of ``tasks`` (this split's, or holdout2's);
+    ``steps`` overrides its length (tests only)."""
+    t = tasks[task]
     run = importlib.import_module(t.module).train
     facts: dict[str, Any] = run(t.lr * mult, steps or t.steps, seed, mode, run_dir)
     facts.update(task=task, mult=mult, seed=seed, mode=mode)

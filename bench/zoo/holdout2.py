@@ -9,16 +9,15 @@ chosen from ``none``-mode runs alone: the best mean final validation loss of see
 half-decade grid (``bench/zoo/tune_holdout.py --split holdout2``; its output is in
 ``tune_holdout2.txt``), as a user would. Nobody has read lrwatch's findings on these tasks.
 
-The registry reuses holdout.py's ``HoldoutTask``; holdout.py itself is not edited, because its
-syntax tree keys every cached run of the ``holdout`` split (worker.py).
+The registry reuses holdout.py's ``HoldoutTask`` and its ``train``.
 """
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Any
 
+import holdout
 from holdout import HoldoutTask
 
 HERE = Path(__file__).resolve().parent
@@ -55,8 +54,4 @@ def train(
     task: str, mult: float, seed: int, mode: str, run_dir: Path, *, steps: int | None = None
 ) -> dict[str, Any]:
     """trainer.py's ``train`` for a ``holdout2`` task; ``steps`` overrides its length (tests)."""
-    t = TASKS[task]
-    run = importlib.import_module(t.module).train
-    facts: dict[str, Any] = run(t.lr * mult, steps or t.steps, seed, mode, run_dir)
-    facts.update(task=task, mult=mult, seed=seed, mode=mode)
-    return facts
+    return holdout.train(task, mult, seed, mode, run_dir, steps=steps, tasks=TASKS)

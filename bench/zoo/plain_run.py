@@ -1,8 +1,8 @@
 """One run of a plain-PyTorch held-out task in one of the zoo's three modes.
 
-trainer.py's ``train`` does this for the tasks of tasks.py, and ae_task.py for ``ae_signals``;
-neither can take a task from elsewhere without an edit that would change the syntax trees keying
-every cached run of the ``report`` and ``holdout`` splits. The ``holdout2`` tasks share this one
+trainer.py's ``train`` does this for the tasks of tasks.py; it cannot take a task from
+elsewhere without an edit that would change the syntax tree keying every cached run of the
+``tune``, ``report`` and ``fresh`` splits. ``ae_signals`` and the ``holdout2`` tasks share this one
 instead: the task's ``Setup`` is built for the seed, then trainer.py's own ``_loop`` runs it, with
 the hook attached exactly as trainer.py attaches it (``control=False`` in ``none`` mode).
 """
