@@ -153,14 +153,15 @@ class Controller:
             self._synced = True
             self._last_look = now
             new = self._guarded("reading the control file", lambda: self._check(step)) or []
+        kinds = {a.action for a in new} if new else set()
         if new:
             self._apply_restores(optimizer, new, step)
-        rolled = any(a.action is ActionKind.ROLLBACK for a in new)
+        rolled = ActionKind.ROLLBACK in kinds
         if self.snapshots is not None and not rolled and self.snapshots.due(step):
             self._guarded("copying the weights", lambda: self._take(optimizer, step))
         if self._applied.cuts:  # an LR factor in force (none: the scheduler's LR as it is)
             self._guarded("setting the lr", lambda: self._set_lr(optimizer))
-        if any(a.action in (ActionKind.LR_CUT, ActionKind.UNDO) for a in new):
+        if ActionKind.LR_CUT in kinds or ActionKind.UNDO in kinds:
             self._guarded("reporting the lr", lambda: self._say_where_the_lr_shows(optimizer, step))
         if not closure and self._applied.clips:  # a clip in force
             self._guarded("clipping", lambda: self._clip(optimizer))
