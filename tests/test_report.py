@@ -185,15 +185,8 @@ def test_a_sink_without_decisions_should_create_no_event_file(tmp_path: Path) ->
         (CLIP_LONG, None, "recommend", logging.WARNING, "clip max_norm=10.4 recommended"),
         (BACK, 3, "apply", logging.WARNING, "rollback to step 40 applied as action #3"),
     ],
-    ids=[
-        "recommendation",
-        "applied",
-        "over-budget",
-        "critical-finding",
-        "stop",
-        "clip-digits",
-        "rollback",
-    ],
+    ids=["recommendation", "applied", "over-budget", "critical-finding", "stop", "clip-digits",
+         "rollback"],
 )
 def test_emit_should_log_one_console_line_at_a_sensible_level(
     tmp_path: Path,

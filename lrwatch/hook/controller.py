@@ -370,7 +370,7 @@ class Controller:
             return []
         self._signature = signature  # a bad version is refused once, retried when it changes
         try:
-            control = read_control(path)
+            control = read_control(Path(path))
         except ControlFileError as err:
             self._warn_once(f"control file refused, nothing applied: {err}")
             return []

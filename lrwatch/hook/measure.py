@@ -143,16 +143,14 @@ class Measurer:
     def _grads_now(self, *, scaled: bool) -> StepGrads | None:
         """Per-tensor norms of the gradients there now, and their total (sharded: to come)."""
         params = all_params(self.optimizer)
-        # Every step, in backward: each gradient is read once, and the lists are built only
-        # when some parameter has none or is a DTensor.
+        # Every step, in backward: each gradient is read once, and local shards are asked
+        # for only when some parameter is a DTensor.
         found = [p.grad for p in params]
         with_grad = tuple(i for i, g in enumerate(found) if g is not None)
         if not with_grad:
             return None
         plan = self._plan(with_grad, params)
-        grads: list[Tensor] = (
-            found if len(with_grad) == len(found) else [found[i] for i in with_grad]
-        )  # type: ignore[misc]
+        grads = [g for g in found if g is not None]
         if plan.dtensor:
             grads = [stats.local(g) for g in grads]
         norms = stats.foreach_norms(grads, plan.groups)
