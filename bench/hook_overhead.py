@@ -259,8 +259,10 @@ def run(model_name: str, cases: list[str], rounds: int, steps: int, logdir: Path
         verdict = "the floor is within this run's noise: no ratio"
     else:
         verdict = f"{hook['defaults'] / hook['signals']:.2f}x the per-step signals' floor"
-    print(f"defaults: {hook['defaults'] / mean['bare']:+.2%} of a step ({verdict}); "
-          f"per-step signals' floor {floor_pct:+.2%}")
+    print(
+        f"defaults: {hook['defaults'] / mean['bare']:+.2%} of a step ({verdict}); "
+        f"per-step signals' floor {floor_pct:+.2%}"
+    )
     for c in ("defaults", "every_step"):
         print(
             f"{c}: lrwatch's own measurement (perf_counter inside its hooks): {self_cost(built[c])}"
