@@ -22,7 +22,8 @@ shared with other jobs, wall time mostly measures the others. Prints ms/step and
 and to the floor; "hook ms" is the time around ``optimizer.step()`` beyond bare (where the cases
 differ) and backward (where lrwatch takes the gradient norms, at its end), amortised over the
 case's cadence, which is far less noisy than the difference of whole steps. Memory: the size of
-the weight snapshot each case holds (``defaults`` holds it only during a logging step), and with
+the weight snapshot each case holds (``defaults`` keeps it between logging steps for parameters up
+to 32 MB, larger ones only during a logging step), and with
 ``--memory`` the peak RSS of each case in a fresh process. Usage::
 
     PYTHONPATH=. python bench/hook_overhead.py [--quick] [--rounds N] [--steps K] [--memory]
@@ -258,8 +259,10 @@ def run(model_name: str, cases: list[str], rounds: int, steps: int, logdir: Path
         verdict = "the floor is within this run's noise: no ratio"
     else:
         verdict = f"{hook['defaults'] / hook['signals']:.2f}x the per-step signals' floor"
-    print(f"defaults: {hook['defaults'] / mean['bare']:+.2%} of a step ({verdict}); "
-          f"per-step signals' floor {floor_pct:+.2%}")
+    print(
+        f"defaults: {hook['defaults'] / mean['bare']:+.2%} of a step ({verdict}); "
+        f"per-step signals' floor {floor_pct:+.2%}"
+    )
     for c in ("defaults", "every_step"):
         print(
             f"{c}: lrwatch's own measurement (perf_counter inside its hooks): {self_cost(built[c])}"

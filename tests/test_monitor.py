@@ -131,6 +131,35 @@ def test_monitor_records_norms_equal_to_independent_computation(
     assert frozen not in got
 
 
+def test_monitor_reuses_its_weight_snapshot_across_sparse_logging_steps(tmp_path: Path) -> None:
+    """At a sparse cadence a small model's snapshot is kept between logging steps and refilled
+    (bench/hook_overhead.py: a fresh copy page-faults). The weights move in between, and a
+    tensor stops and starts having gradients, which changes the snapshot's shape: every logged
+    update ratio and weight norm must still be the oracle's."""
+    model, crit = small_model(), nn.CrossEntropyLoss()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    oracle = Oracle(model, opt)
+    with lrwatch.watch(model, opt, logdir=tmp_path, criterion=crit, log_every=5) as mon:
+        for step in range(1, 27):
+            model[2].weight.requires_grad_(not 9 <= step <= 16)  # no grad at logging steps 10, 15
+            x, y = batch()
+            crit(model(x), y).backward()
+            oracle.before(step)
+            opt.step()
+            oracle.after()
+            opt.zero_grad()
+        kept = mon._steps.measure.buffers if mon._steps is not None else None
+    assert kept is not None  # kept between logging steps: the reuse was exercised
+    got = read_scalars(tmp_path)
+    logged = [1, 5, 10, 15, 20, 25]
+    for step in logged:
+        for tag, value in oracle.steps[step].items():
+            assert got[tag][step] == pytest.approx(value, rel=1e-4, abs=1e-7), (tag, step)
+    frozen = schema.per_tensor_tag("update_ratio", "2.weight")
+    assert sorted(got[frozen]) == [1, 5, 20, 25]
+    assert sorted(got[schema.UPDATE_RATIO]) == logged
+
+
 def test_monitor_averages_loss_over_gradient_accumulation(tmp_path: Path) -> None:
     model, crit = small_model(), nn.MSELoss()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)

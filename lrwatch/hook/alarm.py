@@ -43,14 +43,17 @@ class Alarm:
 
     def check(self, loss: torch.Tensor | None, grad_norm: torch.Tensor | None) -> bool:
         """True when the values just recorded (or those of the previous step) call for a flush."""
-        pair = [t for t in (loss, grad_norm) if t is not None]
-        if not pair or self._broken:
+        if self._broken:
             return False
-        kinds = {t.device.type for t in pair}
+        pair = [t for t in (loss, grad_norm) if t is not None]
+        if not pair:
+            return False
         try:
-            if kinds == {"cpu"}:  # already on the host: ~1 us a value
-                return self._judge([float(t) for t in pair], has_norm=grad_norm is not None)
-            if kinds == {"cuda"}:
+            # is_cpu/is_cuda, not device.type: each .device builds an object, and this runs
+            # every step, where a few microseconds each add up (bench/hook_overhead.py).
+            if all(t.is_cpu for t in pair):  # already on the host: ~1 us a value
+                return self._judge([t.item() for t in pair], has_norm=grad_norm is not None)
+            if all(t.is_cuda for t in pair):
                 values = torch.stack([t.detach().reshape(()).float() for t in pair])
                 return self._check_async(values, has_norm=grad_norm is not None)
         except Exception:  # noqa: BLE001 - a failed look must not stop the row's normal flush

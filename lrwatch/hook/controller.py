@@ -81,6 +81,10 @@ class Controller:
         if not isinstance(min_lr, int | float) or not math.isfinite(min_lr) or min_lr < 0:
             raise ConfigError(f"min_lr must be a finite number >= 0, got {min_lr!r}")
         self.run_dir = Path(run_dir) if run_dir is not None else None
+        # Looked at up to 50 times a second: the path is joined once, and whether this is a
+        # multi-rank run is asked once (the rank is fixed at construction, as for the writer).
+        self._control_path = os.fspath(self.run_dir / CONTROL_FILENAME) if self.run_dir else ""
+        self._distributed = ranks.distributed()
         self.check_every = check_every
         self.min_lr = float(min_lr)
         self.preclip_norm: torch.Tensor | None = None
@@ -139,13 +143,34 @@ class Controller:
         new: list[Action] = []
         self.preclip_norm = None
         # Separate guards: a failure to read new actions must never suspend the ones in force
-        # (a skipped _set_lr would run the step at the scheduler's uncut LR).
-        self._guarded("restoring the lr", lambda: self._restore_unfinished(optimizer))
-        if not self._synced or step % self.check_every == 0 or self._due():
+        # (a skipped _set_lr would run the step at the scheduler's uncut LR). Each stage is
+        # skipped before its guard when it has nothing to do: most steps, every stage; inside
+        # a training loop each Python call costs several microseconds (bench/hook_overhead.py).
+        if self._stash is not None:
+            self._guarded("restoring the lr", lambda: self._restore_unfinished(optimizer))
+        now = time.monotonic()
+        if not self._synced or step % self.check_every == 0 or self._due(now):
             self._synced = True
-            self._last_look = time.monotonic()
+            self._last_look = now
             new = self._guarded("reading the control file", lambda: self._check(step)) or []
-        rolled = any(a.action is ActionKind.ROLLBACK for a in new)
+        kinds = {a.action for a in new} if new else set()
+        if new:
+            self._apply_restores(optimizer, new, step)
+        rolled = ActionKind.ROLLBACK in kinds
+        if self.snapshots is not None and not rolled and self.snapshots.due(step):
+            self._guarded("copying the weights", lambda: self._take(optimizer, step))
+        if self._applied.cuts:  # an LR factor in force (none: the scheduler's LR as it is)
+            self._guarded("setting the lr", lambda: self._set_lr(optimizer))
+        if ActionKind.LR_CUT in kinds or ActionKind.UNDO in kinds:
+            self._guarded("reporting the lr", lambda: self._say_where_the_lr_shows(optimizer, step))
+        if not closure and self._applied.clips:  # a clip in force
+            self._guarded("clipping", lambda: self._clip(optimizer))
+        return new
+
+    def _apply_restores(
+        self, optimizer: torch.optim.Optimizer, new: list[Action], step: int
+    ) -> None:
+        """The new actions that put weights back: a rollback, a stop naming the best copy."""
         for action in new:
             if action.action is ActionKind.ROLLBACK:
                 self._guarded(
@@ -156,14 +181,6 @@ class Controller:
                     "restoring the best weights",
                     functools.partial(self._restore_best, optimizer, action.to_step, step),
                 )
-        if self.snapshots is not None and not rolled and self.snapshots.due(step):
-            self._guarded("copying the weights", lambda: self._take(optimizer, step))
-        self._guarded("setting the lr", lambda: self._set_lr(optimizer))
-        if any(a.action in (ActionKind.LR_CUT, ActionKind.UNDO) for a in new):
-            self._guarded("reporting the lr", lambda: self._say_where_the_lr_shows(optimizer, step))
-        if not closure:
-            self._guarded("clipping", lambda: self._clip(optimizer))
-        return new
 
     def _take(self, optimizer: torch.optim.Optimizer, step: int) -> None:
         if self.snapshots is not None:
@@ -337,17 +354,15 @@ class Controller:
             self.preclip_norm = full() if full is not None else total
 
     # ------------------------------------------------------------------ reading the file
-    def _due(self) -> bool:
+    def _due(self, now: float) -> bool:
         """A look by elapsed time, at most every ``LOOK_SECS``: a fast trainer (150 steps/s)
         would otherwise apply an action up to ``check_every`` steps late. Not under DDP, where
         every rank must look at the same steps (rank 0 broadcasts what it read)."""
-        if time.monotonic() - self._last_look < LOOK_SECS:
-            return False
-        return not ranks.distributed()
+        return now - self._last_look >= LOOK_SECS and not self._distributed
 
     def _check(self, step: int) -> list[Action]:
         """Find new actions; under DDP rank 0 reads and every rank gets the same ones."""
-        if not ranks.distributed():
+        if not self._distributed:
             return self._poll(step)
         if ranks.rank() == 0:
             new: list[Action] = []
@@ -373,7 +388,7 @@ class Controller:
             self._start_new_run()
         if self._unsaved:  # a full disk refused the last save: try again at every check
             self._save_applied()
-        path = self.run_dir / CONTROL_FILENAME
+        path = self._control_path
         try:
             st = os.lstat(path)
         except FileNotFoundError:
@@ -386,7 +401,7 @@ class Controller:
             return []
         self._signature = signature  # a bad version is refused once, retried when it changes
         try:
-            control = read_control(path)
+            control = read_control(Path(path))
         except ControlFileError as err:
             self._warn_once(f"control file refused, nothing applied: {err}")
             return []

@@ -34,9 +34,15 @@ class Plan:
     """How to reduce one set of parameters: foreach groups and the tags of its values."""
 
     def __init__(
-        self, groups: list[list[int]], names: list[str], shares: Tensor | None = None
+        self,
+        groups: list[list[int]],
+        names: list[str],
+        shares: Tensor | None = None,
+        nbytes: int = 0,
     ) -> None:
         self.groups = groups
+        self.nbytes = nbytes  # of the (local) tensors: what a snapshot of them holds
+        self.dtensor = False  # some tensor is a DTensor, measured on its local shard
         self.shares = shares  # sharded: 1 / copies of each tensor's local values
         self.grad_tags = [schema.per_tensor_tag("grad_norm", n) for n in names]
         self.update_tags = [schema.per_tensor_tag("update_ratio", n) for n in names]
@@ -137,11 +143,16 @@ class Measurer:
     def _grads_now(self, *, scaled: bool) -> StepGrads | None:
         """Per-tensor norms of the gradients there now, and their total (sharded: to come)."""
         params = all_params(self.optimizer)
-        with_grad = tuple(i for i, p in enumerate(params) if p.grad is not None)
+        # Every step, in backward: each gradient is read once, and local shards are asked
+        # for only when some parameter is a DTensor.
+        found = [p.grad for p in params]
+        with_grad = tuple(i for i, g in enumerate(found) if g is not None)
         if not with_grad:
             return None
         plan = self._plan(with_grad, params)
-        grads = [stats.local(params[i].grad) for i in with_grad]  # type: ignore[arg-type]
+        grads = [g for g in found if g is not None]
+        if plan.dtensor:
+            grads = [stats.local(g) for g in grads]
         norms = stats.foreach_norms(grads, plan.groups)
         scale = getattr(self._scaler, "_scale", None) if scaled else None
         if isinstance(scale, Tensor):
@@ -314,7 +325,10 @@ class Measurer:
             if self.world:
                 shares = torch.tensor([1.0 / stats.copies(t, self.world) for t in tensors])
                 shares = shares.to(local[0].device) if local else shares
-            plan = self._plans[key] = Plan(stats.group_by_device_dtype(local), names, shares)
+            nbytes = sum(t.numel() * t.element_size() for t in local)
+            groups = stats.group_by_device_dtype(local)
+            plan = self._plans[key] = Plan(groups, names, shares, nbytes)
+            plan.dtensor = any(t is not s for t, s in zip(tensors, local, strict=True))
         return plan
 
 

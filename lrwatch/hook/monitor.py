@@ -277,7 +277,7 @@ class Monitor:
         self._cadence.start_step(now)
         rec = self._recorder
         skipped = self._guard("AMP skip count", self._skips.at_step, []) if self._skips else []
-        n_share = share(len(rec.loss.captured), len(skipped)) if rec else 0
+        n_share = share(len(rec.loss.captured), len(skipped)) if rec and skipped else 0
         for scale in skipped:
             self._step += 1
             if rec is not None:
@@ -289,8 +289,11 @@ class Monitor:
         self._closure_step = closure is not None
         steps = self._steps
         if steps is not None:  # before anything clips
-            self._guard("checking the ranks' measures", self._check_ranks, None, steps, rec)
-            self._guard("gradient norms", self._take_grads, None, steps, measuring=True)
+            if steps.measure.world:  # only a sharded step's all-reduce reports failed ranks
+                self._guard("checking the ranks' measures", self._check_ranks, None, steps, rec)
+            self._guard(
+                "gradient norms", steps.take_grads, None, closure is not None, measuring=True
+            )
         actions: list[Any] = []
         acks: list[int] = []  # action ids to acknowledge at this step (re-acks after a resume)
         new_args: StepArgs | None = None
@@ -303,24 +306,40 @@ class Monitor:
                 # The closure computes this step's gradients inside step(): clip after it.
                 clipped = self._controller.clipping_closure(self.optimizer, closure)
                 new_args = _with_closure(args, kwargs, clipped)
+        # Bound methods and positional arguments, no wrappers: this runs every step, where
+        # each Python call costs microseconds (bench/hook_overhead.py).
+        cadence, grads = self._cadence, steps.grads if steps is not None else None
         if steps is not None:
-            self._guard("pre-step measure", self._begin, None, steps, measuring=True)
+            self._guard(
+                "pre-step measure", steps.begin, None, self._step, cadence, self._closure_step,
+                measuring=True,
+            )  # fmt: skip
         if rec is not None:
-            self._guard("pre-step logging", self._log_before, None, rec, acks)
-        self._cadence.pre_done(time.perf_counter() - now)
+            self._guard(
+                "pre-step logging", rec.before_step, None,
+                self._step, acks, self._controller, self._closure_step, grads,
+            )  # fmt: skip
+        cadence.pre_done(time.perf_counter() - now)
         return new_args
 
     @torch.compiler.disable  # type: ignore[untyped-decorator]
     def _post_hook(self, optimizer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         now = time.perf_counter()
         block = None
-        if self._steps is not None:
-            block = self._guard("post-step measure", self._end, None, self._steps, measuring=True)
+        steps, closure = self._steps, self._closure_step
+        # Nothing to end on most steps: no logging step under way, no closure's gradients to
+        # measure, no all-reduce (sharded runs have one every step).
+        if steps is not None and (steps.pending is not None or closure or steps.measure.world):
+            block = self._guard("post-step measure", self._end, None, steps, measuring=True)
         if self._recorder is not None:
-            self._guard("post-step logging", self._log_after, None, self._recorder, block)
+            grads = steps.grads if steps is not None else None
+            self._guard(
+                "post-step logging", self._recorder.after_step, None,
+                self._step, block, closure, grads,
+            )  # fmt: skip
         if self._controller is not None:
             self._controller.after_step(self.optimizer)  # never raises
-        reduce_s = self._steps.reduce_s if self._steps is not None else 0.0
+        reduce_s = steps.reduce_s if steps is not None else 0.0
         self._cadence.post_done(time.perf_counter() - now - reduce_s)
         if self.raise_on_stop and self.should_stop:
             raise StopTraining(f"lrwatch: stop action applied at step {self._step}")
@@ -339,27 +358,12 @@ class Monitor:
             self._step,
         )
 
-    def _take_grads(self, steps: StepMeasure) -> None:
-        steps.take_grads(closure=self._closure_step)
-
-    def _begin(self, steps: StepMeasure) -> None:
-        steps.begin(self._step, cadence=self._cadence, closure=self._closure_step)
-
     def _end(self, steps: StepMeasure) -> Any:
         preclip = self._controller.preclip_norm if self._controller else None
         cadence, closure = self._cadence, self._closure_step
         return steps.end(
             self._step, cadence=cadence, closure=closure, preclip=preclip, per_layer=self.per_layer
         )
-
-    def _log_before(self, rec: Recorder, acks: list[int]) -> None:
-        grads = self._steps.grads if self._steps else None
-        closure, controller = self._closure_step, self._controller
-        rec.before_step(self._step, acks, controller=controller, closure=closure, grads=grads)
-
-    def _log_after(self, rec: Recorder, block: Any) -> None:
-        grads = self._steps.grads if self._steps else None
-        rec.after_step(self._step, block, closure=self._closure_step, grads=grads)
 
     # ------------------------------------------------------------------ plumbing
     def _finish(self) -> None:

@@ -59,7 +59,6 @@ class Recorder:
         self,
         step: int,
         acks: list[int],
-        *,
         controller: Any,
         closure: bool,
         grads: StepGrads | None,
@@ -72,7 +71,7 @@ class Recorder:
             self.add_row(step, grads)
 
     def after_step(
-        self, step: int, block: Block | None, *, closure: bool, grads: StepGrads | None
+        self, step: int, block: Block | None, closure: bool, grads: StepGrads | None
     ) -> None:
         """In the post-hook: a closure step's row, the logging step's values; a flush."""
         if closure:  # the closure computed the grads inside step()

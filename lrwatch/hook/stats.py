@@ -89,7 +89,8 @@ def snapshot(tensors: Sequence[Tensor], buffers: list[Tensor] | None = None) -> 
     """Copies of ``tensors`` (the weights before a step), reusing ``buffers`` when they fit.
 
     Reused buffers avoid allocating (and, on CPU, page-faulting) a model-sized block at every
-    logging step; fresh copies cost nothing between logging steps once dropped.
+    logging step; the caller keeps them between logging steps where it can spare the memory
+    (:data:`lrwatch.hook.steps.KEEP_BUFFERS_BYTES`), and fresh copies hold nothing in between.
     """
     src = _detached(tensors)
     fits = buffers is not None and len(buffers) == len(src)

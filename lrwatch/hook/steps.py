@@ -22,8 +22,14 @@ from lrwatch.hook import ranks
 from lrwatch.hook.cadence import Cadence
 from lrwatch.hook.capture import BackwardEnd
 from lrwatch.hook.measure import Exchange, Measurer, Pending, StepGrads
+from lrwatch.hook.snapshots import AUTO_LIMIT_BYTES
 
 KEEP_BUFFERS_EVERY = 4  # keep the weight snapshot between logging steps up to this cadence
+# ...and at any cadence for parameters up to this size (rollback="auto"'s limit, where three or
+# four more copies are kept anyway): a fresh copy of a few MB on the CPU page-faults its way in at
+# every logging step, 4-8 ms of a 9-15 ms logging step for the 1.86M-parameter MLP of
+# bench/hook_overhead.py, against ~1 ms to copy into memory already in place.
+KEEP_BUFFERS_BYTES = AUTO_LIMIT_BYTES
 Block = tuple[list[str], torch.Tensor]
 
 
@@ -80,7 +86,7 @@ class StepMeasure:
         self.pending = self.grads = self.measure.backward = self.measure.buffers = None
         return failures[0]
 
-    def take_grads(self, *, closure: bool) -> None:
+    def take_grads(self, closure: bool) -> None:
         """First in the pre-hook, before any clip: the norms the last backward left.
 
         With a closure the step's gradients come inside ``step()``: taken by :meth:`end`.
@@ -100,7 +106,7 @@ class StepMeasure:
                     got = self.grads
                     self.n_grads = got.norms.numel() if got else self.measure.count_grads()
 
-    def begin(self, step: int, *, cadence: Cadence, closure: bool) -> None:
+    def begin(self, step: int, cadence: Cadence, closure: bool) -> None:
         """In the pre-hook: start a logging step (weights' norms and snapshot)."""
         self.pending, self.reduce_s = None, 0.0
         self.logging = not self.off and cadence.begin_logging(step)
@@ -205,7 +211,7 @@ def finish(
     """End a logging step (on a sharded run, every rank's), then tell the cadence its cost."""
     t0 = time.perf_counter()
     try:
-        keep = cadence.every <= KEEP_BUFFERS_EVERY
+        keep = cadence.every <= KEEP_BUFFERS_EVERY or pending.plan.nbytes <= KEEP_BUFFERS_BYTES
         return measure.finish(
             pending, preclip=preclip, per_layer=per_layer, keep_buffers=keep, exchange=exchange
         )
