@@ -58,6 +58,15 @@ def test_snapshot_reuses_buffers_that_fit_and_replaces_those_that_do_not() -> No
     assert other is not buffers and other[0].shape == (5,)
 
 
+def test_a_step_with_no_gradient_measures_nothing_and_does_not_fail() -> None:
+    """The step that reads a rollback has no gradient at all (the restore drops them): the
+    logging step's snapshot and update norms are empty, where torch's foreach ops refuse an
+    empty list (found by the FSDP2 and DDP rollback tests, on a logging step)."""
+    assert stats.snapshot([], []) == [] and stats.snapshot([], None) == []
+    assert stats.update_norms([], []).numel() == 0
+    assert stats.foreach_norms([]).numel() == 0
+
+
 @pytest.mark.parametrize(
     ("num", "den", "expected"),
     [(2.0, 4.0, 0.5), (0.0, 0.0, 0.0), (0.0, 3.0, 0.0), (1.0, 0.0, math.inf)],

@@ -93,6 +93,8 @@ def snapshot(tensors: Sequence[Tensor], buffers: list[Tensor] | None = None) -> 
     (:data:`lrwatch.hook.steps.KEEP_BUFFERS_BYTES`), and fresh copies hold nothing in between.
     """
     src = _detached(tensors)
+    if not src:  # a step with no gradient at all (the one reading a rollback): nothing moves
+        return []
     fits = buffers is not None and len(buffers) == len(src)
     if fits and buffers is not None:
         fits = all(
@@ -112,6 +114,8 @@ def update_norms(
 
     In place so that the update costs no second model-sized block.
     """
+    if not before:  # foreach ops refuse empty lists
+        return torch.zeros(0)
     torch._foreach_sub_(before, _detached(after))
     return foreach_norms(before, groups)
 
