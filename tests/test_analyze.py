@@ -305,3 +305,6 @@ def test_raise_lr_advice_is_overruled_by_a_stalled_validation_or_large_updates(c
     assert any(f.kind is Kind.SLOW_PROGRESS for f in a.findings)
     advised = [d for d in decisions if d.action is ActionKind.RAISE_LR_ADVICE]
     assert (advised != []) is (case == "improving"), [d.reason for d in decisions]
+    said = " ".join(a.why_quiet.values())
+    want = {"stalls": "val/loss has gone 5 checks", "large_updates": "ratio's median is above"}
+    assert (want[case] in said) if case in want else "no raise-LR advice" not in said

@@ -48,6 +48,7 @@ CLIP_LONG = Decision(
 BACK = Decision(
     step=140, action=ActionKind.ROLLBACK, reason="diverged", to_step=40, findings=(EXPLOSION,)
 )
+BEST = Decision(step=150, action=ActionKind.STOP, reason="overfit", to_step=80)
 
 
 def _clock() -> float:
@@ -184,9 +185,10 @@ def test_a_sink_without_decisions_should_create_no_event_file(tmp_path: Path) ->
         (STOP, None, "recommend", logging.WARNING, "stop recommended: cut 1024x"),
         (CLIP_LONG, None, "recommend", logging.WARNING, "clip max_norm=10.4 recommended"),
         (BACK, 3, "apply", logging.WARNING, "rollback to step 40 applied as action #3"),
+        (BEST, 4, "apply", logging.WARNING, "stop on the weights of step 80 applied as action #4"),
     ],
     ids=["recommendation", "applied", "over-budget", "critical-finding", "stop", "clip-digits",
-         "rollback"],
+         "rollback", "stop-on-best"],
 )
 def test_emit_should_log_one_console_line_at_a_sensible_level(
     tmp_path: Path,

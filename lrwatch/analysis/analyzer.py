@@ -186,14 +186,7 @@ class RunAnalyzer:
         return self._decide(step, found)
 
     def _decide(self, step: int, found: list[Finding]) -> list[Decision]:
-        if any(f.kind in RAISE_LR_KINDS for f in found) and raise_lr_overruled(
-            self.history,
-            self._tags,
-            metric=self.metric,
-            patience=self.plateau.patience,
-            ratio=self.config.ratio,
-        ):
-            found = [f for f in found if f.kind not in RAISE_LR_KINDS]
+        found = self._without_overruled_advice(found)
         point = self._last_lr()
         lr = None if point is None else point.value
         if self._cut_unapplied():
@@ -220,6 +213,25 @@ class RunAnalyzer:
                 known_lr = lr if lr is not None and math.isfinite(lr) else None
                 self._cut = LastCut(step, known_lr, d.factor)
         return out
+
+    def _without_overruled_advice(self, found: list[Finding]) -> list[Finding]:
+        """``found`` less its raise-LR findings when the run overrules that advice (the reason
+        goes to ``why_quiet``)."""
+        advice = [f for f in found if f.kind in RAISE_LR_KINDS]
+        if not advice:
+            return found
+        why = raise_lr_overruled(
+            self.history,
+            self._tags,
+            metric=self.metric,
+            patience=self.plateau.patience,
+            ratio=self.config.ratio,
+        )
+        if why is None:
+            return found
+        for f in advice:
+            self.why_quiet[(f.kind.value, f.tag, f.step)] = f"no raise-LR advice: {why}"
+        return [f for f in found if f.kind not in RAISE_LR_KINDS]
 
     def _cut_answers(self, f: Finding) -> bool:
         """Whether an unapplied cut answers ``f`` already: it asks for no deeper cut than that
